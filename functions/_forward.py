@@ -1,0 +1,102 @@
+"""What the functions do after parsing: check sources, forward to Serve, record errors.
+
+The outcome decides acknowledgement: returning normally acknowledges the
+Pub/Sub message, raising :class:`~shared.errors.TransientError` makes the
+function fail so that Pub/Sub redelivers (with backoff, up to the
+subscription's dead-letter bound).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import httpx
+
+from shared.config import Settings, load_settings
+from shared.errors import ErrorReason, PermanentError, TransientError
+from shared.messages import InferenceRequest
+from shared.result_store import store_result
+from shared.results import InferenceResult
+from shared.uris import GcsUri, check_allowed, parse_gcs_uri
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Settings for this function instance, read once."""
+    return load_settings()
+
+
+@functools.cache
+def get_http_client() -> httpx.Client:
+    """One pooled HTTP client per function instance."""
+    return httpx.Client(timeout=httpx.Timeout(get_settings().request_timeout_s, connect=5.0))
+
+
+def record_failure(
+    request: InferenceRequest, err: PermanentError, source: GcsUri | None = None
+) -> str | None:
+    """Write the error result for a request that can never succeed."""
+    settings = get_settings()
+    result = InferenceResult.failure(
+        request, err.reason, err.message, model=request.model or settings.default_model
+    )
+    uri = store_result(settings.results_bucket, result, source)
+    logger.warning(
+        "recorded error result",
+        extra={"reason": err.reason.value, "detail": err.message, "result_uri": uri},
+    )
+    return uri
+
+
+def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
+    """Check each request's source, record the permanent failures, forward the rest.
+
+    Returns:
+        Serve's per-request results (``[]`` when nothing was forwarded).
+
+    Raises:
+        TransientError: Serve unreachable, overloaded, timing out or answering 5xx.
+    """
+    settings = get_settings()
+    valid: list[InferenceRequest] = []
+    for request in requests:
+        source: GcsUri | None = None
+        try:
+            source = parse_gcs_uri(request.uri)
+            check_allowed(source, settings.allowed_buckets)
+        except PermanentError as err:
+            record_failure(request, err, source)
+            continue
+        valid.append(request)
+    if not valid:
+        return []
+    body = {"requests": [r.model_dump(mode="json", exclude_none=True) for r in valid]}
+    try:
+        response = get_http_client().post(f"{settings.serve_url}/v1/infer", json=body)
+    except httpx.HTTPError as err:
+        raise TransientError(f"Serve at {settings.serve_url} unreachable: {err!r}") from err
+    if response.status_code == 200:
+        results = response.json().get("results", [])
+        for r in results:
+            logger.info(
+                "result",
+                extra={"status": r.get("status"), "result_uri": r.get("result_uri"), "request_id": r.get("request_id")},
+            )
+        return results
+    if response.status_code in (408, 429) or response.status_code >= 500:
+        raise TransientError(f"Serve answered {response.status_code}: {response.text[:300]}")
+    # Serve rejected a request we validated: retrying cannot help, so record it.
+    for request in valid:
+        record_failure(
+            request,
+            PermanentError(
+                ErrorReason.MALFORMED_MESSAGE,
+                f"Serve rejected the request ({response.status_code}): {response.text[:300]}",
+            ),
+            parse_gcs_uri(request.uri),
+        )
+    return []

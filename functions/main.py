@@ -1,0 +1,98 @@
+"""Cloud Function entry points (functions-framework, CloudEvent signature).
+
+``on_request``: messages on the requests topic, ``{"uri": "gs://..."}`` or
+``{"uris": [...]}`` with optional ``model``, ``version``, ``request_id``.
+``on_upload``: Cloud Storage ``OBJECT_FINALIZE`` notifications delivered through
+Pub/Sub, or Eventarc ``google.cloud.storage.object.v1.finalized`` events.
+
+Raise to retry, log and return to drop: transient failures propagate (the
+message is redelivered), permanent ones are recorded as error results.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from functions._forward import forward, get_settings, record_failure
+from shared.errors import ErrorReason, PermanentError
+from shared.logging import configure_json_logging
+from shared.messages import (
+    EVENTARC_FINALIZED_TYPE,
+    PUBSUB_PUBLISHED_TYPE,
+    EntryPath,
+    InferenceRequest,
+    parse_gcs_notification,
+    parse_request_message,
+    parse_storage_event,
+)
+
+__all__ = ["on_request", "on_upload"]
+
+logger = logging.getLogger(__name__)
+
+
+def _pubsub_message(cloud_event: CloudEvent) -> tuple[bytes, dict[str, str], str]:
+    message = (cloud_event.data or {}).get("message") or {}
+    message_id = str(message.get("messageId") or cloud_event["id"])
+    try:
+        data = base64.b64decode(message.get("data") or "", validate=True)
+    except (binascii.Error, ValueError, TypeError) as err:
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE, f"message {message_id} data is not base64: {err}"
+        ) from err
+    return data, dict(message.get("attributes") or {}), message_id
+
+
+def _record_unparsable(err: PermanentError, message_id: str, entry_path: EntryPath) -> None:
+    placeholder = InferenceRequest(
+        uri=f"pubsub-message:{message_id}", request_id=message_id, entry_path=entry_path
+    )
+    record_failure(placeholder, err)
+
+
+@functions_framework.cloud_event
+def on_request(cloud_event: CloudEvent) -> None:
+    """Handle one message published to the requests topic."""
+    configure_json_logging()
+    if cloud_event["type"] != PUBSUB_PUBLISHED_TYPE:
+        # A trigger misconfiguration, not a bad message: retrying cannot fix it.
+        logger.error("on_request ignores event type %r", cloud_event["type"])
+        return
+    message_id = cloud_event["id"]
+    try:
+        data, _attributes, message_id = _pubsub_message(cloud_event)
+        requests = parse_request_message(data, message_id)
+    except PermanentError as err:
+        _record_unparsable(err, message_id, EntryPath.PUBSUB)
+        return
+    forward(requests)
+
+
+@functions_framework.cloud_event
+def on_upload(cloud_event: CloudEvent) -> None:
+    """Handle one Cloud Storage finalize event (Pub/Sub notification or Eventarc)."""
+    configure_json_logging()
+    event_type = cloud_event["type"]
+    message_id = cloud_event["id"]
+    try:
+        if event_type == EVENTARC_FINALIZED_TYPE:
+            request = parse_storage_event(cloud_event.data or {})
+        elif event_type == PUBSUB_PUBLISHED_TYPE:
+            data, attributes, message_id = _pubsub_message(cloud_event)
+            request = parse_gcs_notification(attributes, data)
+        else:
+            logger.error("on_upload ignores event type %r", event_type)
+            return
+    except PermanentError as err:
+        _record_unparsable(err, message_id, EntryPath.UPLOAD)
+        return
+    if request is None:
+        return  # not a finalize event: nothing to do
+    if request.model is None:
+        request = request.model_copy(update={"model": get_settings().default_model})
+    forward([request])

@@ -1,0 +1,120 @@
+"""Child processes of the local stack: started in their own process group so
+that stopping one also stops everything it spawned (gcloud's Java emulator,
+Ray's raylet and workers)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class ManagedProcess:
+    """A started child: its name, process (group) id and log file."""
+
+    name: str
+    pid: int
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return pid_alive(self.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_process(
+    name: str, argv: Sequence[str], log_dir: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> ManagedProcess:
+    """Start ``argv`` in a new session (its own process group), logging to ``log_dir/name.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return ManagedProcess(name, popen.pid, log_path, popen)
+
+
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, process: ManagedProcess | None = None
+) -> None:
+    """Poll ``check`` until true; fail early if ``process`` died, with its log tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited while waiting for {what}:\n{process.log_tail()}")
+        time.sleep(0.2)
+    tail = f":\n{process.log_tail()}" if process is not None else ""
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}")
+
+
+def stop_group(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _group_alive(pid):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

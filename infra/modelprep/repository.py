@@ -1,0 +1,70 @@
+"""Assembling the local model repository (``make model``).
+
+``build/model-repository/<model>/<version>/`` gets the committed config and
+labels from ``infra/models/``, the ONNX file produced from packaged weights, and
+a small validation set of the sample photos for the accuracy guard. Every step
+is skipped when its output is already there, so repeated runs are cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from infra.modelprep.mobilenet_v2 import export_mobilenet_v2
+
+logger = logging.getLogger(__name__)
+
+INFRA = Path(__file__).resolve().parent.parent
+MODEL_SOURCES = INFRA / "models"
+SAMPLES = INFRA / "samples"
+CLASSIFIER_VALIDATION = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+
+
+def _copy_sources(model: str, version: str, target: Path) -> None:
+    source = MODEL_SOURCES / model / version
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+
+
+def _copy_validation(target: Path, names: tuple[str, ...]) -> None:
+    validation = target / "validation"
+    validation.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy2(SAMPLES / name, validation / name)
+
+
+def prepare_repository(out: Path, wheel_cache: Path, progress=logger.info) -> list[Path]:  # noqa: ANN001
+    """Build every model version into ``out``; returns the version directories."""
+    from infra.modelprep.text_detector import prepare_text_detector
+
+    out.mkdir(parents=True, exist_ok=True)
+    mobilenet = out / "mobilenet_v2" / "1"
+    _copy_sources("mobilenet_v2", "1", mobilenet)
+    _copy_validation(mobilenet, CLASSIFIER_VALIDATION)
+    if not (mobilenet / "model.onnx").is_file():
+        progress("exporting MobileNetV2 (ImageNet weights) to ONNX")
+        export_mobilenet_v2(mobilenet / "model.onnx")
+    progress("preparing the text detector from the rapidocr-onnxruntime wheel")
+    detector = prepare_text_detector(out, wheel_cache)
+    return [mobilenet, detector]
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the local model repository.")
+    parser.add_argument("out", type=Path, nargs="?", default=Path("build/model-repository"))
+    parser.add_argument("--wheel-cache", type=Path, default=Path("build/wheels"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for path in prepare_repository(args.out, args.wheel_cache):
+        logger.info("ready: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Running one dynamic batch: plain functions, testable without a Ray cluster.
+
+The model deployment's ``@serve.batch`` method hands a list of
+:class:`BatchItem` here and gets back exactly one :class:`ItemOutcome` per item,
+in order. Items were validated before they joined the batch; if the engine
+still fails on a batch, each item is retried alone so that one bad input cannot
+fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serve.engines.base import Engine
+from serve.imaging import to_model_input
+from serve.model_config import ModelConfig
+from serve.postprocess.base import ImageGeometry, Postprocessor
+from shared.errors import ErrorReason, PermanentError
+from shared.results import Detection, Label
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One preprocessed image waiting for the model (uint8 HWC at model size)."""
+
+    pixels: np.ndarray
+    geometry: ImageGeometry
+    version: str
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """What the model deployment returns for one item."""
+
+    version: str
+    backend: str
+    labels: list[Label] | None = None
+    detections: list[Detection] | None = None
+    queue_wait_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_size: int = 0
+    error_reason: ErrorReason | None = None
+    error_message: str | None = None
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    """An engine plus what is needed around it for one model version."""
+
+    model: str
+    version: str
+    config: ModelConfig
+    engine: Engine
+    postprocess: Postprocessor
+    labels: Sequence[str]
+
+
+def validate_item(item: BatchItem, config: ModelConfig) -> None:
+    """Reject an item whose tensor cannot join a batch of this model version."""
+    expected = (config.input.height, config.input.width, config.input.channels)
+    if item.pixels.dtype != np.uint8 or item.pixels.shape != expected:
+        raise PermanentError(
+            ErrorReason.INFERENCE_FAILED,
+            f"tensor {item.pixels.dtype}{list(item.pixels.shape)} does not fit input "
+            f"uint8{list(expected)} of this model version",
+        )
+
+
+def _postprocess_one(
+    loaded: LoadedVersion, outputs: dict[str, np.ndarray], index: int, geometry: ImageGeometry
+) -> tuple[list[Label] | None, list[Detection] | None]:
+    per_image = {name: value[index] for name, value in outputs.items()}
+    found = loaded.postprocess(per_image, geometry, loaded.labels)
+    if found and isinstance(found[0], Detection):
+        return None, list(found)  # type: ignore[arg-type]
+    if loaded.config.task.value == "detection":
+        return None, []
+    return list(found), None  # type: ignore[arg-type]
+
+
+def _infer(loaded: LoadedVersion, items: Sequence[BatchItem]) -> dict[str, np.ndarray]:
+    pixels = np.stack([item.pixels for item in items])
+    tensor = to_model_input(pixels, loaded.config.input, loaded.config.preprocess)
+    outputs = {k: np.asarray(v) for k, v in loaded.engine.infer(tensor).items()}
+    for name, value in outputs.items():
+        if value.shape[:1] != (len(items),):
+            raise RuntimeError(
+                f"engine output {name!r} has leading dimension {value.shape[:1]}, "
+                f"expected {len(items)}"
+            )
+    return outputs
+
+
+def run_batch(
+    loaded: LoadedVersion, items: Sequence[BatchItem], clock: Callable[[], float] = time.monotonic
+) -> list[ItemOutcome]:
+    """Infer ``items`` (all of ``loaded``'s version) and postprocess each; one outcome per item."""
+    started = clock()
+    try:
+        outputs = _infer(loaded, items)
+    except Exception:  # noqa: BLE001 - isolate the failing item(s) below
+        if len(items) == 1:
+            logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
+            return [_failed(loaded, items[0], started, "inference failed for this image")]
+        logger.warning("batch of %d failed; retrying items one by one", len(items), exc_info=True)
+        return [outcome for item in items for outcome in run_batch(loaded, [item], clock)]
+    inference_ms = (clock() - started) * 1000
+    outcomes = []
+    for i, item in enumerate(items):
+        try:
+            labels, detections = _postprocess_one(loaded, outputs, i, item.geometry)
+        except Exception as err:  # noqa: BLE001 - a postprocess bug must not fail neighbours
+            logger.exception("postprocessing failed for %s/%s", loaded.model, loaded.version)
+            outcomes.append(_failed(loaded, item, started, f"postprocessing failed: {err}"))
+            continue
+        outcomes.append(
+            ItemOutcome(
+                version=loaded.version,
+                backend=loaded.engine.backend_name,
+                labels=labels,
+                detections=detections,
+                queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
+                inference_ms=round(inference_ms, 3),
+                batch_size=len(items),
+            )
+        )
+    return outcomes
+
+
+def _failed(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:
+    return ItemOutcome(
+        version=loaded.version,
+        backend=loaded.engine.backend_name,
+        queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
+        batch_size=1,
+        error_reason=ErrorReason.INFERENCE_FAILED,
+        error_message=message,
+    )
+
+
+def group_by_version(items: Sequence[BatchItem]) -> dict[str, list[int]]:
+    """Indices of ``items`` per model version, preserving order within each version."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.version, []).append(i)
+    return groups

@@ -1,0 +1,176 @@
+"""ONNX Runtime through the engine cache: the "engine" is the offline-optimized model.
+
+ONNX Runtime's graph optimizations run at every session creation; with
+``SessionOptions.optimized_model_filepath`` they run once, the optimized model
+is cached like a TensorRT plan (same key scheme, same levels), and sessions are
+created from it with optimizations off. Level-ALL optimized models can contain
+hardware-specific layouts, so the key names the CPU model and the providers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from serve.engines.base import EngineSpec
+from serve.engines.cache import EngineCache, EngineCacheKey, IncompatibleEngineError
+from serve.engines.onnxruntime import OnnxRuntimeEngine
+from shared.errors import ConfigError
+
+logger = logging.getLogger("serve.engines.onnxruntime")
+
+# TensorRT EP compiles nodes that cannot be serialized into an optimized model.
+_CACHEABLE = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def cpu_identity() -> str:
+    """``x86_64:<CPU model name>``: what an ORT_ENABLE_ALL optimized model is specific to."""
+    name = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass  # not Linux: platform.processor() is the best there is
+    return f"{platform.machine()}:{name}"
+
+
+def choose_providers(providers: Sequence[str] | None) -> list[str]:
+    """The providers to optimize and run with: the given ones, or the best cacheable ones."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = list(providers) if providers else [p for p in _CACHEABLE if p in available]
+    bad = [p for p in wanted if p not in _CACHEABLE or p not in available]
+    if bad:
+        raise ConfigError(
+            f"ONNX Runtime providers {bad} cannot be used with the engine cache "
+            f"(cacheable and available: {[p for p in _CACHEABLE if p in available]})"
+        )
+    return wanted
+
+
+def onnxruntime_cache_key(
+    spec: EngineSpec, onnx_bytes: bytes, providers: Sequence[str]
+) -> EngineCacheKey:
+    """The cache key of the ORT-optimized model of ``spec`` on this machine."""
+    import onnxruntime as ort
+
+    return EngineCacheKey(
+        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        backend="onnxruntime",
+        backend_version=ort.__version__,
+        device_name=cpu_identity(),
+        compute_capability="",
+        cuda_version="",
+        precision=spec.precision.value,
+        batch_sizes=tuple(spec.batch_sizes),
+        input_name=spec.input_name,
+        input_shape=tuple(spec.input_shape),
+        input_dtype=spec.input_dtype,
+        options=(("optimization", "all"), ("providers", ",".join(providers))),
+    )
+
+
+def _session_options(intra_op_threads: int | None):  # noqa: ANN202 - ort.SessionOptions
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    return options
+
+
+def optimize_model(
+    onnx_bytes: bytes,
+    providers: Sequence[str],
+    work_dir: Path | None,
+    intra_op_threads: int | None = None,
+) -> bytes:
+    """Run ORT's level-ALL graph optimizations once and return the optimized model bytes."""
+    import onnxruntime as ort
+
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".ort-optimize-") as tmp:
+        target = Path(tmp) / "optimized.onnx"
+        options = _session_options(intra_op_threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(target)
+        ort.InferenceSession(onnx_bytes, options, providers=list(providers))
+        return target.read_bytes()
+
+
+def session_engine(
+    spec: EngineSpec,
+    optimized: bytes,
+    providers: Sequence[str],
+    intra_op_threads: int | None = None,
+) -> OnnxRuntimeEngine:
+    """An :class:`OnnxRuntimeEngine` over an already-optimized model.
+
+    Raises:
+        IncompatibleEngineError: ONNX Runtime cannot load the bytes (corrupt, or made by
+            another version); the cache discards them and rebuilds.
+        ConfigError: the model lacks the configured input or outputs.
+    """
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    options = _session_options(intra_op_threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done offline
+    try:
+        session = ort.InferenceSession(optimized, options, providers=list(providers))
+    except (
+        ort_errors.Fail,
+        ort_errors.InvalidGraph,
+        ort_errors.InvalidProtobuf,
+        ort_errors.NotImplemented,
+        ort_errors.RuntimeException,
+        ort_errors.InvalidArgument,
+    ) as err:
+        raise IncompatibleEngineError(
+            f"ONNX Runtime {ort.__version__} cannot load the optimized model: {err}"
+        ) from err
+    inputs = {i.name for i in session.get_inputs()}
+    if spec.input_name not in inputs:
+        raise ConfigError(
+            f"model {spec.model}/{spec.version} has no input {spec.input_name!r} (has {sorted(inputs)})"
+        )
+    outputs = {o.name for o in session.get_outputs()}
+    unknown = [n for n in spec.output_names if n not in outputs]
+    if unknown:
+        raise ConfigError(
+            f"model {spec.model}/{spec.version} has no outputs {unknown} (has {sorted(outputs)})"
+        )
+    provider = session.get_providers()[0]
+    if provider != providers[0]:
+        logger.warning("ONNX Runtime fell back from %s to %s", providers[0], provider)
+    return OnnxRuntimeEngine(spec, session, provider)
+
+
+def load_onnxruntime_cached(
+    spec: EngineSpec,
+    cache: EngineCache,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    validate=None,  # noqa: ANN001 - same callable as EngineCache.get_or_build's
+):  # noqa: ANN201 - CacheResult[OnnxRuntimeEngine]
+    """Load ``spec`` on ONNX Runtime through ``cache`` (optimizing the model on a miss)."""
+    chosen = choose_providers(providers)
+    onnx_bytes = Path(spec.onnx_path).read_bytes()
+    key = onnxruntime_cache_key(spec, onnx_bytes, chosen)
+    work_dir = getattr(cache.disk, "root", None)
+    return cache.get_or_build(
+        key,
+        build=lambda: optimize_model(onnx_bytes, chosen, work_dir, intra_op_threads),
+        load=lambda data: session_engine(spec, data, chosen, intra_op_threads),
+        validate=validate,
+        info={"model": spec.model, "version": spec.version, "providers": chosen},
+    )

@@ -1,0 +1,87 @@
+"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when installed.
+
+The provider that actually runs is read back from the session, so a silent
+fallback to CPU shows up in every result's ``backend`` field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from serve.engines.base import EngineSpec
+from shared.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Preference order when the caller does not name providers.
+_PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OnnxRuntimeEngine:
+    """An ``onnxruntime.InferenceSession`` behind the :class:`~serve.engines.base.Engine` protocol.
+
+    ``InferenceSession.run`` is thread-safe, so one session serves every worker.
+    """
+
+    def __init__(self, spec: EngineSpec, session: object, provider: str) -> None:
+        self._spec = spec
+        self._session = session
+        self._provider = provider
+
+    @classmethod
+    def load(
+        cls,
+        spec: EngineSpec,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> OnnxRuntimeEngine:
+        """Create the session; ``providers`` defaults to the best available ones."""
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else [p for p in _PREFERRED if p in available]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise ConfigError(
+                f"ONNX Runtime providers {missing} are not available (have {available}); "
+                "install onnxruntime-gpu for CUDA/TensorRT providers"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = intra_op_threads or int(os.environ.get("TRIGGERFISH_ORT_THREADS", "0") or 0)
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(spec.onnx_path), options, providers=wanted)
+        names = {i.name for i in session.get_inputs()}
+        if spec.input_name not in names:
+            raise ConfigError(
+                f"model {spec.model}/{spec.version} has no input {spec.input_name!r} (has {sorted(names)})"
+            )
+        outputs = {o.name for o in session.get_outputs()}
+        unknown = [n for n in spec.output_names if n not in outputs]
+        if unknown:
+            raise ConfigError(
+                f"model {spec.model}/{spec.version} has no outputs {unknown} (has {sorted(outputs)})"
+            )
+        provider = session.get_providers()[0]
+        if wanted and provider != wanted[0]:
+            logger.warning("ONNX Runtime fell back from %s to %s", wanted[0], provider)
+        return cls(spec, session, provider)
+
+    @property
+    def backend_name(self) -> str:
+        return f"onnxruntime:{self._provider}"
+
+    def infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
+        names = list(self._spec.output_names) or None
+        values = self._session.run(names, {self._spec.input_name: batch})  # type: ignore[attr-defined]
+        if names is None:
+            names = [o.name for o in self._session.get_outputs()]  # type: ignore[attr-defined]
+        return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,97 @@
+"""Turning a repository entry into a warmed-up :class:`~serve.batch.LoadedVersion`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from serve.batch import LoadedVersion
+from serve.engines.base import Engine, EngineSpec, load_engine
+from serve.imaging import to_model_input
+from serve.model_config import Backend
+from serve.postprocess.factory import make_postprocessor
+from serve.repository import ModelVersion
+from shared.errors import ConfigError, TriggerfishError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS_ENV = "TRIGGERFISH_BACKENDS"
+
+
+def backend_preference(allowed: tuple[Backend, ...], env: str | None = None) -> list[Backend]:
+    """Backends to try, in order: the config's order, narrowed by ``TRIGGERFISH_BACKENDS``."""
+    raw = os.environ.get(BACKENDS_ENV, "") if env is None else env
+    if not raw.strip():
+        return list(allowed)
+    try:
+        wanted = [Backend(b.strip()) for b in raw.split(",") if b.strip()]
+    except ValueError as err:
+        raise ConfigError(
+            f"{BACKENDS_ENV} must list backends from {[b.value for b in Backend]}, got {raw!r}"
+        ) from err
+    chosen = [b for b in wanted if b in allowed]
+    if not chosen:
+        raise ConfigError(f"{BACKENDS_ENV}={raw!r} allows none of the model's backends {allowed}")
+    return chosen
+
+
+def engine_spec(mv: ModelVersion, output_names: tuple[str, ...], workers: int = 1) -> EngineSpec:
+    """The cheap description of what to load for ``mv``."""
+    cfg = mv.config
+    shape = (
+        (cfg.input.channels, cfg.input.height, cfg.input.width)
+        if cfg.input.layout == "NCHW"
+        else (cfg.input.height, cfg.input.width, cfg.input.channels)
+    )
+    return EngineSpec(
+        model=mv.name,
+        version=mv.version,
+        onnx_path=mv.onnx_path,
+        input_name=cfg.input.name,
+        input_shape=shape,
+        input_dtype=cfg.input.dtype,
+        output_names=output_names,
+        precision=cfg.precision,
+        batch_sizes=cfg.batching.engine_batch_sizes,
+        workers=workers,
+    )
+
+
+def open_engine(spec: EngineSpec, backends: list[Backend], **options: object) -> Engine:
+    """Load on the first backend that works; a fallback is logged and visible in ``backend_name``."""
+    failures = []
+    for backend in backends:
+        try:
+            return load_engine(spec, backend, **options.get(backend.value, {}))  # type: ignore[arg-type]
+        except (TriggerfishError, ImportError) as err:
+            logger.warning("backend %s unavailable for %s/%s: %s", backend.value, spec.model, spec.version, err)
+            failures.append(f"{backend.value}: {err}")
+    raise ConfigError(f"no backend could load {spec.model}/{spec.version}: {'; '.join(failures)}")
+
+
+def load_version(mv: ModelVersion, workers: int = 1, **options: object) -> LoadedVersion:
+    """Load the engine for ``mv`` and run a warm-up batch at every built batch size."""
+    postprocess = make_postprocessor(mv.config.postprocess)
+    spec = engine_spec(mv, postprocess.output_names, workers)
+    started = time.monotonic()
+    engine = open_engine(spec, backend_preference(mv.config.backends), **options)
+    loaded = LoadedVersion(mv.name, mv.version, mv.config, engine, postprocess, mv.labels)
+    warm_up(loaded)
+    logger.info(
+        "loaded %s/%s on %s in %.2fs", mv.name, mv.version, engine.backend_name, time.monotonic() - started
+    )
+    return loaded
+
+
+def warm_up(loaded: LoadedVersion) -> None:
+    """Run each engine batch size once so the first real request pays no lazy init."""
+    cfg = loaded.config
+    for size in cfg.batching.engine_batch_sizes:
+        pixels = np.zeros((size, cfg.input.height, cfg.input.width, cfg.input.channels), np.uint8)
+        outputs = loaded.engine.infer(to_model_input(pixels, cfg.input, cfg.preprocess))
+        missing = [n for n in loaded.postprocess.output_names if n not in outputs]
+        if missing:
+            raise ConfigError(f"{loaded.model}/{loaded.version} warm-up produced no outputs {missing}")

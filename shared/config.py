@@ -1,0 +1,121 @@
+"""Settings read from the environment, in one place.
+
+Each process calls :func:`load_settings` once (through a cached getter); a bad
+value raises :class:`~shared.errors.ConfigError` naming the variable and the
+value instead of being replaced by a default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "TRIGGERFISH_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Runtime settings shared by the functions and the Serve application.
+
+    Attributes:
+        project: Google Cloud project id (``GOOGLE_CLOUD_PROJECT``).
+        serve_url: Base URL of the Serve ingress, e.g. ``http://10.0.0.5:8000``.
+        results_bucket: Bucket that receives result JSON.
+        allowed_buckets: Source buckets requests may read from.
+        default_model: Model used when a request names none.
+        model_repository: Local folder or ``gs://bucket/prefix`` holding models.
+        engine_cache_uri: ``gs://bucket/prefix`` shared by replicas, or empty for none.
+        engine_cache_dir: Local directory for cached engines and fetched models.
+        max_image_bytes: Larger objects are rejected as ``image_too_large``.
+        max_image_pixels: Larger decoded images are rejected as ``image_too_large``.
+        request_timeout_s: How long a function waits for Serve before failing (and retrying).
+    """
+
+    project: str = "triggerfish-local"
+    serve_url: str = "http://127.0.0.1:8000"
+    results_bucket: str = "triggerfish-results"
+    allowed_buckets: frozenset[str] = field(default_factory=lambda: frozenset({"triggerfish-images"}))
+    default_model: str = "mobilenet_v2"
+    model_repository: str = "gs://triggerfish-models"
+    engine_cache_uri: str = ""
+    engine_cache_dir: str = "/tmp/triggerfish/engines"
+    max_image_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 60_000_000
+    request_timeout_s: float = 60.0
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from err
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from err
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name) or default
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _buckets(env: Mapping[str, str], name: str, default: frozenset[str]) -> frozenset[str]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    names = frozenset(b.strip() for b in raw.split(",") if b.strip())
+    if not names:
+        raise ConfigError(f"{name} must list at least one bucket, got {raw!r}")
+    return names
+
+
+def _gs_or_path(env: Mapping[str, str], name: str, default: str, allow_empty: bool) -> str:
+    raw = env.get(name, default)
+    if raw == "" and allow_empty:
+        return raw
+    if raw.startswith("gs://") and len(raw) > len("gs://"):
+        return raw.rstrip("/")
+    if raw.startswith("/") or raw.startswith("."):
+        return raw
+    raise ConfigError(f"{name} must be a gs:// prefix or a filesystem path, got {raw!r}")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default: ``os.environ``)."""
+    env = os.environ if env is None else env
+    d = Settings()
+    p = ENV_PREFIX
+    return Settings(
+        project=env.get("GOOGLE_CLOUD_PROJECT") or d.project,
+        serve_url=_url(env, p + "SERVE_URL", d.serve_url),
+        results_bucket=env.get(p + "RESULTS_BUCKET") or d.results_bucket,
+        allowed_buckets=_buckets(env, p + "ALLOWED_BUCKETS", d.allowed_buckets),
+        default_model=env.get(p + "DEFAULT_MODEL") or d.default_model,
+        model_repository=_gs_or_path(env, p + "MODEL_REPOSITORY", d.model_repository, False),
+        engine_cache_uri=_gs_or_path(env, p + "ENGINE_CACHE", d.engine_cache_uri, True),
+        engine_cache_dir=env.get(p + "ENGINE_CACHE_DIR") or d.engine_cache_dir,
+        max_image_bytes=_int(env, p + "MAX_IMAGE_BYTES", d.max_image_bytes),
+        max_image_pixels=_int(env, p + "MAX_IMAGE_PIXELS", d.max_image_pixels),
+        request_timeout_s=_float(env, p + "REQUEST_TIMEOUT_S", d.request_timeout_s),
+    )

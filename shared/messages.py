@@ -1,0 +1,182 @@
+"""Wire messages and their normalization into one :class:`InferenceRequest`.
+
+Every entry path (a JSON message on the requests topic, a GCS bucket
+notification, an Eventarc storage CloudEvent, an HTTP call) ends up as a list
+of ``InferenceRequest`` objects, one per source image.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ErrorReason, PermanentError
+
+MAX_URIS_PER_MESSAGE = 100
+FINALIZE_EVENT = "OBJECT_FINALIZE"
+EVENTARC_FINALIZED_TYPE = "google.cloud.storage.object.v1.finalized"
+PUBSUB_PUBLISHED_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class EntryPath(StrEnum):
+    """How a request reached triggerfish."""
+
+    PUBSUB = "pubsub"
+    UPLOAD = "upload"
+    HTTP = "http"
+
+
+class InferenceRequest(BaseModel):
+    """One image to run through one model, whatever the entry path.
+
+    ``uri`` is kept as given so that an invalid one can still be reported in an
+    error result; it is parsed with :func:`shared.uris.parse_gcs_uri` where used.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = Field(min_length=1, max_length=2048)
+    generation: str | None = Field(default=None, pattern=r"^[0-9]+$")
+    model: str | None = Field(default=None, pattern=_NAME_PATTERN)
+    version: str | None = Field(default=None, pattern=_NAME_PATTERN)
+    request_id: str = Field(min_length=1, max_length=256)
+    entry_path: EntryPath
+
+
+class RequestMessage(BaseModel):
+    """The JSON body published to the requests topic (and POSTed to ``/v1/infer``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = None
+    uris: list[str] | None = Field(default=None, max_length=MAX_URIS_PER_MESSAGE)
+    model: str | None = Field(default=None, pattern=_NAME_PATTERN)
+    version: str | None = Field(default=None, pattern=_NAME_PATTERN)
+    request_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Self:
+        if (self.uri is None) == (self.uris is None):
+            raise ValueError("give exactly one of 'uri' or 'uris'")
+        if self.uris is not None and not self.uris:
+            raise ValueError("'uris' is empty")
+        return self
+
+    def source_uris(self) -> list[str]:
+        """The URIs named by the message, in order."""
+        return [self.uri] if self.uri is not None else list(self.uris or [])
+
+    def to_requests(self, default_request_id: str, entry_path: EntryPath) -> list[InferenceRequest]:
+        """Split into one :class:`InferenceRequest` per URI.
+
+        Request ids are ``<id>`` for a single URI and ``<id>/<index>`` otherwise,
+        so a redelivered message maps to the same ids.
+        """
+        base = self.request_id or default_request_id
+        uris = self.source_uris()
+        return [
+            InferenceRequest(
+                uri=uri,
+                model=self.model,
+                version=self.version,
+                request_id=base if len(uris) == 1 else f"{base}/{i}",
+                entry_path=entry_path,
+            )
+            for i, uri in enumerate(uris)
+        ]
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "message"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest]:
+    """Parse a requests-topic message body.
+
+    Raises:
+        PermanentError: ``malformed_message`` when the body is not the documented JSON.
+    """
+    try:
+        payload = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE, f"message {message_id} is not JSON: {err}"
+        ) from err
+    if not isinstance(payload, dict):
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE,
+            f"message {message_id} must be a JSON object, got {type(payload).__name__}",
+        )
+    try:
+        message = RequestMessage.model_validate(payload)
+    except ValidationError as err:
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE, f"message {message_id}: {_describe(err)}"
+        ) from err
+    return message.to_requests(message_id, EntryPath.PUBSUB)
+
+
+def _object_request(bucket: Any, name: Any, generation: Any) -> InferenceRequest:
+    if not isinstance(bucket, str) or not isinstance(name, str) or not bucket or not name:
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE,
+            f"storage event lacks bucket/name (bucket={bucket!r}, name={name!r})",
+        )
+    gen = str(generation) if generation not in (None, "") else None
+    try:
+        return InferenceRequest(
+            uri=f"gs://{bucket}/{name}",
+            generation=gen,
+            request_id=f"{bucket}/{name}#{gen or 'latest'}",
+            entry_path=EntryPath.UPLOAD,
+        )
+    except ValidationError as err:
+        raise PermanentError(ErrorReason.MALFORMED_MESSAGE, _describe(err)) from err
+
+
+def parse_gcs_notification(attributes: Mapping[str, str], data: bytes) -> InferenceRequest | None:
+    """Parse a Cloud Storage Pub/Sub notification (``JSON_API_V1`` payload).
+
+    Returns:
+        The request, or ``None`` for event types other than ``OBJECT_FINALIZE``
+        (deletes and metadata updates are not work).
+    """
+    event_type = attributes.get("eventType")
+    if event_type is None:
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE, "notification has no 'eventType' attribute"
+        )
+    if event_type != FINALIZE_EVENT:
+        return None
+    resource: dict[str, Any] = {}
+    if data:
+        try:
+            decoded = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PermanentError(
+                ErrorReason.MALFORMED_MESSAGE, f"notification payload is not JSON: {err}"
+            ) from err
+        if isinstance(decoded, dict):
+            resource = decoded
+    return _object_request(
+        attributes.get("bucketId", resource.get("bucket")),
+        attributes.get("objectId", resource.get("name")),
+        attributes.get("objectGeneration", resource.get("generation")),
+    )
+
+
+def parse_storage_event(data: Mapping[str, Any]) -> InferenceRequest:
+    """Parse the data of an Eventarc ``google.cloud.storage.object.v1.finalized`` CloudEvent."""
+    if not isinstance(data, Mapping):
+        raise PermanentError(ErrorReason.MALFORMED_MESSAGE, "storage event data is not an object")
+    return _object_request(data.get("bucket"), data.get("name"), data.get("generation"))

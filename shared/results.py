@@ -1,0 +1,137 @@
+"""The result record written for every input, and where it is written."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.errors import ErrorReason
+from shared.messages import EntryPath, InferenceRequest
+from shared.uris import GcsUri
+
+UNRESOLVED_VERSION = "_"
+INVALID_SOURCE_PREFIX = "_invalid"
+
+
+class Status(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class SourceRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    generation: str | None = None
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str | None = None
+
+
+class Label(BaseModel):
+    """One classification: ImageNet-style class id, its name and softmax score."""
+
+    model_config = ConfigDict(frozen=True)
+
+    class_id: int
+    label: str
+    score: float
+
+
+class Detection(BaseModel):
+    """One detected box in coordinates relative to the image (0..1)."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    ymin: float
+    xmin: float
+    ymax: float
+    xmax: float
+    score: float
+    class_id: int = Field(alias="class")
+    label: str
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per stage; ``batch_size`` is the batch this input ran in."""
+
+    fetch_ms: float | None = None
+    decode_ms: float | None = None
+    queue_wait_ms: float | None = None
+    inference_ms: float | None = None
+    batch_size: int | None = None
+    end_to_end_ms: float | None = None
+
+
+class ErrorInfo(BaseModel):
+    reason: ErrorReason
+    message: str
+
+
+class InferenceResult(BaseModel):
+    """What triggerfish concluded about one input; serialized as the result JSON."""
+
+    source: SourceRef
+    model: ModelRef
+    status: Status
+    backend: str | None = None
+    labels: list[Label] | None = None
+    detections: list[Detection] | None = None
+    timings: Timings = Field(default_factory=Timings)
+    error: ErrorInfo | None = None
+    request_id: str
+    entry_path: EntryPath
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _status_matches_error(self) -> Self:
+        if (self.status is Status.ERROR) != (self.error is not None):
+            raise ValueError("an error result needs 'error', an ok result must not have it")
+        return self
+
+    @classmethod
+    def failure(
+        cls,
+        request: InferenceRequest,
+        reason: ErrorReason,
+        message: str,
+        *,
+        model: str,
+        version: str | None = None,
+    ) -> InferenceResult:
+        """Build an ``error`` result for ``request``."""
+        return cls(
+            source=SourceRef(uri=request.uri, generation=request.generation),
+            model=ModelRef(name=model, version=version),
+            status=Status.ERROR,
+            error=ErrorInfo(reason=reason, message=message),
+            request_id=request.request_id,
+            entry_path=request.entry_path,
+        )
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True, indent=2)
+
+
+def result_object_name(model: str, version: str | None, source: GcsUri) -> str:
+    """Deterministic result path for one source object.
+
+    A redelivered message, a retried request or an uploaded-twice event all map
+    to the same name, so they overwrite one result instead of adding another.
+    """
+    return f"{model}/{version or UNRESOLVED_VERSION}/{source.bucket}/{source.name}.json"
+
+
+def invalid_source_object_name(request_id: str, uri: str) -> str:
+    """Result path for an input that names no valid object (bad URI, malformed message)."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    safe_id = hashlib.sha256(request_id.encode()).hexdigest()[:16]
+    return f"{INVALID_SOURCE_PREFIX}/{safe_id}/{digest}.json"

@@ -1,0 +1,289 @@
+/**
+ * triggerfish on Google Cloud: Pub/Sub, Cloud Storage, Cloud Functions
+ * (gen2) and Ray Serve on GKE.
+ *
+ * Names and delivery settings come from infra/footprint.json, the file the
+ * local emulator stack reads as well, so the two cannot drift: topic and
+ * subscription names are used as they are; bucket names, which are global,
+ * get the project id as a prefix (PROJECT-triggerfish-images, ...).
+ */
+
+locals {
+  footprint = jsondecode(file("${path.module}/../infra/footprint.json"))
+
+  # Globally unique bucket names: "<project id>-<footprint name>".
+  bucket_names = { for key, name in local.footprint.buckets : key => "${var.project_id}-${name}" }
+
+  # Subscriptions that feed a function (they name an entry point); the other
+  # one drains the dead-letter topic.
+  function_subscriptions = {
+    for key, sub in local.footprint.subscriptions : key => sub if lookup(sub, "entry_point", null) != null
+  }
+
+  labels = merge(var.labels, { managed-by = "terraform" })
+
+  function_source_archive = var.function_source_archive != "" ? var.function_source_archive : "${path.module}/../build/functions-source.zip"
+  allowed_buckets         = concat([local.bucket_names.images], var.extra_source_buckets)
+  serve_port              = 8000
+  serve_endpoint          = "http://${module.network.serve_address}:${local.serve_port}"
+  serve_image             = var.serve_image != "" ? var.serve_image : "${google_artifact_registry_repository.this["serve"].location}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.this["serve"].repository_id}/serve-gpu:${var.serve_image_tag}"
+
+  apis = [
+    "artifactregistry.googleapis.com",
+    "cloudbuild.googleapis.com",
+    "cloudfunctions.googleapis.com",
+    "compute.googleapis.com",
+    "container.googleapis.com",
+    "iam.googleapis.com",
+    "logging.googleapis.com",
+    "monitoring.googleapis.com",
+    "pubsub.googleapis.com",
+    "run.googleapis.com",
+    "storage.googleapis.com",
+    "vpcaccess.googleapis.com",
+  ]
+}
+
+resource "google_project_service" "this" {
+  for_each = var.activate_apis ? toset(local.apis) : toset([])
+
+  project            = var.project_id
+  service            = each.value
+  disable_on_destroy = false
+}
+
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+# Service agents: Pub/Sub forwards dead letters and signs push requests;
+# Cloud Storage publishes bucket notifications.
+data "google_storage_project_service_account" "gcs" {
+  project = var.project_id
+
+  depends_on = [google_project_service.this]
+}
+
+locals {
+  pubsub_service_agent = "service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+module "network" {
+  source = "./modules/network"
+
+  project_id       = var.project_id
+  region           = var.region
+  name             = var.name_prefix
+  ip_ranges        = var.ip_ranges
+  node_network_tag = "${var.name_prefix}-gke-node"
+  serve_port       = local.serve_port
+
+  depends_on = [google_project_service.this]
+}
+
+module "pubsub" {
+  source = "./modules/pubsub"
+
+  project_id = var.project_id
+  labels     = local.labels
+
+  topics = {
+    for key, name in local.footprint.topics : key => { name = name } if key != "dead_letter"
+  }
+  dead_letter_topic = { name = local.footprint.topics.dead_letter }
+
+  push_subscriptions = {
+    for key, sub in local.function_subscriptions : key => {
+      name  = sub.name
+      topic = sub.topic
+      # The topic path in the URL lets functions-framework fill in the
+      # CloudEvent source (//pubsub.googleapis.com/projects/P/topics/T).
+      push_endpoint         = "${module.functions.uris[key]}/projects/${var.project_id}/topics/${local.footprint.topics[sub.topic]}"
+      audience              = module.functions.uris[key]
+      ack_deadline_seconds  = sub.ack_deadline_seconds
+      min_backoff_seconds   = sub.min_backoff_seconds
+      max_backoff_seconds   = sub.max_backoff_seconds
+      max_delivery_attempts = sub.max_delivery_attempts
+    }
+  }
+
+  dead_letter_subscription = {
+    name                      = local.footprint.subscriptions.dead_letter.name
+    ack_deadline_seconds      = local.footprint.subscriptions.dead_letter.ack_deadline_seconds
+    message_retention_seconds = local.footprint.subscriptions.dead_letter.message_retention_seconds
+  }
+
+  push_invoker_service_account_email = google_service_account.this["push_invoker"].email
+  pubsub_service_agent_email         = local.pubsub_service_agent
+
+  depends_on = [google_project_service.this]
+}
+
+module "storage" {
+  source = "./modules/storage"
+
+  project_id              = var.project_id
+  location                = var.bucket_location != "" ? var.bucket_location : var.region
+  labels                  = local.labels
+  gcs_service_agent_email = data.google_storage_project_service_account.gcs.email_address
+
+  buckets = {
+    # Uploaded images are inputs: once processed, their result records the
+    # source generation. Deleting them after a while saves storage.
+    images = {
+      name       = local.bucket_names.images
+      versioning = false
+      lifecycle_rules = [{
+        action    = { type = "Delete" }
+        condition = { age = var.images_retention_days }
+      }]
+    }
+    # Results are the product: keep overwritten versions for a while.
+    results = {
+      name       = local.bucket_names.results
+      versioning = true
+      lifecycle_rules = [{
+        action    = { type = "Delete" }
+        condition = { days_since_noncurrent_time = var.noncurrent_retention_days, with_state = "ARCHIVED" }
+      }]
+    }
+    # Models are the source of every engine: versioned so an overwrite or a
+    # deletion can be undone.
+    models = {
+      name       = local.bucket_names.models
+      versioning = true
+      lifecycle_rules = [{
+        action    = { type = "Delete" }
+        condition = { days_since_noncurrent_time = var.noncurrent_retention_days, with_state = "ARCHIVED" }
+      }]
+    }
+    # Engines are derived data keyed by model hash, GPU and TensorRT version;
+    # stale ones (older TensorRT, retired GPUs) age out.
+    engine_cache = {
+      name       = local.bucket_names.engine_cache
+      versioning = false
+      lifecycle_rules = [{
+        action    = { type = "Delete" }
+        condition = { age = var.engine_cache_retention_days }
+      }]
+    }
+    # Function source zips, named by content hash.
+    function_source = {
+      name          = "${var.project_id}-${var.name_prefix}-function-source"
+      versioning    = false
+      force_destroy = true
+      lifecycle_rules = [{
+        action    = { type = "Delete" }
+        condition = { age = 365 }
+      }]
+    }
+  }
+
+  upload_notification = {
+    bucket      = "images"
+    topic       = module.pubsub.topic_ids["uploads"]
+    event_types = ["OBJECT_FINALIZE"]
+  }
+
+  depends_on = [google_project_service.this]
+}
+
+module "functions" {
+  source = "./modules/functions"
+
+  project_id = var.project_id
+  region     = var.region
+  labels     = local.labels
+
+  functions = {
+    for key, sub in local.function_subscriptions : key => {
+      name        = "${var.name_prefix}-${replace(sub.entry_point, "_", "-")}"
+      entry_point = sub.entry_point
+      description = "triggerfish ${sub.entry_point}: ${local.footprint.topics[sub.topic]} messages to Ray Serve"
+      # A function must answer before Pub/Sub stops waiting for it.
+      timeout_seconds    = sub.ack_deadline_seconds
+      max_instance_count = var.function_max_instances
+    }
+  }
+
+  source_archive_path           = local.function_source_archive
+  source_bucket                 = module.storage.bucket_names["function_source"]
+  service_account_email         = google_service_account.this["functions"].email
+  build_service_account_id      = google_service_account.this["functions_build"].id
+  build_docker_repository       = google_artifact_registry_repository.this["functions"].id
+  invoker_service_account_email = google_service_account.this["push_invoker"].email
+  vpc_connector                 = module.network.vpc_connector_id
+  request_timeout_s             = var.request_timeout_s
+
+  # Exactly the variables functions/ reads (shared/config.py).
+  environment_variables = {
+    TRIGGERFISH_SERVE_URL         = local.serve_endpoint
+    TRIGGERFISH_RESULTS_BUCKET    = module.storage.bucket_names["results"]
+    TRIGGERFISH_ALLOWED_BUCKETS   = join(",", local.allowed_buckets)
+    TRIGGERFISH_DEFAULT_MODEL     = var.default_model
+    TRIGGERFISH_REQUEST_TIMEOUT_S = tostring(var.request_timeout_s)
+    GOOGLE_CLOUD_PROJECT          = var.project_id
+  }
+
+  depends_on = [
+    google_project_service.this,
+    google_storage_bucket_iam_member.functions_build_source_reader,
+    google_artifact_registry_repository_iam_member.functions_build_writer,
+    google_project_iam_member.functions_build_log_writer,
+  ]
+}
+
+module "gke" {
+  source = "./modules/gke"
+
+  project_id                 = var.project_id
+  name                       = var.name_prefix
+  location                   = var.zone
+  network                    = module.network.network_id
+  subnetwork                 = module.network.nodes_subnetwork_name
+  pods_range_name            = module.network.pods_range_name
+  services_range_name        = module.network.services_range_name
+  master_ipv4_cidr_block     = var.master_ipv4_cidr_block
+  master_authorized_networks = var.master_authorized_networks
+  release_channel            = var.gke_release_channel
+  node_service_account_email = google_service_account.this["gke_nodes"].email
+  node_network_tag           = "${var.name_prefix}-gke-node"
+  cpu_pool                   = var.cpu_pool
+  gpu_pool                   = var.gpu_pool
+  deletion_protection        = var.deletion_protection
+  labels                     = local.labels
+
+  depends_on = [
+    google_project_service.this,
+    google_project_iam_member.gke_nodes,
+  ]
+}
+
+module "ray" {
+  source = "./modules/ray"
+
+  project_id            = var.project_id
+  manifests_dir         = "${path.module}/../infra/k8s"
+  serve_gsa_email       = google_service_account.this["serve"].email
+  kuberay_chart_version = var.kuberay_chart_version
+  image                 = local.serve_image
+  ray_version           = var.ray_version
+
+  cpu_node_pool           = module.gke.cpu_node_pool
+  gpu_node_pool           = module.gke.gpu_node_pool
+  gpus_per_worker         = var.gpu_pool.accelerator_count
+  gpu_worker_max_replicas = var.gpu_pool.max_node_count
+
+  serve_ip       = module.network.serve_address
+  connector_cidr = var.ip_ranges.connector
+  nodes_cidr     = var.ip_ranges.nodes
+
+  # Exactly the variables the Serve replicas read (shared/config.py).
+  serve_environment = {
+    models_bucket       = module.storage.bucket_names["models"]
+    engine_cache_bucket = module.storage.bucket_names["engine_cache"]
+    results_bucket      = module.storage.bucket_names["results"]
+    allowed_buckets     = local.allowed_buckets
+    default_model       = var.default_model
+  }
+}
