@@ -18,7 +18,14 @@ from pathlib import Path
 import httpx
 
 from infra import _emulators
-from infra._processes import ManagedProcess, free_port, port_open, start_process, stop_group, wait_until
+from infra._processes import (
+    ManagedProcess,
+    free_port,
+    port_open,
+    start_process,
+    stop_group,
+    wait_until,
+)
 from infra.footprint import Footprint, load_footprint
 
 logger = logging.getLogger(__name__)

@@ -53,7 +53,10 @@ def decode_image(data: bytes, target: tuple[int, int], max_pixels: int) -> Image
             image = image.convert("RGB")
     except PermanentError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        # Pillow's own hard limit (2x MAX_IMAGE_PIXELS) fires in open(), before our check.
+        raise PermanentError(ErrorReason.IMAGE_TOO_LARGE, f"image too large: {err}") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err}") from err
     return image
 

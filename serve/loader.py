@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from serve.batch import LoadedVersion
-from serve.engines.base import Engine, EngineSpec, load_engine
+from serve.engines.base import Engine, EngineSpec
+from serve.engines.build import load_cached_engine
+from serve.engines.cache import EngineCache
 from serve.imaging import to_model_input
 from serve.model_config import Backend
 from serve.postprocess.factory import make_postprocessor
 from serve.repository import ModelVersion
+from serve.validation import calibration_set, validation_set
 from shared.errors import ConfigError, TriggerfishError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +36,7 @@ def backend_preference(allowed: tuple[Backend, ...], env: str | None = None) -> 
         raise ConfigError(
             f"{BACKENDS_ENV} must list backends from {[b.value for b in Backend]}, got {raw!r}"
         ) from err
-    chosen = [b for b in wanted if b in allowed]
+    chosen = [b for b in allowed if b in wanted]  # the config's order, as documented
     if not chosen:
         raise ConfigError(f"{BACKENDS_ENV}={raw!r} allows none of the model's backends {allowed}")
     return chosen
@@ -60,24 +64,49 @@ def engine_spec(mv: ModelVersion, output_names: tuple[str, ...], workers: int = 
     )
 
 
-def open_engine(spec: EngineSpec, backends: list[Backend], **options: object) -> Engine:
-    """Load on the first backend that works; a fallback is logged and visible in ``backend_name``."""
+def open_engine(
+    mv: ModelVersion, spec: EngineSpec, cache: EngineCache, backends: list[Backend], work_dir: Path
+) -> Engine:
+    """Load through the engine cache on the first backend that works.
+
+    A fallback (TensorRT missing, or refused by the accuracy guard) is logged and
+    visible in every result's ``backend``.
+    """
     failures = []
     for backend in backends:
         try:
-            return load_engine(spec, backend, **options.get(backend.value, {}))  # type: ignore[arg-type]
+            reduced = backend is Backend.TENSORRT and spec.precision.value != "fp32"
+            result = load_cached_engine(
+                spec,
+                backend,
+                cache,
+                calibration=calibration_set(mv, work_dir) if spec.precision.value == "int8" else None,
+                validation=validation_set(mv) if reduced else None,
+                # One file: the backend detects and replaces a cache from another GPU/TensorRT.
+                timing_cache_path=work_dir / "timing" / "tensorrt.timing-cache",
+            )
         except (TriggerfishError, ImportError) as err:
             logger.warning("backend %s unavailable for %s/%s: %s", backend.value, spec.model, spec.version, err)
             failures.append(f"{backend.value}: {err}")
+            continue
+        report = result.report
+        logger.info(
+            "engine for %s/%s from %s (lookup %.3fs, build %.3fs, load %.3fs)",
+            spec.model, spec.version, report.level, report.lookup_seconds,
+            report.build_seconds or 0.0, report.load_seconds,
+        )  # fmt: skip
+        return result.value
     raise ConfigError(f"no backend could load {spec.model}/{spec.version}: {'; '.join(failures)}")
 
 
-def load_version(mv: ModelVersion, workers: int = 1, **options: object) -> LoadedVersion:
+def load_version(
+    mv: ModelVersion, cache: EngineCache, work_dir: Path, workers: int = 1
+) -> LoadedVersion:
     """Load the engine for ``mv`` and run a warm-up batch at every built batch size."""
     postprocess = make_postprocessor(mv.config.postprocess)
     spec = engine_spec(mv, postprocess.output_names, workers)
     started = time.monotonic()
-    engine = open_engine(spec, backend_preference(mv.config.backends), **options)
+    engine = open_engine(mv, spec, cache, backend_preference(mv.config.backends), work_dir)
     loaded = LoadedVersion(mv.name, mv.version, mv.config, engine, postprocess, mv.labels)
     warm_up(loaded)
     logger.info(

@@ -19,12 +19,19 @@ from typing import Any
 
 from ray import serve
 
-from serve.batch import BatchItem, ItemOutcome, LoadedVersion, group_by_version, run_batch, validate_item
+from serve.batch import (
+    BatchItem,
+    ItemOutcome,
+    LoadedVersion,
+    group_by_version,
+    run_batch,
+    validate_item,
+)
+from serve.engines.cache import EngineCache
 from serve.loader import load_version
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.repository import ModelRepository
 from shared.config import load_settings
-
 from shared.logging import configure_json_logging
 
 logger = logging.getLogger(__name__)
@@ -49,13 +56,15 @@ class ModelServer:
         configure_json_logging()
         settings = load_settings()
         self._model = model
-        self._repo = ModelRepository(settings.model_repository, Path(settings.engine_cache_dir))
+        self._work_dir = Path(settings.engine_cache_dir)
+        self._repo = ModelRepository(settings.model_repository, self._work_dir)
+        self._cache = EngineCache.from_settings(settings.engine_cache_dir, settings.engine_cache_uri)
         self._versions: OrderedDict[str, LoadedVersion] = OrderedDict()
         self._batch_sizes: Counter[int] = Counter()
         self._load_lock = asyncio.Lock()
         newest = self._repo.resolve(model)
         self._default = newest.version
-        self._versions[newest.version] = load_version(newest)
+        self._versions[newest.version] = load_version(newest, self._cache, self._work_dir)
         self._apply_batching(self._versions[newest.version])
         self._poll_interval_s = poll_interval_s or float(
             os.environ.get("TRIGGERFISH_REPOSITORY_POLL_S", "30")
@@ -125,7 +134,9 @@ class ModelServer:
         async with self._load_lock:
             if wanted not in self._versions:
                 mv = await asyncio.to_thread(self._repo.resolve, self._model, wanted)
-                self._versions[wanted] = await asyncio.to_thread(load_version, mv)
+                self._versions[wanted] = await asyncio.to_thread(
+                    load_version, mv, self._cache, self._work_dir
+                )
                 self._evict()
         return self._versions[wanted]
 

@@ -94,7 +94,7 @@ def _gs_or_path(env: Mapping[str, str], name: str, default: str, allow_empty: bo
     raw = env.get(name, default)
     if raw == "" and allow_empty:
         return raw
-    if raw.startswith("gs://") and len(raw) > len("gs://"):
+    if raw.startswith("gs://") and len(raw.rstrip("/")) > len("gs://"):
         return raw.rstrip("/")
     if raw.startswith("/") or raw.startswith("."):
         return raw

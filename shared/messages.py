@@ -45,7 +45,8 @@ class InferenceRequest(BaseModel):
     generation: str | None = Field(default=None, pattern=r"^[0-9]+$")
     model: str | None = Field(default=None, pattern=_NAME_PATTERN)
     version: str | None = Field(default=None, pattern=_NAME_PATTERN)
-    request_id: str = Field(min_length=1, max_length=256)
+    # Upload ids are `<bucket>/<object>#<generation>`: object names may be 1024 bytes long.
+    request_id: str = Field(min_length=1, max_length=2048)
     entry_path: EntryPath
 
 
@@ -119,11 +120,12 @@ def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest
         )
     try:
         message = RequestMessage.model_validate(payload)
+        # to_requests validates each InferenceRequest too (e.g. an empty or overlong uri).
+        return message.to_requests(message_id, EntryPath.PUBSUB)
     except ValidationError as err:
         raise PermanentError(
             ErrorReason.MALFORMED_MESSAGE, f"message {message_id}: {_describe(err)}"
         ) from err
-    return message.to_requests(message_id, EntryPath.PUBSUB)
 
 
 def _object_request(bucket: Any, name: Any, generation: Any) -> InferenceRequest:

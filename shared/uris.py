@@ -34,7 +34,8 @@ def parse_gcs_uri(uri: str) -> GcsUri:
     if not isinstance(uri, str) or not uri.startswith("gs://"):
         raise PermanentError(ErrorReason.INVALID_URI, f"expected a gs:// URI, got {uri!r}")
     bucket, sep, name = uri[len("gs://") :].partition("/")
-    if not _BUCKET_RE.match(bucket):
+    # fullmatch: `$` alone would also accept a bucket name ending in a newline.
+    if not _BUCKET_RE.fullmatch(bucket):
         raise PermanentError(ErrorReason.INVALID_URI, f"invalid bucket name {bucket!r} in {uri!r}")
     if not sep or not name or name.endswith("/"):
         raise PermanentError(ErrorReason.INVALID_URI, f"URI {uri!r} names no object")

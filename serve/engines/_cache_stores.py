@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
-    from serve.engines.cache import EngineCacheKey
+    from serve.engines._cache_key import EngineCacheKey
 
 logger = logging.getLogger(__name__)
 

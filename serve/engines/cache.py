@@ -12,15 +12,15 @@ a cached engine is never trusted on hardware or software it was not built for.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
+from serve.engines._cache_key import CACHE_FORMAT_VERSION, EngineCacheKey
 from serve.engines._cache_stores import (
     CachedEntry,
     DiskEngineStore,
@@ -32,9 +32,6 @@ from serve.engines._cache_stores import (
 from shared.errors import ConfigError, TriggerfishError
 
 logger = logging.getLogger(__name__)
-
-#: Bump when the layout or the meaning of a key field changes: old entries then miss.
-CACHE_FORMAT_VERSION = 1
 
 #: ``shared`` is a shared filesystem mount used instead of ``gs://``.
 CacheLevel = Literal["memory", "disk", "gcs", "shared", "built"]
@@ -61,69 +58,6 @@ class EngineBuildError(TriggerfishError):
 
 class IncompatibleEngineError(TriggerfishError):
     """The backend refused to deserialize cached bytes (other version/device, or corrupt)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineCacheKey:
-    """Everything a built engine depends on; equal keys mean interchangeable engines.
-
-    Attributes:
-        onnx_sha256: SHA-256 of the ONNX model bytes.
-        backend: ``tensorrt`` or ``onnxruntime``.
-        backend_version: e.g. TensorRT ``10.3.0`` or ONNX Runtime ``1.19.2``.
-        device_name: GPU name (``NVIDIA H100 80GB HBM3``) or CPU model for ONNX Runtime.
-        compute_capability: ``sm_90``; empty for CPU.
-        cuda_version: CUDA runtime ``major.minor`` TensorRT runs on; empty for CPU.
-        precision: ``fp32`` | ``fp16`` | ``int8``.
-        batch_sizes: The engine batch sizes (the optimization profile is derived from them).
-        input_name: Image input tensor name.
-        input_shape: Input shape without the batch dimension.
-        input_dtype: Input NumPy dtype name.
-        options: Other build inputs that change the result, as sorted ``(name, value)``
-            pairs (e.g. ONNX Runtime providers, INT8 calibration set digest).
-        format_version: :data:`CACHE_FORMAT_VERSION` at the time of writing.
-    """
-
-    onnx_sha256: str
-    backend: str
-    backend_version: str
-    device_name: str
-    compute_capability: str
-    cuda_version: str
-    precision: str
-    batch_sizes: tuple[int, ...]
-    input_name: str
-    input_shape: tuple[int, ...]
-    input_dtype: str
-    options: tuple[tuple[str, str], ...] = ()
-    format_version: int = CACHE_FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if len(self.onnx_sha256) != 64:
-            raise ValueError(f"onnx_sha256 must be a hex SHA-256, got {self.onnx_sha256!r}")
-        if not self.batch_sizes or list(self.batch_sizes) != sorted(set(self.batch_sizes)):
-            raise ValueError(f"batch_sizes must be ascending and unique, got {self.batch_sizes}")
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form (tuples become lists); stored as the entry's metadata ``key``."""
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, object]) -> EngineCacheKey:
-        """Inverse of :meth:`to_dict`; raises ``ValueError`` on unknown or missing fields."""
-        names = {f.name for f in fields(cls)}
-        if set(raw) != names:
-            raise ValueError(f"key fields {sorted(raw)} differ from {sorted(names)}")
-        values = dict(raw)
-        for name in ("batch_sizes", "input_shape"):
-            values[name] = tuple(values[name])  # type: ignore[arg-type]
-        values["options"] = tuple(tuple(p) for p in values["options"])  # type: ignore[union-attr]
-        return cls(**values)  # type: ignore[arg-type]
-
-    def digest(self) -> str:
-        """Stable hex name of the entry: SHA-256 of the canonical JSON of :meth:`to_dict`."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,9 +241,10 @@ class EngineCache:
 
     def _promote(self, level: str, key: EngineCacheKey, digest: str, entry: CachedEntry) -> None:
         """Copy a hit into the faster levels so the next lookup stops earlier."""
-        self.memory.put(digest, entry)
-        if level == "gcs" and self.disk is not None:
-            self.disk.store(key, entry.data, entry.info)
+        if self.shared is not None and level == self.shared.level:
+            self._store_locally(key, entry)
+        else:
+            self.memory.put(digest, entry)
 
     def _build(
         self,
@@ -346,18 +281,8 @@ class EngineCache:
         if self.shared is not None:
             published = self.shared.store(key, data, info)
             if published.sha256 != entry.sha256:
-                # Another replica published first; run its engine so that all replicas agree.
-                logger.info(
-                    "engine %s: another builder won the publish race; using its entry", digest[:12]
-                )
-                t0 = time.perf_counter()
-                winner = load(published.data)
-                _close(value)
-                value, entry = winner, published
-                load_s = time.perf_counter() - t0
-        if self.disk is not None:
-            self.disk.store(key, entry.data, entry.info)
-        self.memory.put(digest, entry)
+                value, entry, load_s = self._adopt_winner(value, entry, published, load, load_s)
+        self._store_locally(key, entry)
         report = _report("built", digest, entry, lookup_s, build_s, load_s, discarded)
         logger.info(
             "engine %s: built in %.2fs (%d bytes), loaded in %.3fs",
@@ -367,6 +292,37 @@ class EngineCache:
             load_s,
         )
         return CacheResult(value, report)
+
+    def _adopt_winner(
+        self,
+        ours: T,
+        entry: CachedEntry,
+        winner: CachedEntry,
+        load: Callable[[bytes], T],
+        load_s: float,
+    ) -> tuple[T, CachedEntry, float]:
+        """Another replica published first: run its engine so that all replicas agree."""
+        digest = entry.key.digest()[:12]
+        t0 = time.perf_counter()
+        try:
+            value = load(winner.data)
+        except IncompatibleEngineError as err:  # same key, so unexpected; ours is fine
+            logger.warning(
+                "engine %s: the published engine does not load (%s); keeping ours", digest, err
+            )
+            return ours, entry, load_s
+        logger.info("engine %s: another builder published first; using its engine", digest)
+        _close(ours)
+        return value, winner, time.perf_counter() - t0
+
+    def _store_locally(self, key: EngineCacheKey, entry: CachedEntry) -> None:
+        self.memory.put(key.digest(), entry)
+        if self.disk is None:
+            return
+        try:
+            self.disk.store(key, entry.data, entry.info)
+        except OSError as err:  # a full or read-only disk costs the next start a lookup, no more
+            logger.warning("engine cache: could not write %s to disk: %s", key.digest()[:12], err)
 
 
 def _close(value: object) -> None:

@@ -261,7 +261,9 @@ class TensorRTEngine:
         The returned engine's :attr:`cache_report` says where it came from and the
         build/load seconds.
         """
-        _import_trt(), _import_cudart()  # fail fast, with the hint, before reading anything
+        # Fail fast, with the install hint, before reading or hashing anything.
+        _import_trt()
+        _import_cudart()
         identity = device_identity(device)
         onnx_bytes = Path(spec.onnx_path).read_bytes()
 

@@ -122,7 +122,9 @@ def child(name: str) -> Module:
 def block(body: dict[str, Any], name: str) -> dict[str, Any]:
     """The single nested block ``name`` of a resource body."""
     blocks = body.get(name)
-    assert isinstance(blocks, list) and len(blocks) == 1, f"expected one {name!r} block, got {blocks!r}"
+    assert isinstance(blocks, list) and len(blocks) == 1, (
+        f"expected one {name!r} block, got {blocks!r}"
+    )
     return blocks[0]
 
 

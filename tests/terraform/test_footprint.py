@@ -22,7 +22,9 @@ def _names(footprint):
 
 
 def test_root_reads_footprint_json_relative_to_the_module():
-    assert expr(root().locals["footprint"]) == expr('${jsondecode(file("${path.module}/../infra/footprint.json"))}')
+    assert expr(root().locals["footprint"]) == expr(
+        '${jsondecode(file("${path.module}/../infra/footprint.json"))}'
+    )
     assert (TF_ROOT / ".." / "infra" / "footprint.json").resolve() == FOOTPRINT.resolve()
 
 
@@ -54,7 +56,14 @@ def test_topics_and_subscriptions_come_from_the_footprint(footprint):
         assert dead[field] == f"${{local.footprint.subscriptions.dead_letter.{field}}}"
     push = expr(call["push_subscriptions"])
     assert push.startswith("${{forkey,subinlocal.function_subscriptions:"), push
-    for field in ("name", "topic", "ack_deadline_seconds", "min_backoff_seconds", "max_backoff_seconds", "max_delivery_attempts"):
+    for field in (
+        "name",
+        "topic",
+        "ack_deadline_seconds",
+        "min_backoff_seconds",
+        "max_backoff_seconds",
+        "max_delivery_attempts",
+    ):
         assert f"{field}=sub.{field}" in push, f"push subscription {field} must come from footprint"
 
 
@@ -71,7 +80,9 @@ def test_function_subscriptions_are_the_footprint_entries_with_an_entry_point(fo
 
 def test_footprint_settings_satisfy_the_pubsub_module_validations(footprint):
     """The bounds enforced by modules/pubsub hold for the values the footprint feeds it."""
-    validations = " ".join(v["condition"] for v in child("pubsub").variables["push_subscriptions"]["validation"])
+    validations = " ".join(
+        v["condition"] for v in child("pubsub").variables["push_subscriptions"]["validation"]
+    )
     assert "s.max_delivery_attempts >= 5 && s.max_delivery_attempts <= 100" in validations
     assert "s.ack_deadline_seconds >= 10 && s.ack_deadline_seconds <= 600" in validations
     for key, sub in footprint["subscriptions"].items():
@@ -88,5 +99,9 @@ def test_request_timeout_default_fits_every_ack_deadline(footprint):
     for key, sub in footprint["subscriptions"].items():
         if "entry_point" in sub:
             assert default < sub["ack_deadline_seconds"], key
-    precondition = child("functions").resource("google_cloudfunctions2_function", "this")["lifecycle"][0]["precondition"][0]
-    assert expr(precondition["condition"]) == expr("${var.request_timeout_s < each.value.timeout_seconds}")
+    precondition = child("functions").resource("google_cloudfunctions2_function", "this")[
+        "lifecycle"
+    ][0]["precondition"][0]
+    assert expr(precondition["condition"]) == expr(
+        "${var.request_timeout_s < each.value.timeout_seconds}"
+    )

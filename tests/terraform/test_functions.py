@@ -38,7 +38,10 @@ def test_gen2_python311_functions_for_the_footprint_entry_points():
     assert build["runtime"] == "${var.runtime}"
     assert child("functions").variables["runtime"]["default"] == "python311"
     assert build["entry_point"] == "${each.value.entry_point}"
-    assert block(block(build, "source"), "storage_source")["object"] == "${google_storage_bucket_object.source.name}"
+    assert (
+        block(block(build, "source"), "storage_source")["object"]
+        == "${google_storage_bucket_object.source.name}"
+    )
 
 
 def test_entry_points_are_cloud_event_handlers_in_functions_main():
@@ -49,7 +52,9 @@ def test_entry_points_are_cloud_event_handlers_in_functions_main():
     from tests.terraform._hcl import FOOTPRINT
 
     footprint = json.loads(FOOTPRINT.read_text())
-    entry_points = {s["entry_point"] for s in footprint["subscriptions"].values() if "entry_point" in s}
+    entry_points = {
+        s["entry_point"] for s in footprint["subscriptions"].values() if "entry_point" in s
+    }
     assert entry_points == {"on_request", "on_upload"}
     assert entry_points <= _cloud_event_handlers(REPO_ROOT / "functions" / "main.py")
 
@@ -102,7 +107,10 @@ def test_function_environment_is_exactly_what_the_code_reads():
     assert env["TRIGGERFISH_DEFAULT_MODEL"] == "${var.default_model}"
     assert env["TRIGGERFISH_REQUEST_TIMEOUT_S"] == "${tostring(var.request_timeout_s)}"
     assert env["GOOGLE_CLOUD_PROJECT"] == "${var.project_id}"
-    assert block(_function(), "service_config")["environment_variables"] == "${var.environment_variables}"
+    assert (
+        block(_function(), "service_config")["environment_variables"]
+        == "${var.environment_variables}"
+    )
     config = (REPO_ROOT / "shared" / "config.py").read_text()
     for name in FUNCTION_ENV:
         assert name.removeprefix("TRIGGERFISH_") in config, f"shared/config.py does not read {name}"
@@ -110,9 +118,14 @@ def test_function_environment_is_exactly_what_the_code_reads():
 
 def test_serve_endpoint_is_the_internal_load_balancer_address():
     top = root()
-    assert top.locals["serve_endpoint"] == "http://${module.network.serve_address}:${local.serve_port}"
+    assert (
+        top.locals["serve_endpoint"] == "http://${module.network.serve_address}:${local.serve_port}"
+    )
     assert top.locals["serve_port"] == 8000
-    assert top.locals["allowed_buckets"] == "${concat([local.bucket_names.images], var.extra_source_buckets)}"
+    assert (
+        top.locals["allowed_buckets"]
+        == "${concat([local.bucket_names.images], var.extra_source_buckets)}"
+    )
 
 
 def test_source_zip_is_named_by_content_hash():
@@ -122,5 +135,12 @@ def test_source_zip_is_named_by_content_hash():
     assert expr(module.locals["source_sha256"]) == expr(
         '${local.source_exists ? filesha256(var.source_archive_path) : "missing"}'
     )
-    assert "python -m infra.package_functions" in source["lifecycle"][0]["precondition"][0]["error_message"]
-    assert root().locals["function_source_archive"].endswith('"${path.module}/../build/functions-source.zip"}')
+    assert (
+        "python -m infra.package_functions"
+        in source["lifecycle"][0]["precondition"][0]["error_message"]
+    )
+    assert (
+        root()
+        .locals["function_source_archive"]
+        .endswith('"${path.module}/../build/functions-source.zip"}')
+    )

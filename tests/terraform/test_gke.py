@@ -11,7 +11,10 @@ def _gke():
 
 def test_cluster_is_private_with_workload_identity_and_network_policy():
     cluster = _gke().resource("google_container_cluster", "this")
-    assert block(cluster, "workload_identity_config")["workload_pool"] == "${var.project_id}.svc.id.goog"
+    assert (
+        block(cluster, "workload_identity_config")["workload_pool"]
+        == "${var.project_id}.svc.id.goog"
+    )
     private = block(cluster, "private_cluster_config")
     assert private["enable_private_nodes"] is True
     assert block(cluster, "network_policy")["enabled"] is True
@@ -20,7 +23,12 @@ def test_cluster_is_private_with_workload_identity_and_network_policy():
     assert cluster["enable_legacy_abac"] is False
     assert cluster["remove_default_node_pool"] is True
     assert block(cluster, "master_authorized_networks_config")["dynamic"]
-    assert block(block(cluster, "master_auth"), "client_certificate_config")["issue_client_certificate"] is False
+    assert (
+        block(block(cluster, "master_auth"), "client_certificate_config")[
+            "issue_client_certificate"
+        ]
+        is False
+    )
     authorized = _gke().variables["master_authorized_networks"]
     assert "0.0.0.0/0" in authorized["validation"][0]["condition"]
 
@@ -35,7 +43,11 @@ def test_gpu_pool_has_accelerators_a_taint_and_scales_from_zero():
     assert accelerator["count"] == "${var.gpu_pool.accelerator_count}"
     driver = block(accelerator, "gpu_driver_installation_config")
     assert driver["gpu_driver_version"] == "${var.gpu_pool.gpu_driver_version}"
-    assert block(node, "taint") == {"key": "nvidia.com/gpu", "value": "present", "effect": "NO_SCHEDULE"}
+    assert block(node, "taint") == {
+        "key": "nvidia.com/gpu",
+        "value": "present",
+        "effect": "NO_SCHEDULE",
+    }
 
 
 def test_accelerator_type_and_count_are_variables_with_sensible_defaults():
@@ -78,7 +90,10 @@ def test_kuberay_operator_is_a_pinned_helm_release():
 
 def test_rayservice_manifest_is_applied_from_infra_k8s():
     ray = child("ray")
-    assert ray.locals["rayservice_yaml"] == '${templatefile("${var.manifests_dir}/rayservice.yaml", local.template_vars)}'
+    assert (
+        ray.locals["rayservice_yaml"]
+        == '${templatefile("${var.manifests_dir}/rayservice.yaml", local.template_vars)}'
+    )
     assert ray.resource("kubectl_manifest", "rayservice")["yaml_body"] == "${local.rayservice_yaml}"
     assert root().module_calls["ray"]["manifests_dir"] == "${path.module}/../infra/k8s"
     for name in ("namespace", "service_account", "network_policy"):

@@ -30,7 +30,9 @@ def test_no_primitive_role_anywhere():
 
 def test_no_iam_policy_or_binding_resources_that_would_take_over_a_role():
     for module_name, rtype, name, _ in _grants():
-        assert rtype.endswith("_iam_member"), f"{module_name}: {rtype}.{name} is authoritative; use *_iam_member"
+        assert rtype.endswith("_iam_member"), (
+            f"{module_name}: {rtype}.{name} is authoritative; use *_iam_member"
+        )
 
 
 def test_each_workload_has_its_own_service_account():
@@ -54,7 +56,11 @@ def test_functions_may_only_write_results():
     assert grant["bucket"] == '${module.storage.bucket_names["results"]}'
     assert grant["role"] == "${google_project_iam_custom_role.result_writer.id}"
     role = root().resource("google_project_iam_custom_role", "result_writer")
-    assert sorted(role["permissions"]) == ["storage.objects.create", "storage.objects.delete", "storage.objects.get"]
+    assert sorted(role["permissions"]) == [
+        "storage.objects.create",
+        "storage.objects.delete",
+        "storage.objects.get",
+    ]
 
 
 def test_serve_reads_images_and_models_writes_results_and_uses_the_engine_cache():

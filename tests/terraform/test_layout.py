@@ -17,7 +17,14 @@ IDS = [p.name for p in MODULES]
 
 
 def test_the_expected_modules_exist():
-    assert {p.name for p in module_dirs()} == {"functions", "gke", "network", "pubsub", "ray", "storage"}
+    assert {p.name for p in module_dirs()} == {
+        "functions",
+        "gke",
+        "network",
+        "pubsub",
+        "ray",
+        "storage",
+    }
 
 
 @pytest.mark.parametrize("path", MODULES, ids=IDS)
@@ -32,7 +39,9 @@ def test_every_variable_is_typed_and_described(path):
     assert module.variables, f"{path} declares no variables"
     for name, body in module.variables.items():
         assert body.get("type"), f"{path.name}: variable {name} has no type"
-        assert str(body.get("description", "")).strip(), f"{path.name}: variable {name} has no description"
+        assert str(body.get("description", "")).strip(), (
+            f"{path.name}: variable {name} has no description"
+        )
 
 
 @pytest.mark.parametrize("path", MODULES, ids=IDS)
@@ -40,7 +49,9 @@ def test_every_output_is_described(path):
     module = load_module(path)
     assert module.outputs, f"{path} declares no outputs"
     for name, body in module.outputs.items():
-        assert str(body.get("description", "")).strip(), f"{path.name}: output {name} has no description"
+        assert str(body.get("description", "")).strip(), (
+            f"{path.name}: output {name} has no description"
+        )
 
 
 @pytest.mark.parametrize("path", MODULES, ids=IDS)
@@ -53,8 +64,12 @@ def test_versions_pin_terraform_and_every_provider_used(path):
     used |= {dtype.split("_", 1)[0] for dtype in module.data}
     for prefix in used:
         provider = PROVIDER_OF_PREFIX[prefix]
-        assert provider in required, f"{path.name} uses {prefix}_* without requiring provider {provider}"
-        assert required[provider].get("version"), f"{path.name}: provider {provider} is not version-pinned"
+        assert provider in required, (
+            f"{path.name} uses {prefix}_* without requiring provider {provider}"
+        )
+        assert required[provider].get("version"), (
+            f"{path.name}: provider {provider} is not version-pinned"
+        )
 
 
 @pytest.mark.parametrize("path", MODULES, ids=IDS)
@@ -65,7 +80,9 @@ def test_references_resolve_within_the_module(path):
         assert name in module.variables, f"{path.name}: var.{name} is not declared"
     for name in set(re.findall(r"\blocal\.([a-z0-9_]+)", code)):
         assert name in module.locals, f"{path.name}: local.{name} is not declared"
-    for rtype, name in set(re.findall(r"\b(google_[a-z0-9_]+|helm_[a-z_]+|kubectl_[a-z_]+)\.([a-z0-9_]+)\b", code)):
+    for rtype, name in set(
+        re.findall(r"\b(google_[a-z0-9_]+|helm_[a-z_]+|kubectl_[a-z_]+)\.([a-z0-9_]+)\b", code)
+    ):
         if rtype in module.resources:
             assert name in module.resources[rtype], f"{path.name}: {rtype}.{name} is not declared"
 
@@ -77,7 +94,9 @@ def test_root_module_calls_match_the_child_modules_interfaces():
         child = load_module(child_path)
         passed = set(call) - META_ARGUMENTS
         unknown = passed - set(child.variables)
-        assert not unknown, f"module {call_name} gets arguments it does not declare: {sorted(unknown)}"
+        assert not unknown, (
+            f"module {call_name} gets arguments it does not declare: {sorted(unknown)}"
+        )
         required = {name for name, body in child.variables.items() if "default" not in body}
         missing = required - passed
         assert not missing, f"module {call_name} is missing required arguments {sorted(missing)}"
@@ -85,13 +104,19 @@ def test_root_module_calls_match_the_child_modules_interfaces():
 
 def test_root_uses_only_outputs_the_modules_declare():
     top = root()
-    sources = {name: (TF_ROOT / call["source"]).resolve() for name, call in top.module_calls.items()}
+    sources = {
+        name: (TF_ROOT / call["source"]).resolve() for name, call in top.module_calls.items()
+    }
     for module_name, output in set(re.findall(r"\bmodule\.([a-z0-9_]+)\.([a-z0-9_]+)", top.text)):
         assert module_name in sources, f"module.{module_name} is not called"
-        assert output in load_module(sources[module_name]).outputs, f"module.{module_name}.{output} does not exist"
+        assert output in load_module(sources[module_name]).outputs, (
+            f"module.{module_name}.{output} does not exist"
+        )
 
 
 def test_modules_use_for_each_rather_than_count():
     for module in all_modules():
         for rtype, name, body in module.iter_resources():
-            assert "count" not in body, f"{module.path.name}: {rtype}.{name} uses count; use for_each over objects"
+            assert "count" not in body, (
+                f"{module.path.name}: {rtype}.{name} uses count; use for_each over objects"
+            )

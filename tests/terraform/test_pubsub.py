@@ -27,7 +27,9 @@ def test_there_are_push_subscriptions_and_one_dead_letter_sink():
 def test_every_subscription_has_an_exponential_backoff_retry_policy():
     for module, name, body in _subscriptions():
         retry = block(body, "retry_policy")
-        assert retry.get("minimum_backoff") and retry.get("maximum_backoff"), f"{module.path.name}: {name}"
+        assert retry.get("minimum_backoff") and retry.get("maximum_backoff"), (
+            f"{module.path.name}: {name}"
+        )
 
 
 def test_every_source_subscription_dead_letters_after_a_bounded_number_of_attempts():
@@ -38,14 +40,21 @@ def test_every_source_subscription_dead_letters_after_a_bounded_number_of_attemp
             assert "dead_letter_policy" not in body
             continue
         policy = block(body, "dead_letter_policy")
-        assert policy["dead_letter_topic"] == "${google_pubsub_topic.dead_letter.id}", f"{module.path.name}: {name}"
+        assert policy["dead_letter_topic"] == "${google_pubsub_topic.dead_letter.id}", (
+            f"{module.path.name}: {name}"
+        )
         attempts = policy["max_delivery_attempts"]
         if isinstance(attempts, int):
             assert 5 <= attempts <= 100
         else:
             assert attempts == "${each.value.max_delivery_attempts}"
-            conditions = [v["condition"] for v in pubsub.variables["push_subscriptions"]["validation"]]
-            assert any("s.max_delivery_attempts >= 5 && s.max_delivery_attempts <= 100" in c for c in conditions)
+            conditions = [
+                v["condition"] for v in pubsub.variables["push_subscriptions"]["validation"]
+            ]
+            assert any(
+                "s.max_delivery_attempts >= 5 && s.max_delivery_attempts <= 100" in c
+                for c in conditions
+            )
 
 
 def test_push_subscriptions_authenticate_and_never_expire():
@@ -62,9 +71,12 @@ def test_push_subscriptions_authenticate_and_never_expire():
 def test_push_subscriptions_target_the_functions():
     call = root().module_calls["pubsub"]
     push = expr(call["push_subscriptions"])
-    assert "push_endpoint=\"${module.functions.uris[key]}/projects/" in push
+    assert 'push_endpoint="${module.functions.uris[key]}/projects/' in push
     assert "audience=module.functions.uris[key]" in push
-    assert call["push_invoker_service_account_email"] == '${google_service_account.this["push_invoker"].email}'
+    assert (
+        call["push_invoker_service_account_email"]
+        == '${google_service_account.this["push_invoker"].email}'
+    )
 
 
 def test_pubsub_service_agent_can_dead_letter_and_sign_pushes():
@@ -85,7 +97,9 @@ def test_pubsub_service_agent_can_dead_letter_and_sign_pushes():
 
     top = root()
     assert top.locals["pubsub_service_agent"] == PUBSUB_AGENT
-    assert top.module_calls["pubsub"]["pubsub_service_agent_email"] == "${local.pubsub_service_agent}"
+    assert (
+        top.module_calls["pubsub"]["pubsub_service_agent_email"] == "${local.pubsub_service_agent}"
+    )
 
 
 def test_ack_deadline_comes_from_the_subscription_settings():

@@ -46,13 +46,18 @@ def test_versioning_protects_models_and_results_only():
 
 def test_lifecycle_rules_expire_images_and_engine_cache():
     buckets = root().module_calls["storage"]["buckets"]
-    for key, variable in (("images", "images_retention_days"), ("engine_cache", "engine_cache_retention_days")):
+    for key, variable in (
+        ("images", "images_retention_days"),
+        ("engine_cache", "engine_cache_retention_days"),
+    ):
         (rule,) = buckets[key]["lifecycle_rules"]
         assert rule["action"]["type"] == "Delete"
         assert rule["condition"]["age"] == f"${{var.{variable}}}"
     for key in ("results", "models"):
         (rule,) = buckets[key]["lifecycle_rules"]
-        assert rule["condition"]["with_state"] == "ARCHIVED", "only old versions of results/models expire"
+        assert rule["condition"]["with_state"] == "ARCHIVED", (
+            "only old versions of results/models expire"
+        )
     assert "dynamic" in child("storage").resource("google_storage_bucket", "this")
 
 
@@ -68,7 +73,9 @@ def test_images_bucket_notifies_the_uploads_topic_on_finalize():
     assert resource["payload_format"] == "JSON_API_V1"
     assert resource["topic"] == "${var.upload_notification.topic}"
     assert resource["event_types"] == "${var.upload_notification.event_types}"
-    assert resource["bucket"] == "${google_storage_bucket.this[var.upload_notification.bucket].name}"
+    assert (
+        resource["bucket"] == "${google_storage_bucket.this[var.upload_notification.bucket].name}"
+    )
     assert resource["depends_on"] == ["${google_pubsub_topic_iam_member.gcs_publisher}"]
 
 

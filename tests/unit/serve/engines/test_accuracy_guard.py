@@ -19,7 +19,7 @@ from serve.engines.onnxruntime import OnnxRuntimeEngine
 from serve.engines.tensorrt import TensorRTEngine, build_serialized_engine
 from serve.model_config import AccuracyGuardSpec, Precision
 from shared.results import Detection, Label
-from tests.unit.serve.engines.conftest import classifier_onnx, images
+from tests.unit.serve.engines.onnx_models import classifier_onnx, images
 
 
 def _label(class_id: int, score: float) -> Label:

@@ -22,7 +22,7 @@ from serve.engines.cache import DiskEngineStore, EngineCache, GcsEngineStore
 from serve.engines.onnxruntime import OnnxRuntimeEngine
 from serve.model_config import Backend, Precision
 from shared.results import Label
-from tests.unit.serve.engines.conftest import classifier_onnx, images, ort_logits
+from tests.unit.serve.engines.onnx_models import classifier_onnx, images, ort_logits
 
 
 def top1(outputs: Mapping[str, np.ndarray]) -> list[Label]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeGpuHandle
-from tests.unit.serve.engines.conftest import classifier_onnx
+from tests.unit.serve.engines.onnx_models import classifier_onnx
 
 
 def _network(trt):  # noqa: ANN001, ANN202

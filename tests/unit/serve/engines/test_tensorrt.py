@@ -29,7 +29,7 @@ from serve.engines.tensorrt import (
 from serve.model_config import Backend, Precision
 from shared.errors import ConfigError
 from tests.fakes import FakeGpuHandle, hide_gpu_libraries, install_fake_gpu
-from tests.unit.serve.engines.conftest import classifier_onnx, images, make_spec, ort_logits
+from tests.unit.serve.engines.onnx_models import classifier_onnx, images, make_spec, ort_logits
 
 
 def _engine(spec, precision=Precision.FP32, **build_kwargs) -> TensorRTEngine:

@@ -1,0 +1,152 @@
+"""The result record, its JSON and where it is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from shared.errors import ErrorReason
+from shared.messages import EntryPath, InferenceRequest
+from shared.results import (
+    Detection,
+    ErrorInfo,
+    InferenceResult,
+    Label,
+    ModelRef,
+    SourceRef,
+    Status,
+    Timings,
+    invalid_source_object_name,
+    result_object_name,
+)
+from shared.uris import GcsUri
+
+REQUEST = InferenceRequest(
+    uri="gs://triggerfish-images/cat.jpg",
+    generation="17",
+    model="mobilenet_v2",
+    request_id="m-1",
+    entry_path=EntryPath.PUBSUB,
+)
+
+
+def _ok(**extra: object) -> InferenceResult:
+    return InferenceResult(
+        source=SourceRef(uri=REQUEST.uri, generation="17"),
+        model=ModelRef(name="mobilenet_v2", version="1"),
+        status=Status.OK,
+        request_id="m-1",
+        entry_path=EntryPath.PUBSUB,
+        **extra,
+    )
+
+
+def test_an_error_result_requires_error_info() -> None:
+    with pytest.raises(ValidationError, match="an error result needs 'error'"):
+        InferenceResult(
+            source=SourceRef(uri="gs://b-1/o"),
+            model=ModelRef(name="m"),
+            status=Status.ERROR,
+            request_id="r",
+            entry_path=EntryPath.HTTP,
+        )
+
+
+def test_an_ok_result_must_not_carry_error_info() -> None:
+    with pytest.raises(ValidationError, match="an ok result must not have it"):
+        _ok(error=ErrorInfo(reason=ErrorReason.NOT_AN_IMAGE, message="x"))
+
+
+def test_failure_builds_an_error_result_for_the_request() -> None:
+    result = InferenceResult.failure(
+        REQUEST, ErrorReason.OBJECT_MISSING, "gone", model="mobilenet_v2", version="3"
+    )
+
+    assert result.status is Status.ERROR
+    assert result.error == ErrorInfo(reason=ErrorReason.OBJECT_MISSING, message="gone")
+    assert result.source == SourceRef(uri=REQUEST.uri, generation="17")
+    assert result.model == ModelRef(name="mobilenet_v2", version="3")
+    assert (result.request_id, result.entry_path) == ("m-1", EntryPath.PUBSUB)
+    assert result.labels is None and result.detections is None
+
+
+def test_to_json_uses_the_class_alias_and_drops_none() -> None:
+    detection = Detection(
+        ymin=0.1, xmin=0.2, ymax=0.3, xmax=0.4, score=0.9, class_id=17, label="cat"
+    )
+    result = _ok(
+        backend="onnxruntime:CPUExecutionProvider",
+        detections=[detection],
+        timings=Timings(inference_ms=1.5, batch_size=4),
+    )
+
+    body = json.loads(result.to_json())
+
+    assert body["detections"] == [
+        {"ymin": 0.1, "xmin": 0.2, "ymax": 0.3, "xmax": 0.4, "score": 0.9, "class": 17, "label": "cat"}
+    ]
+    assert "labels" not in body and "error" not in body
+    assert body["timings"] == {"inference_ms": 1.5, "batch_size": 4}
+    assert body["source"] == {"uri": REQUEST.uri, "generation": "17"}
+    assert body["status"] == "ok"
+    assert body["entry_path"] == "pubsub"
+    assert "created_at" in body
+
+
+def test_a_detection_can_be_built_from_its_wire_form() -> None:
+    wire = {"ymin": 0, "xmin": 0, "ymax": 1, "xmax": 1, "score": 0.5, "class": 3, "label": "x"}
+
+    assert Detection.model_validate(wire).class_id == 3
+
+
+def test_labels_serialize_with_class_id() -> None:
+    body = json.loads(_ok(labels=[Label(class_id=281, label="tabby", score=0.8)]).to_json())
+
+    assert body["labels"] == [{"class_id": 281, "label": "tabby", "score": 0.8}]
+
+
+def test_an_error_result_round_trips_through_json() -> None:
+    result = InferenceResult.failure(REQUEST, ErrorReason.NOT_AN_IMAGE, "bad", model="m")
+
+    again = InferenceResult.model_validate_json(result.to_json())
+
+    assert again == result
+    assert json.loads(result.to_json())["error"] == {"reason": "not_an_image", "message": "bad"}
+
+
+def test_result_object_name_layout() -> None:
+    source = GcsUri("triggerfish-images", "a/b/cat.jpg")
+
+    assert result_object_name("mobilenet_v2", "1", source) == (
+        "mobilenet_v2/1/triggerfish-images/a/b/cat.jpg.json"
+    )
+    assert result_object_name("mobilenet_v2", None, source) == (
+        "mobilenet_v2/_/triggerfish-images/a/b/cat.jpg.json"
+    )
+
+
+def test_result_object_name_is_deterministic_and_distinct_per_input() -> None:
+    cat, dog = GcsUri("b-1", "cat.jpg"), GcsUri("b-1", "dog.jpg")
+
+    assert result_object_name("m", "1", cat) == result_object_name("m", "1", GcsUri("b-1", "cat.jpg"))
+    names = {
+        result_object_name("m", "1", cat),
+        result_object_name("m", "1", dog),
+        result_object_name("m", "2", cat),
+        result_object_name("other", "1", cat),
+        result_object_name("m", "1", GcsUri("b-2", "cat.jpg")),
+    }
+    assert len(names) == 5
+
+
+def test_invalid_source_name_is_deterministic_and_distinct_per_uri_and_request() -> None:
+    name = invalid_source_object_name("m-1", "http://nope")
+
+    assert name == invalid_source_object_name("m-1", "http://nope")
+    assert name.startswith("_invalid/") and name.endswith(".json")
+    assert "nope" not in name  # hashed: safe whatever the input holds
+    assert invalid_source_object_name("m-1", "http://other") != name
+    assert invalid_source_object_name("m-2", "http://nope") != name
+    assert len({name.split("/")[1], name.split("/")[2]}) == 2
