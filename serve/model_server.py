@@ -32,6 +32,7 @@ from serve.loader import load_version
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.repository import ModelRepository
 from shared.config import load_settings
+from shared.errors import ErrorReason, PermanentError
 from shared.logging import configure_json_logging
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,21 @@ class VersionInfo:
     version: str
     input: InputSpec
     preprocess: PreprocessSpec
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejection:
+    """A permanent error crossing the deployment boundary as a value.
+
+    Ray wraps exceptions raised in a replica, and a wrapped exception cannot
+    always be matched by type in the caller; a value always can.
+    """
+
+    reason: ErrorReason
+    message: str
+
+    def to_error(self) -> PermanentError:
+        return PermanentError(self.reason, self.message)
 
 
 class ModelServer:
@@ -84,16 +100,22 @@ class ModelServer:
         if "batch_wait_timeout_ms" in user_config:
             self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_ms"]) / 1000)
 
-    async def describe(self, version: str | None = None) -> VersionInfo:
+    async def describe(self, version: str | None = None) -> VersionInfo | Rejection:
         """Resolve ``version`` (default: the current default) and load it if needed."""
-        loaded = await self._get(version)
+        try:
+            loaded = await self._get(version)
+        except PermanentError as err:
+            return Rejection(err.reason, err.message)
         cfg = loaded.config
         return VersionInfo(self._model, loaded.version, cfg.input, cfg.preprocess)
 
-    async def infer(self, item: BatchItem) -> ItemOutcome:
-        """Validate one item, then let it join a batch."""
-        loaded = await self._get(item.version)
-        validate_item(item, loaded.config)
+    async def infer(self, item: BatchItem) -> ItemOutcome | Rejection:
+        """Validate one item, then let it join a batch; a bad item never joins one."""
+        try:
+            loaded = await self._get(item.version)
+            validate_item(item, loaded.config)
+        except PermanentError as err:
+            return Rejection(err.reason, err.message)
         return await self._batched(dataclasses.replace(item, enqueued_at=time.monotonic()))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

@@ -132,10 +132,7 @@ class InferencePipeline:
                 ErrorReason.UNKNOWN_MODEL,
                 f"model {model!r} is not served (models: {sorted(self._models.models())})",
             )
-        try:
-            return await self._models.describe(model, version)
-        except PermanentError as err:
-            raise unwrap(err) from None  # type: ignore[misc]
+        return await self._models.describe(model, version)
 
     async def _run(
         self,

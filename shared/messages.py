@@ -22,6 +22,10 @@ EVENTARC_FINALIZED_TYPE = "google.cloud.storage.object.v1.finalized"
 PUBSUB_PUBLISHED_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Custom object metadata that picks the model for an uploaded image
+# (e.g. `gcloud storage cp --custom-metadata=triggerfish-model=text_detector ...`).
+MODEL_METADATA_KEY = "triggerfish-model"
+VERSION_METADATA_KEY = "triggerfish-model-version"
 
 
 class EntryPath(StrEnum):
@@ -128,17 +132,22 @@ def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest
         ) from err
 
 
-def _object_request(bucket: Any, name: Any, generation: Any) -> InferenceRequest:
+def _object_request(
+    bucket: Any, name: Any, generation: Any, metadata: Any = None
+) -> InferenceRequest:
     if not isinstance(bucket, str) or not isinstance(name, str) or not bucket or not name:
         raise PermanentError(
             ErrorReason.MALFORMED_MESSAGE,
             f"storage event lacks bucket/name (bucket={bucket!r}, name={name!r})",
         )
     gen = str(generation) if generation not in (None, "") else None
+    meta = metadata if isinstance(metadata, Mapping) else {}
     try:
         return InferenceRequest(
             uri=f"gs://{bucket}/{name}",
             generation=gen,
+            model=meta.get(MODEL_METADATA_KEY) or None,
+            version=meta.get(VERSION_METADATA_KEY) or None,
             request_id=f"{bucket}/{name}#{gen or 'latest'}",
             entry_path=EntryPath.UPLOAD,
         )
@@ -174,6 +183,7 @@ def parse_gcs_notification(attributes: Mapping[str, str], data: bytes) -> Infere
         attributes.get("bucketId", resource.get("bucket")),
         attributes.get("objectId", resource.get("name")),
         attributes.get("objectGeneration", resource.get("generation")),
+        resource.get("metadata"),
     )
 
 
@@ -181,4 +191,6 @@ def parse_storage_event(data: Mapping[str, Any]) -> InferenceRequest:
     """Parse the data of an Eventarc ``google.cloud.storage.object.v1.finalized`` CloudEvent."""
     if not isinstance(data, Mapping):
         raise PermanentError(ErrorReason.MALFORMED_MESSAGE, "storage event data is not an object")
-    return _object_request(data.get("bucket"), data.get("name"), data.get("generation"))
+    return _object_request(
+        data.get("bucket"), data.get("name"), data.get("generation"), data.get("metadata")
+    )

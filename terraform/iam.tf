@@ -82,6 +82,22 @@ resource "google_artifact_registry_repository_iam_member" "functions_build_write
   member     = google_service_account.this["functions_build"].member
 }
 
+# Cloud Functions copies the source zip into its own bucket
+# (gcf-v2-sources-PROJECT_NUMBER-REGION) and the build reads it from there.
+# That bucket is created by the service on the first deployment, so the grant
+# is made on the project but conditioned on that single bucket.
+resource "google_project_iam_member" "functions_build_gcf_sources_reader" {
+  project = var.project_id
+  role    = "roles/storage.objectViewer"
+  member  = google_service_account.this["functions_build"].member
+
+  condition {
+    title       = "gcf-v2-sources bucket only"
+    description = "Function sources staged by Cloud Functions for the build."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/gcf-v2-sources-${data.google_project.this.number}-${var.region}\")"
+  }
+}
+
 resource "google_project_iam_member" "functions_build_log_writer" {
   project = var.project_id
   role    = "roles/logging.logWriter"

@@ -230,6 +230,7 @@ module "functions" {
     google_storage_bucket_iam_member.functions_build_source_reader,
     google_artifact_registry_repository_iam_member.functions_build_writer,
     google_project_iam_member.functions_build_log_writer,
+    google_project_iam_member.functions_build_gcf_sources_reader,
   ]
 }
 
@@ -286,4 +287,15 @@ module "ray" {
     allowed_buckets     = local.allowed_buckets
     default_model       = var.default_model
   }
+
+  # The operator needs schedulable nodes (Helm waits for it), and the Ray pods
+  # need their bucket grants and the image pull grant from the start.
+  depends_on = [
+    module.gke,
+    google_storage_bucket_iam_member.serve_sources,
+    google_storage_bucket_iam_member.serve_models,
+    google_storage_bucket_iam_member.serve_results,
+    google_storage_bucket_iam_member.serve_engine_cache,
+    google_artifact_registry_repository_iam_member.gke_nodes_reader,
+  ]
 }

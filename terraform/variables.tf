@@ -21,8 +21,8 @@ variable "name_prefix" {
   default     = "triggerfish"
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,14}$", var.name_prefix))
-    error_message = "name_prefix must be 2-15 lowercase letters, digits or hyphens, starting with a letter (service account ids are limited to 30 characters)."
+    condition     = can(regex("^[a-z][a-z0-9-]{1,12}$", var.name_prefix))
+    error_message = "name_prefix must be 2-13 lowercase letters, digits or hyphens, starting with a letter (service account ids such as NAME_PREFIX-functions-build are limited to 30 characters)."
   }
 }
 

@@ -88,4 +88,22 @@ def test_project_level_grants_are_limited_to_logging_and_monitoring():
     assert set(top.locals["gke_node_roles"]) <= allowed
     for name, body in top.resources["google_project_iam_member"].items():
         role = body["role"]
+        if "condition" in body:
+            # A storage role on the project must be narrowed to one bucket by a condition.
+            expression = body["condition"][0]["expression"]
+            assert expression.startswith(
+                'resource.name.startsWith(\\"projects/_/buckets/gcf-v2-sources-'
+            )
+            assert role == "roles/storage.objectViewer", name
+            continue
         assert role in allowed or role == "${each.value}", name
+
+
+def test_service_account_ids_fit_for_the_longest_allowed_prefix():
+    top = root()
+    condition = top.variables["name_prefix"]["validation"][0]["condition"]
+    longest_prefix = int(re.search(r"\{1,(\d+)\}", condition).group(1)) + 1
+    assert top.variables["name_prefix"]["default"] == "triggerfish"
+    for key in top.locals["service_accounts"]:
+        account_id = "x" * longest_prefix + "-" + key.replace("_", "-")
+        assert 6 <= len(account_id) <= 30, account_id

@@ -5,7 +5,7 @@
 resource "google_storage_bucket" "this" {
   for_each = var.buckets
 
-  # checkov:skip=CKV_GCP_62: Object reads and writes are recorded by Cloud Audit Logs (Data Access logs for storage.googleapis.com); legacy usage-log buckets would duplicate them and add a bucket to secure.
+  # checkov:skip=CKV_GCP_62: Object access is audited with Cloud Audit Logs Data Access logs for storage.googleapis.com, which the organisation's audit policy enables; legacy usage-log buckets would add a second, weaker trail and another bucket to secure.
   # checkov:skip=CKV_GCP_78: Versioning is set per bucket: on for models and results (data worth protecting), off for images (transient inputs deleted by lifecycle), engine_cache (rebuildable from ONNX) and function_source (objects are named by content hash and never overwritten).
   project       = var.project_id
   name          = each.value.name

@@ -3,6 +3,9 @@ kubernetes-validate, the RayService against a schema of the fields it uses."""
 
 from __future__ import annotations
 
+import importlib
+import re
+
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -140,63 +143,6 @@ RAYSERVICE_SCHEMA = {
     },
 }
 
-SERVE_CONFIG_SCHEMA = {
-    "type": "object",
-    "required": ["applications"],
-    "properties": {
-        "proxy_location": {"enum": ["EveryNode", "HeadOnly", "Disabled"]},
-        "http_options": {
-            "type": "object",
-            "properties": {"host": {"type": "string"}, "port": {"type": "integer"}},
-        },
-        "applications": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "import_path", "route_prefix", "deployments"],
-                "properties": {
-                    "import_path": {"type": "string", "pattern": r"^[\w.]+:\w+$"},
-                    "runtime_env": {
-                        "type": "object",
-                        "properties": {"env_vars": _STRING_MAP},
-                    },
-                    "deployments": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["name"],
-                            "properties": {
-                                "name": {"type": "string"},
-                                "max_ongoing_requests": {"type": "integer", "minimum": 1},
-                                "autoscaling_config": {
-                                    "type": "object",
-                                    "required": ["min_replicas", "max_replicas"],
-                                    "properties": {
-                                        "min_replicas": {"type": "integer", "minimum": 0},
-                                        "max_replicas": {"type": "integer", "minimum": 1},
-                                        "target_ongoing_requests": {
-                                            "type": "number",
-                                            "exclusiveMinimum": 0,
-                                        },
-                                    },
-                                },
-                                "ray_actor_options": {
-                                    "type": "object",
-                                    "properties": {
-                                        "num_cpus": {"type": "number", "minimum": 0},
-                                        "num_gpus": {"type": "number", "minimum": 0},
-                                    },
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-
 
 def _raw(name):
     return (K8S_DIR / name).read_text()
@@ -244,7 +190,11 @@ def test_placeholders_are_exactly_the_values_terraform_passes():
     used = set().union(*(placeholders(_raw(name)) for name in TEMPLATES))
     assert used == passed == set(SAMPLE_VALUES)
     for name in TEMPLATES:
-        assert "%{" not in _raw(name), f"{name}: template directives would break offline validation"
+        text = _raw(name)
+        assert "%{" not in text, f"{name}: template directives would break offline validation"
+        # templatefile evaluates every ${ (comments included); only plain names are allowed.
+        simple = sum(len(re.findall(rf"\$\{{{p}\}}", text)) for p in placeholders(text))
+        assert text.count("${") == simple, f"{name}: a ${{...}} that is not a plain placeholder"
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -299,18 +249,50 @@ def test_serve_service_is_an_internal_load_balancer_on_port_8000(rayservice):
     assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True
 
 
-def test_serve_config_runs_serve_app_with_ingress_and_model_deployments(serve_config):
-    jsonschema.validate(serve_config, SERVE_CONFIG_SCHEMA)
-    (app,) = serve_config["applications"]
-    assert app["import_path"] == "serve.app:app"
-    assert app["route_prefix"] == "/"
+def test_serve_config_is_valid_for_ray_serve(serve_config):
+    """Ray's own schema for `serve deploy` configs, the one KubeRay's config goes through."""
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve_config)
     assert serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    names = [d["name"] for d in app["deployments"]]
-    assert names[0] == "Ingress"
-    models = [n for n in names if n != "Ingress"]
-    assert models and all(n.startswith("Model_") for n in models)
-    default_model = root().variables["default_model"]["default"]
-    assert f"Model_{default_model}" in models, "the default model must be deployed"
+    assert serve_config["proxy_location"] == "EveryNode"
+
+
+def test_serve_config_builds_serve_app_with_ingress_and_one_deployment_per_model(serve_config):
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    assert app["route_prefix"] == "/"
+    models = app["args"]["models"]
+    assert root().variables["default_model"]["default"] in models, (
+        "the default model must be deployed"
+    )
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {"Ingress"} | {f"Model_{m}" for m in models}
+    for deployment in app["deployments"]:
+        # Sizing comes from the config: replica counts from autoscaling, never fixed in both places.
+        assert deployment["num_replicas"] == "auto"
+        assert deployment["autoscaling_config"]["min_replicas"] >= 1
+
+
+def test_the_code_builds_exactly_the_configured_deployments(serve_config, tmp_path, monkeypatch):
+    """Serve refuses a config naming a deployment the application does not have, and gives a
+    deployment the config does not name the code's single-machine sizing (no GPU): build the
+    application from serve/app.py, without a Ray cluster, and compare."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+
+    (app,) = serve_config["applications"]
+    for model in app["args"]["models"]:
+        (tmp_path / "repo" / model / "1").mkdir(parents=True)
+        (tmp_path / "repo" / model / "1" / "config.yaml").write_text("")
+    monkeypatch.setenv("TRIGGERFISH_MODEL_REPOSITORY", str(tmp_path / "repo"))
+    monkeypatch.setenv("TRIGGERFISH_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    module_name, attribute = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module_name), attribute)
+    application = call_user_app_builder_with_args_if_necessary(builder, app["args"])
+    built = build_app(application, name=app["name"])
+    assert {d.name for d in built.deployments} == {d["name"] for d in app["deployments"]}
+    assert built.ingress_deployment_name == "Ingress"
 
 
 def test_model_deployments_fit_on_the_gpu_workers(serve_config, gpu_group):
@@ -318,13 +300,18 @@ def test_model_deployments_fit_on_the_gpu_workers(serve_config, gpu_group):
     limits = gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus = int(limits["nvidia.com/gpu"])
     cpus = int(limits["cpu"])
+    floor = 0.0
     for deployment in app["deployments"]:
         options = deployment["ray_actor_options"]
         if deployment["name"] == "Ingress":
             assert options.get("num_gpus", 0) == 0
+            assert options["num_cpus"] >= 1, "Ingress must not land on the CPU-less head"
             continue
         assert 0 < options["num_gpus"] <= gpus, deployment["name"]
         assert options["num_cpus"] <= cpus, deployment["name"]
+        floor += options["num_gpus"] * deployment["autoscaling_config"]["min_replicas"]
+    # The replicas that always run fit on one GPU node.
+    assert floor <= gpus
 
 
 def test_serve_replicas_get_the_settings_they_read(serve_config, gpu_group):

@@ -80,7 +80,6 @@ def test_a_local_model_repository_is_accepted(path: str) -> None:
         ("TRIGGERFISH_MODEL_REPOSITORY", "s3://models", "gs:// prefix or a filesystem path"),
         ("TRIGGERFISH_MODEL_REPOSITORY", "gs://", "gs:// prefix or a filesystem path"),
         ("TRIGGERFISH_MODEL_REPOSITORY", "gs:///", "gs:// prefix or a filesystem path"),
-        ("TRIGGERFISH_MODEL_REPOSITORY", "", "gs:// prefix or a filesystem path"),
         ("TRIGGERFISH_ENGINE_CACHE", "cache", "gs:// prefix or a filesystem path"),
     ],
 )

@@ -11,11 +11,12 @@ import pytest
 from shared.logging import JsonFormatter
 
 
-def _record(level: int, msg: str, *args: object, exc_info: object = None, **extra: object) -> logging.LogRecord:
-    record = logging.getLogger("triggerfish.test").makeRecord(
+def _record(
+    level: int, msg: str, *args: object, exc_info: object = None, **extra: object
+) -> logging.LogRecord:
+    return logging.getLogger("triggerfish.test").makeRecord(
         "triggerfish.test", level, __file__, 10, msg, args, exc_info, extra=extra or None
     )
-    return record
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,9 @@ def test_each_level_maps_to_a_cloud_logging_severity(level: int, severity: str) 
 
 def test_a_line_is_one_json_object_with_message_and_extra_fields() -> None:
     line = JsonFormatter().format(
-        _record(logging.WARNING, "recorded %s for %d", "error", 3, reason="not_an_image", uri=object())
+        _record(
+            logging.WARNING, "recorded %s for %d", "error", 3, reason="not_an_image", uri=object()
+        )
     )
 
     assert "\n" not in line

@@ -85,7 +85,15 @@ def test_to_json_uses_the_class_alias_and_drops_none() -> None:
     body = json.loads(result.to_json())
 
     assert body["detections"] == [
-        {"ymin": 0.1, "xmin": 0.2, "ymax": 0.3, "xmax": 0.4, "score": 0.9, "class": 17, "label": "cat"}
+        {
+            "ymin": 0.1,
+            "xmin": 0.2,
+            "ymax": 0.3,
+            "xmax": 0.4,
+            "score": 0.9,
+            "class": 17,
+            "label": "cat",
+        }
     ]
     assert "labels" not in body and "error" not in body
     assert body["timings"] == {"inference_ms": 1.5, "batch_size": 4}
@@ -130,7 +138,9 @@ def test_result_object_name_layout() -> None:
 def test_result_object_name_is_deterministic_and_distinct_per_input() -> None:
     cat, dog = GcsUri("b-1", "cat.jpg"), GcsUri("b-1", "dog.jpg")
 
-    assert result_object_name("m", "1", cat) == result_object_name("m", "1", GcsUri("b-1", "cat.jpg"))
+    assert result_object_name("m", "1", cat) == result_object_name(
+        "m", "1", GcsUri("b-1", "cat.jpg")
+    )
     names = {
         result_object_name("m", "1", cat),
         result_object_name("m", "1", dog),

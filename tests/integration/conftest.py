@@ -1,0 +1,43 @@
+"""One local stack (real Pub/Sub emulator, fake-gcs-server, Ray Serve, ONNX Runtime)
+shared by the integration tests of a session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra._processes import pid_alive
+from infra.client import StackClient
+from infra.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
+
+SAMPLES = Path(__file__).resolve().parents[2] / "infra" / "samples"
+# Small enough that a test can exceed it quickly, large enough for every sample photo.
+MAX_IMAGE_BYTES = 2_000_000
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
+    if not (DEFAULT_MODEL_REPOSITORY / "mobilenet_v2").is_dir():
+        pytest.fail(f"{DEFAULT_MODEL_REPOSITORY} is missing: run `make model` first")
+    local = LocalStack(
+        StackOptions(
+            state_dir=tmp_path_factory.mktemp("stack"),
+            extra_env={
+                "TRIGGERFISH_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+                "TRIGGERFISH_REPOSITORY_POLL_S": "2",
+            },
+        )
+    )
+    state = local.start()
+    yield state
+    groups = dict(state.process_groups)
+    local.stop()
+    left = [name for name, pgid in groups.items() if pid_alive(pgid)]
+    assert not left, f"processes still running after stop: {left}"
+
+
+@pytest.fixture(scope="session")
+def client(stack: StackState) -> StackClient:
+    return StackClient(stack)

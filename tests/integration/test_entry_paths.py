@@ -1,0 +1,141 @@
+"""A real photo through each entry path of a real local stack, checked in GCS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import httpx
+import pytest
+
+from infra.client import StackClient
+from tests.integration.conftest import SAMPLES
+
+pytestmark = pytest.mark.integration
+
+# ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
+CAT_CLASSES = range(281, 286)
+
+
+def unique(name: str) -> str:
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}-{uuid.uuid4().hex[:8]}{dot}{ext}"
+
+
+def assert_cat(result: dict) -> None:
+    assert result["status"] == "ok", result
+    assert result["labels"][0]["class_id"] in CAT_CLASSES, result["labels"]
+    assert result["backend"] == "onnxruntime:CPUExecutionProvider"
+    assert result["timings"]["batch_size"] >= 1
+    assert result["timings"]["end_to_end_ms"] > 0
+
+
+def test_bucket_upload_writes_a_cat_result(client: StackClient) -> None:
+    name = unique("cat.jpg")
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=name)
+
+    result = client.wait_result(str(uri), 90, generation=generation)
+
+    assert_cat(result)
+    assert result["entry_path"] == "upload"
+    assert result["source"] == {"uri": str(uri), "generation": generation}
+    assert result["model"] == {"name": "mobilenet_v2", "version": "1"}
+    assert result["result_uri"] == (
+        f"gs://{client.state.results_bucket}/mobilenet_v2/1/{client.state.images_bucket}/{name}.json"
+    )
+
+
+def test_pubsub_message_writes_a_cat_result(client: StackClient) -> None:
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=unique("cat.jpg"))
+    client.wait_result(str(uri), 90, generation=generation)  # let the upload's result land first
+
+    _, request_id = client.publish([str(uri)], model="mobilenet_v2")
+    result = client.wait_result(str(uri), 90, request_id=request_id)
+
+    assert_cat(result)
+    assert result["entry_path"] == "pubsub"
+    assert result["source"]["generation"] == generation
+
+
+def test_http_infer_with_a_gs_uri_and_with_raw_bytes(client: StackClient) -> None:
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=unique("cat.jpg"))
+    client.wait_result(str(uri), 90, generation=generation)
+
+    by_uri = client.infer(str(uri))["results"][0]
+    by_bytes = client.infer(SAMPLES / "cat.jpg")["results"][0]
+
+    for result in (by_uri, by_bytes):
+        assert_cat(result)
+        assert result["entry_path"] == "http"
+    stored = client.find_result(str(uri), request_id=by_uri["request_id"])
+    assert stored is not None and stored["labels"] == by_uri["labels"]
+    assert by_bytes["source"]["uri"].startswith("sha256:")
+    assert by_bytes["result_uri"].endswith(".json")
+
+
+def test_duplicate_deliveries_leave_exactly_one_result(client: StackClient) -> None:
+    name = unique("coffee.jpg")
+    uri, generation = client.upload(SAMPLES / "coffee.jpg", name=name)
+    client.wait_result(str(uri), 90, generation=generation)
+    body = json.dumps({"uri": str(uri), "request_id": "dup-1"}).encode()
+    push = {
+        "message": {"data": base64.b64encode(body).decode(), "messageId": "dup-msg", "attributes": {}},
+        "subscription": f"projects/{client.state.project}/subscriptions/requests",
+    }
+    endpoint = f"{client.state.request_function_url}/projects/{client.state.project}/topics/{client.state.requests_topic}"
+
+    # The same message delivered three times (what Pub/Sub does on a lost ack) and published twice.
+    statuses = [httpx.post(endpoint, json=push, timeout=60).status_code for _ in range(3)]
+    client.publish([str(uri)], request_id="dup-1")
+    client.publish([str(uri)], request_id="dup-1")
+    client.wait_result(str(uri), 90, request_id="dup-1")
+
+    assert statuses == [200, 200, 200]
+    results_bucket = client.storage.bucket(client.state.results_bucket)
+    stored = [b.name for b in client.storage.list_blobs(results_bucket) if b.name.endswith(f"/{name}.json")]
+    assert stored == [f"mobilenet_v2/1/{client.state.images_bucket}/{name}.json"]
+    assert json.loads(results_bucket.blob(stored[0]).download_as_bytes())["status"] == "ok"
+
+
+def test_a_second_model_serves_side_by_side_on_every_path(client: StackClient) -> None:
+    uri, generation = client.upload(
+        SAMPLES / "text.jpg", name=unique("text.jpg"), model="text_detector"
+    )
+    uploaded = client.wait_result(str(uri), 90, model="text_detector", generation=generation)
+    _, request_id = client.publish([str(uri)], model="text_detector")
+    published = client.wait_result(str(uri), 90, model="text_detector", request_id=request_id)
+    posted = client.infer(SAMPLES / "text.jpg", model="text_detector")["results"][0]
+    classified = client.infer(str(uri), model="mobilenet_v2")["results"][0]
+
+    for result in (uploaded, published, posted):
+        assert result["status"] == "ok", result
+        assert result["model"]["name"] == "text_detector"
+        assert len(result["detections"]) >= 5
+        for box in result["detections"]:
+            assert 0 <= box["ymin"] < box["ymax"] <= 1 and 0 <= box["xmin"] < box["xmax"] <= 1
+            assert box["label"] == "text" and "class" in box
+    assert classified["labels"] and classified["model"]["name"] == "mobilenet_v2"
+
+
+def test_concurrent_requests_form_batches(client: StackClient) -> None:
+    uri, generation = client.upload(SAMPLES / "rocket.jpg", name=unique("rocket.jpg"))
+    client.wait_result(str(uri), 90, generation=generation)
+
+    async def burst() -> list[httpx.Response]:
+        import asyncio
+
+        async with httpx.AsyncClient(timeout=120) as http:
+            calls = [http.post(f"{client.state.serve_url}/v1/infer", json={"uri": str(uri)}) for _ in range(32)]
+            return await asyncio.gather(*calls)
+
+    import asyncio
+
+    responses = asyncio.run(burst())
+    stats = httpx.get(f"{client.state.serve_url}/v1/stats", timeout=30).json()
+
+    assert all(r.status_code == 200 for r in responses)
+    sizes = [r.json()["results"][0]["timings"]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+    formed = {int(k) for k in stats["mobilenet_v2"]["batch_sizes"]}
+    assert max(formed) > 1 and max(formed) <= 16
