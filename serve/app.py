@@ -30,7 +30,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Build the application for every model in the repository (or ``args["models"]``).
 
     ``args`` keys: ``models`` (list or comma-separated names), ``num_cpus`` and
-    ``num_gpus`` per model replica, ``replicas`` per model.
+    ``num_gpus`` per model replica, ``replicas`` per model, ``ingress_replicas``
+    (fetching and decoding scale with these; default ``TRIGGERFISH_INGRESS_REPLICAS`` or 1).
     """
     args = dict(args or {})
     settings = load_settings()
@@ -60,4 +61,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(model)
         for model in wanted
     }
-    return Ingress.options(max_ongoing_requests=512).bind(handles)
+    ingress_replicas = int(args.get("ingress_replicas", os.environ.get("TRIGGERFISH_INGRESS_REPLICAS", 1)))
+    return Ingress.options(num_replicas=ingress_replicas, max_ongoing_requests=512).bind(handles)

@@ -11,6 +11,7 @@ a body that is not a request at all, 503 when something transient failed.
 import asyncio
 import logging
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,18 +36,31 @@ MAX_REQUESTS_PER_CALL = 100
 
 
 class HandleModelClient:
-    """:class:`serve.pipeline.ModelClient` over Serve deployment handles."""
+    """:class:`serve.pipeline.ModelClient` over Serve deployment handles.
+
+    ``describe`` answers are cached briefly: a version's input spec never changes,
+    and which version is the default changes only on a promotion, so asking the
+    model deployment on every request would only add a round trip.
+    """
+
+    DESCRIBE_TTL_S = 2.0
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self._handles = handles
+        self._described: dict[tuple[str, str | None], tuple[float, VersionInfo]] = {}
 
     def models(self) -> list[str]:
         return list(self._handles)
 
     async def describe(self, model: str, version: str | None) -> VersionInfo:
+        key = (model, version)
+        cached = self._described.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.DESCRIBE_TTL_S:
+            return cached[1]
         answer = await self._handles[model].describe.remote(version)
         if isinstance(answer, Rejection):
             raise answer.to_error()
+        self._described[key] = (time.monotonic(), answer)
         return answer
 
     async def infer(self, model: str, item: BatchItem) -> ItemOutcome:
@@ -80,9 +94,11 @@ class Ingress:
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
         configure_json_logging()
         self._client = HandleModelClient(models)
-        workers = int(os.environ.get("TRIGGERFISH_DECODE_THREADS", "0")) or (os.cpu_count() or 2)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self._pipeline = InferencePipeline(load_settings(), self._client, self._executor)
+        decoders = int(os.environ.get("TRIGGERFISH_DECODE_THREADS", "0")) or (os.cpu_count() or 2)
+        io_threads = int(os.environ.get("TRIGGERFISH_IO_THREADS", "0")) or 32
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="gcs")
+        self._decode = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="decode")
+        self._pipeline = InferencePipeline(load_settings(), self._client, self._io, self._decode)
 
     @api.post("/v1/infer")
     async def infer(self, request: Request) -> JSONResponse:

@@ -64,13 +64,25 @@ def unwrap(err: BaseException) -> BaseException:
 class InferencePipeline:
     """Turns one :class:`InferenceRequest` into a stored :class:`InferenceResult`."""
 
-    def __init__(self, settings: Settings, models: ModelClient, executor: Executor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelClient,
+        executor: Executor,
+        decode_executor: Executor | None = None,
+    ) -> None:
         self._settings = settings
         self._models = models
+        # GCS calls wait on the network and want many threads; decoding wants about
+        # one thread per core. Separate pools keep one from starving the other.
         self._executor = executor
+        self._decode_executor = decode_executor or executor
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._decode_executor, fn, *args)
 
     async def process(self, request: InferenceRequest) -> Processed:
         """Run ``request`` end to end; permanent problems become error results."""
@@ -144,7 +156,7 @@ class InferencePipeline:
         fetch_ms: float,
     ) -> InferenceResult:
         t_decode = time.monotonic()
-        prepared = await self._blocking(
+        prepared = await self._compute(
             prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
         )
         decode_ms = (time.monotonic() - t_decode) * 1000

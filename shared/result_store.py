@@ -19,10 +19,17 @@ def result_name(result: InferenceResult, source: GcsUri | None) -> str:
     return result_object_name(result.model.name, result.model.version, source)
 
 
+# Object metadata on every result, so the stale-write check reads metadata, not the body.
+GENERATION_METADATA_KEY = "triggerfish-source-generation"
+
+
 def _stored_generation(bucket: str, name: str) -> int | None:
     blob = get_storage_client().bucket(bucket).get_blob(name)
     if blob is None:
         return None
+    stored = (blob.metadata or {}).get(GENERATION_METADATA_KEY)
+    if stored:
+        return int(stored) if stored.isdigit() else None
     try:
         generation = json.loads(blob.download_as_bytes()).get("source", {}).get("generation")
     except (ValueError, AttributeError):
@@ -46,4 +53,5 @@ def store_result(bucket: str, result: InferenceResult, source: GcsUri | None) ->
                 "kept gs://%s/%s: it holds generation %s, newer than %s", bucket, name, stored, ours
             )
             return None
-    return write_json(bucket, name, result.to_json())
+    metadata = {GENERATION_METADATA_KEY: ours} if ours else None
+    return write_json(bucket, name, result.to_json(), metadata)

@@ -68,7 +68,9 @@ def read_object(uri: GcsUri, generation: str | None, max_bytes: int) -> tuple[by
         raise TransientError(f"Cloud Storage unreachable reading {uri}: {err}") from err
 
 
-def write_json(bucket: str, name: str, payload: str) -> str:
+def write_json(
+    bucket: str, name: str, payload: str, metadata: dict[str, str] | None = None
+) -> str:
     """Write ``payload`` as ``gs://bucket/name`` (overwriting: result paths are deterministic).
 
     Raises:
@@ -77,6 +79,8 @@ def write_json(bucket: str, name: str, payload: str) -> str:
     from google.api_core import exceptions as gexc
 
     blob = get_storage_client().bucket(bucket).blob(name)
+    if metadata:
+        blob.metadata = metadata
     try:
         blob.upload_from_string(payload, content_type="application/json")
     except (gexc.TooManyRequests, gexc.ServerError, gexc.RetryError) as err:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from serve.engines.base import EngineSpec
 from serve.engines.cache import EngineCache, EngineCacheKey, IncompatibleEngineError
-from serve.engines.onnxruntime import OnnxRuntimeEngine
+from serve.engines.onnxruntime import OnnxRuntimeEngine, session_options
 from shared.errors import ConfigError
 
 logger = logging.getLogger("serve.engines.onnxruntime")
@@ -78,12 +78,7 @@ def onnxruntime_cache_key(
 
 
 def _session_options(intra_op_threads: int | None):  # noqa: ANN202 - ort.SessionOptions
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    return options
+    return session_options(intra_op_threads)
 
 
 def optimize_model(

@@ -21,6 +21,23 @@ logger = logging.getLogger(__name__)
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def session_options(intra_op_threads: int | None = None):  # noqa: ANN201 - ort.SessionOptions
+    """Session options shared by every ONNX Runtime session triggerfish creates.
+
+    Intra-op threads do not spin while waiting for work: in a serving process the
+    cores they would burn are the ones decoding the next images.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = intra_op_threads or int(os.environ.get("TRIGGERFISH_ORT_THREADS", "0") or 0)
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 class OnnxRuntimeEngine:
     """An ``onnxruntime.InferenceSession`` behind the :class:`~serve.engines.base.Engine` protocol.
 
@@ -50,11 +67,8 @@ class OnnxRuntimeEngine:
                 f"ONNX Runtime providers {missing} are not available (have {available}); "
                 "install onnxruntime-gpu for CUDA/TensorRT providers"
             )
-        options = ort.SessionOptions()
+        options = session_options(intra_op_threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = intra_op_threads or int(os.environ.get("TRIGGERFISH_ORT_THREADS", "0") or 0)
-        if threads:
-            options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(spec.onnx_path), options, providers=wanted)
         names = {i.name for i in session.get_inputs()}
         if spec.input_name not in names:

@@ -1,0 +1,78 @@
+"""Object generations: a late event for a replaced upload never clobbers the newer result."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import httpx
+import pytest
+
+from infra.client import StackClient
+from shared import storage
+from shared.messages import EntryPath, InferenceRequest
+from shared.result_store import store_result
+from shared.results import InferenceResult, ModelRef, SourceRef, Status
+from shared.uris import parse_gcs_uri
+from tests.integration.conftest import SAMPLES
+
+pytestmark = pytest.mark.integration
+
+
+def notification(client: StackClient, name: str, generation: str) -> dict:
+    attributes = {
+        "eventType": "OBJECT_FINALIZE",
+        "bucketId": client.state.images_bucket,
+        "objectId": name,
+        "objectGeneration": generation,
+        "payloadFormat": "JSON_API_V1",
+    }
+    return {
+        "message": {"data": base64.b64encode(b"{}").decode(), "attributes": attributes, "messageId": uuid.uuid4().hex},
+        "subscription": "projects/triggerfish-local/subscriptions/uploads",
+    }
+
+
+def test_event_for_a_replaced_generation_is_dropped(client: StackClient) -> None:
+    name = f"cat-{uuid.uuid4().hex[:6]}.jpg"
+    _, old = client.upload(SAMPLES / "cat.jpg", name=name)
+    uri, new = client.upload(SAMPLES / "coffee.jpg", name=name)  # same name: a new generation
+    current = client.wait_result(str(uri), 60, generation=new)
+
+    url = f"{client.state.upload_function_url}/projects/{client.state.project}/topics/{client.state.uploads_topic}"
+    status = httpx.post(url, json=notification(client, name, old), timeout=60).status_code
+
+    assert status == 200  # acknowledged, not retried
+    after = client.find_result(str(uri))
+    assert after is not None
+    assert after["source"]["generation"] == new
+    assert after["labels"][0]["label"] == current["labels"][0]["label"] == "espresso"
+
+
+def test_an_older_result_never_overwrites_a_newer_one(client: StackClient, monkeypatch) -> None:
+    for key, value in client.state.client_env().items():
+        monkeypatch.setenv(key, value)
+    storage.get_storage_client.cache_clear()
+    source = parse_gcs_uri(f"gs://{client.state.images_bucket}/late-{uuid.uuid4().hex[:6]}.jpg")
+
+    def result(generation: str, label: str) -> InferenceResult:
+        request = InferenceRequest(uri=str(source), generation=generation, request_id=label, entry_path=EntryPath.PUBSUB)
+        return InferenceResult(
+            source=SourceRef(uri=request.uri, generation=generation),
+            model=ModelRef(name="mobilenet_v2", version="1"),
+            status=Status.OK,
+            labels=[],
+            request_id=request.request_id,
+            entry_path=request.entry_path,
+        )
+
+    try:
+        first = store_result(client.state.results_bucket, result("200", "newer"), source)
+        second = store_result(client.state.results_bucket, result("100", "older"), source)
+        third = store_result(client.state.results_bucket, result("300", "newest"), source)
+    finally:
+        storage.get_storage_client.cache_clear()
+
+    assert first is not None and second is None and third == first
+    stored = client.find_result(str(source))
+    assert stored is not None and (stored["request_id"], stored["source"]["generation"]) == ("newest", "300")
