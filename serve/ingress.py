@@ -11,7 +11,6 @@ a body that is not a request at all, 503 when something transient failed.
 import asyncio
 import logging
 import os
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,29 +37,26 @@ MAX_REQUESTS_PER_CALL = 100
 class HandleModelClient:
     """:class:`serve.pipeline.ModelClient` over Serve deployment handles.
 
-    ``describe`` answers are cached briefly: a version's input spec never changes,
-    and which version is the default changes only on a promotion, so asking the
-    model deployment on every request would only add a round trip.
+    ``describe`` answers for an explicit version are cached: a published version's
+    input spec never changes. Requests without a version always ask, so a promoted
+    version takes traffic as soon as the model deployment switches to it.
     """
-
-    DESCRIBE_TTL_S = 2.0
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self._handles = handles
-        self._described: dict[tuple[str, str | None], tuple[float, VersionInfo]] = {}
+        self._described: dict[tuple[str, str], VersionInfo] = {}
 
     def models(self) -> list[str]:
         return list(self._handles)
 
     async def describe(self, model: str, version: str | None) -> VersionInfo:
-        key = (model, version)
-        cached = self._described.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self.DESCRIBE_TTL_S:
-            return cached[1]
+        if version is not None and (model, version) in self._described:
+            return self._described[(model, version)]
         answer = await self._handles[model].describe.remote(version)
         if isinstance(answer, Rejection):
             raise answer.to_error()
-        self._described[key] = (time.monotonic(), answer)
+        if version is not None:
+            self._described[(model, version)] = answer
         return answer
 
     async def infer(self, model: str, item: BatchItem) -> ItemOutcome:
