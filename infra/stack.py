@@ -197,7 +197,6 @@ class LocalStack:
             process_groups={p.name: p.pid for p in self.processes},
         )
         self.state.save(opts.state_dir)
-        del pubsub, gcs
         return self.state
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
