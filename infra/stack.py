@@ -84,17 +84,11 @@ class StackState:
             raise StackNotRunning(f"the local stack is not up (no {path}); run: triggerfish up") from err
         except (ValueError, TypeError) as err:
             raise StackNotRunning(f"unreadable stack state {path}: {err}") from err
-        if not _alive(state.supervisor_pid):
+        if not pid_alive(state.supervisor_pid):
             raise StackNotRunning(
                 f"the local stack is not up (process {state.supervisor_pid} is gone); run: triggerfish up"
             )
         return state
-
-
-def _alive(pid: int) -> bool:
-    from infra._processes import pid_alive
-
-    return pid_alive(pid)
 
 
 @dataclass
