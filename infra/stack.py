@@ -21,6 +21,7 @@ from infra import _emulators
 from infra._processes import (
     ManagedProcess,
     free_port,
+    pid_alive,
     port_open,
     start_process,
     stop_group,
