@@ -7,7 +7,7 @@
  *   push_invoker    identity of Pub/Sub push requests: run.invoker on the two functions only
  *   serve           Ray pods through workload identity: read images/models, write results,
  *                   read/write the engine cache
- *   gke_nodes       node identity: logs, metrics, pulling the Serve image
+ *   gke_nodes       node identity: logs, metrics, pulling the Serve and KubeRay images
  */
 
 locals {
@@ -142,10 +142,16 @@ resource "google_project_iam_member" "gke_nodes" {
   member  = google_service_account.this["gke_nodes"].member
 }
 
+# The nodes pull the Serve image and the cached KubeRay operator image.
 resource "google_artifact_registry_repository_iam_member" "gke_nodes_reader" {
+  for_each = {
+    serve = google_artifact_registry_repository.this["serve"]
+    quay  = google_artifact_registry_repository.upstream["quay"]
+  }
+
   project    = var.project_id
-  location   = google_artifact_registry_repository.this["serve"].location
-  repository = google_artifact_registry_repository.this["serve"].name
+  location   = each.value.location
+  repository = each.value.name
   role       = "roles/artifactregistry.reader"
   member     = google_service_account.this["gke_nodes"].member
 }

@@ -24,20 +24,40 @@ locals {
 
   function_source_archive = var.function_source_archive != "" ? var.function_source_archive : "${path.module}/../build/functions-source.zip"
   allowed_buckets         = concat([local.bucket_names.images], var.extra_source_buckets)
-  serve_port              = 8000
-  serve_endpoint          = "http://${module.network.serve_address}:${local.serve_port}"
-  serve_image             = var.serve_image != "" ? var.serve_image : "${google_artifact_registry_repository.this["serve"].location}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.this["serve"].repository_id}/serve-gpu:${var.serve_image_tag}"
+
+  # A function stops this long before Pub/Sub gives up waiting for its answer,
+  # so a slow call ends as a handled failure (retried), never as a cut-off push.
+  function_timeout_margin_s = 30
+
+  # Serve listens on plain HTTP inside the VPC; every request carries a Google
+  # ID token for this audience, and the ingress accepts only the listed
+  # service accounts (see terraform/README.md, "Serve endpoint").
+  serve_port       = 8000
+  serve_endpoint   = "http://${module.network.serve_address}:${local.serve_port}"
+  serve_audience   = local.serve_endpoint
+  allowed_invokers = concat([google_service_account.this["functions"].email], var.extra_serve_invokers)
+
+  # One place for Ray's version: requirements/RAY_VERSION, which the image's
+  # lock file (requirements/serve-gpu.lock) pins as well.
+  ray_version = trimspace(file("${path.module}/../requirements/RAY_VERSION"))
+
+  registry_host          = "${var.region}-docker.pkg.dev"
+  serve_image_repository = var.serve_image_repository != "" ? var.serve_image_repository : "${local.registry_host}/${var.project_id}/${google_artifact_registry_repository.this["serve"].repository_id}/serve-gpu"
+  serve_image            = "${local.serve_image_repository}@${var.serve_image_digest}"
 
   apis = [
     "artifactregistry.googleapis.com",
+    "binaryauthorization.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudfunctions.googleapis.com",
     "compute.googleapis.com",
     "container.googleapis.com",
+    "containerfilesystem.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
     "monitoring.googleapis.com",
     "pubsub.googleapis.com",
+    "redis.googleapis.com",
     "run.googleapis.com",
     "storage.googleapis.com",
     "vpcaccess.googleapis.com",
@@ -57,15 +77,37 @@ data "google_project" "this" {
 }
 
 # Service agents: Pub/Sub forwards dead letters and signs push requests;
-# Cloud Storage publishes bucket notifications.
+# Cloud Storage publishes bucket notifications. Both are created on request
+# (the identity resource and the data source call the services' "get or
+# create" methods) instead of being assumed to exist, which on a new project
+# they often do not right after the API is enabled.
 data "google_storage_project_service_account" "gcs" {
   project = var.project_id
 
   depends_on = [google_project_service.this]
 }
 
+resource "google_project_service_identity" "pubsub" {
+  provider = google-beta
+
+  project = var.project_id
+  service = "pubsub.googleapis.com"
+
+  depends_on = [google_project_service.this]
+}
+
+# A newly created service agent takes a while to become visible to IAM; a
+# grant made at once can fail with "service account ... does not exist".
+resource "time_sleep" "pubsub_service_agent" {
+  create_duration = "60s"
+
+  triggers = {
+    email = google_project_service_identity.pubsub.email
+  }
+}
+
 locals {
-  pubsub_service_agent = "service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  pubsub_service_agent = time_sleep.pubsub_service_agent.triggers["email"]
 }
 
 module "network" {
@@ -201,7 +243,7 @@ module "functions" {
       entry_point = sub.entry_point
       description = "triggerfish ${sub.entry_point}: ${local.footprint.topics[sub.topic]} messages to Ray Serve"
       # A function must answer before Pub/Sub stops waiting for it.
-      timeout_seconds    = sub.ack_deadline_seconds
+      timeout_seconds    = sub.ack_deadline_seconds - local.function_timeout_margin_s
       max_instance_count = var.function_max_instances
     }
   }
@@ -215,9 +257,10 @@ module "functions" {
   vpc_connector                 = module.network.vpc_connector_id
   request_timeout_s             = var.request_timeout_s
 
-  # Exactly the variables functions/ reads (shared/config.py).
+  # Exactly the variables functions/ reads.
   environment_variables = {
     TRIGGERFISH_SERVE_URL         = local.serve_endpoint
+    TRIGGERFISH_SERVE_AUDIENCE    = local.serve_audience
     TRIGGERFISH_RESULTS_BUCKET    = module.storage.bucket_names["results"]
     TRIGGERFISH_ALLOWED_BUCKETS   = join(",", local.allowed_buckets)
     TRIGGERFISH_DEFAULT_MODEL     = var.default_model
@@ -263,39 +306,66 @@ module "gke" {
 module "ray" {
   source = "./modules/ray"
 
-  project_id            = var.project_id
-  manifests_dir         = "${path.module}/../infra/k8s"
-  serve_gsa_email       = google_service_account.this["serve"].email
-  kuberay_chart_version = var.kuberay_chart_version
-  image                 = local.serve_image
-  ray_version           = var.ray_version
+  project_id               = var.project_id
+  region                   = var.region
+  name                     = var.name_prefix
+  labels                   = local.labels
+  manifests_dir            = "${path.module}/../infra/k8s"
+  serve_gsa_email          = google_service_account.this["serve"].email
+  kuberay_chart_version    = var.kuberay_chart_version
+  kuberay_image_repository = "${local.registry_host}/${var.project_id}/${google_artifact_registry_repository.upstream["quay"].repository_id}"
+  image                    = local.serve_image
+  ray_version              = local.ray_version
 
   cpu_node_pool           = module.gke.cpu_node_pool
   gpu_node_pool           = module.gke.gpu_node_pool
   gpus_per_worker         = var.gpu_pool.accelerator_count
   gpu_worker_max_replicas = var.gpu_pool.max_node_count
 
-  serve_ip       = module.network.serve_address
-  connector_cidr = var.ip_ranges.connector
-  nodes_cidr     = var.ip_ranges.nodes
+  serve_address_name = module.network.serve_address_name
+  connector_cidr     = var.ip_ranges.connector
+  network_id         = module.network.network_id
+  gcs_redis          = var.gcs_redis
 
-  # Exactly the variables the Serve replicas read (shared/config.py).
+  # Exactly the variables the Serve application reads.
   serve_environment = {
+    models              = var.models
     models_bucket       = module.storage.bucket_names["models"]
     engine_cache_bucket = module.storage.bucket_names["engine_cache"]
     results_bucket      = module.storage.bucket_names["results"]
     allowed_buckets     = local.allowed_buckets
     default_model       = var.default_model
+    serve_audience      = local.serve_audience
+    allowed_invokers    = local.allowed_invokers
   }
 
-  # The operator needs schedulable nodes (Helm waits for it), and the Ray pods
-  # need their bucket grants and the image pull grant from the start.
+  # The operator needs schedulable nodes (Helm waits for it); the Ray pods
+  # need their bucket grants, the image pull grants and an admission policy
+  # that lets the images in from the start.
   depends_on = [
     module.gke,
+    google_project_service.this,
+    google_binary_authorization_policy.this,
     google_storage_bucket_iam_member.serve_sources,
     google_storage_bucket_iam_member.serve_models,
     google_storage_bucket_iam_member.serve_results,
     google_storage_bucket_iam_member.serve_engine_cache,
     google_artifact_registry_repository_iam_member.gke_nodes_reader,
   ]
+}
+
+module "monitoring" {
+  source = "./modules/monitoring"
+
+  project_id               = var.project_id
+  manifests_dir            = "${path.module}/../infra/k8s"
+  namespace                = module.ray.namespace
+  dead_letter_subscription = module.pubsub.subscription_names["dead_letter"]
+  function_service_names   = values(module.functions.names)
+  notification_channels    = var.alert_notification_channels
+  thresholds               = var.alert_thresholds
+  labels                   = local.labels
+
+  # The PodMonitoring goes into the namespace the Ray module creates.
+  depends_on = [module.ray]
 }

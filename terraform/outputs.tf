@@ -26,13 +26,26 @@ output "functions" {
 }
 
 output "serve_image" {
-  description = "Image the Ray pods run; build and push it from infra/docker/Dockerfile.gpu."
+  description = "Image the Ray pods run, by digest (REPOSITORY@sha256:...)."
   value       = local.serve_image
 }
 
 output "serve_image_repository" {
-  description = "Artifact Registry path to push the Serve image to."
-  value       = "${google_artifact_registry_repository.this["serve"].location}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.this["serve"].repository_id}"
+  description = "Repository to push the Serve image to (docker build -f infra/docker/Dockerfile.gpu -t REPOSITORY:TAG .)."
+  value       = local.serve_image_repository
+}
+
+output "ray_version" {
+  description = "Ray version of the Serve image and the RayService (requirements/RAY_VERSION)."
+  value       = local.ray_version
+}
+
+output "serve_auth" {
+  description = "What the Serve ingress checks: the ID token audience (TRIGGERFISH_SERVE_AUDIENCE) and the accepted service accounts (TRIGGERFISH_ALLOWED_INVOKERS)."
+  value = {
+    audience         = local.serve_audience
+    allowed_invokers = local.allowed_invokers
+  }
 }
 
 output "gke_cluster" {
@@ -44,10 +57,16 @@ output "gke_cluster" {
 }
 
 output "rayservice" {
-  description = "Namespace and name of the RayService and of its internal load balancer Service."
+  description = "Namespace and name of the RayService, of its internal load balancer Service, and the Memorystore instance behind GCS fault tolerance."
   value = {
     namespace     = module.ray.namespace
     name          = module.ray.rayservice_name
     serve_service = module.ray.serve_service_name
+    gcs_redis     = module.ray.gcs_redis
   }
+}
+
+output "alert_policies" {
+  description = "Cloud Monitoring alert policy ids (dead letters, function errors, Serve error rate and p95 latency)."
+  value       = module.monitoring.alert_policies
 }

@@ -3,6 +3,12 @@ provider "google" {
   region  = var.region
 }
 
+# Only for google_project_service_identity (the Pub/Sub service agent).
+provider "google-beta" {
+  project = var.project_id
+  region  = var.region
+}
+
 # Helm and kubectl talk to the cluster created in this configuration, with the
 # caller's own Google credentials (no static kubeconfig, no client certificate).
 data "google_client_config" "current" {}

@@ -75,14 +75,14 @@ variable "extra_source_buckets" {
 
 variable "default_model" {
   type        = string
-  description = "TRIGGERFISH_DEFAULT_MODEL: model used when a request names none. infra/k8s/rayservice.yaml must deploy Model_<name> for it."
+  description = "TRIGGERFISH_DEFAULT_MODEL: model used when a request names none; it must be one of models."
   default     = "mobilenet_v2"
 }
 
 variable "request_timeout_s" {
   type        = number
-  description = "TRIGGERFISH_REQUEST_TIMEOUT_S: how long a function waits for Serve before failing (and being retried). Must be below the functions' timeout (the subscription ack deadline)."
-  default     = 60
+  description = "TRIGGERFISH_REQUEST_TIMEOUT_S: how long a function waits for Serve before failing (and being retried). Must be below the functions' timeout (the subscription ack deadline minus 30 s)."
+  default     = 120
 }
 
 variable "function_source_archive" {
@@ -180,20 +180,66 @@ variable "kuberay_chart_version" {
   default     = "1.5.1"
 }
 
-variable "ray_version" {
+variable "serve_image_digest" {
   type        = string
-  description = "Ray version baked into the Serve image (build arg RAY_VERSION); KubeRay reads it as rayVersion."
-  default     = "2.60.0"
+  description = "Digest (sha256:...) of the pushed Serve image (infra/docker/Dockerfile.gpu). The cluster runs the image by digest, never by a tag that could move. Empty only while bootstrapping (the RayService refuses to deploy without it)."
+  default     = ""
+
+  validation {
+    condition     = var.serve_image_digest == "" || can(regex("^sha256:[0-9a-f]{64}$", var.serve_image_digest))
+    error_message = "serve_image_digest must look like sha256:<64 hex digits> (docker buildx imagetools inspect IMAGE:TAG, or gcloud artifacts docker images describe IMAGE:TAG)."
+  }
 }
 
-variable "serve_image" {
+variable "serve_image_repository" {
   type        = string
-  description = "Full reference of the Ray Serve image; empty means REGION-docker.pkg.dev/PROJECT/NAME_PREFIX-serve/serve-gpu:serve_image_tag."
+  description = "Repository of the Serve image without tag or digest; empty means REGION-docker.pkg.dev/PROJECT/NAME_PREFIX-serve/serve-gpu. It must be admitted by the Binary Authorization policy (binauthz.tf)."
   default     = ""
 }
 
-variable "serve_image_tag" {
-  type        = string
-  description = "Tag of the Serve image in the project's repository (used when serve_image is empty)."
-  default     = "0.1.0"
+variable "models" {
+  type        = list(string)
+  description = "Models the Serve application deploys (TRIGGERFISH_MODELS). Each needs a Model_<name> entry under deployments in infra/k8s/rayservice.yaml; they start before their files are in the models bucket and answer 503 until a version appears."
+  default     = ["mobilenet_v2", "text_detector"]
+}
+
+variable "extra_serve_invokers" {
+  type        = list(string)
+  description = "Service account emails besides the functions' that may call Serve (TRIGGERFISH_ALLOWED_INVOKERS), e.g. a backfill job's; they still need a network path from the VPC connector range."
+  default     = []
+
+  validation {
+    condition     = alltrue([for email in var.extra_serve_invokers : can(regex("^[^@,\\s]+@[^@,\\s]+\\.iam\\.gserviceaccount\\.com$", email))])
+    error_message = "extra_serve_invokers must be service account emails (NAME@PROJECT.iam.gserviceaccount.com)."
+  }
+}
+
+variable "gcs_redis" {
+  type = object({
+    tier              = optional(string, "STANDARD_HA")
+    memory_size_gb    = optional(number, 1)
+    redis_version     = optional(string, "REDIS_7_2")
+    reserved_ip_range = optional(string, "10.30.0.0/28")
+  })
+  description = "Memorystore for Redis that makes the Ray head fault tolerant (GCS fault tolerance): tier (STANDARD_HA fails over across zones; BASIC is cheaper and single-zone), size in GB, Redis version, and a /28 of the VPC not used by ip_ranges."
+  default     = {}
+}
+
+variable "alert_notification_channels" {
+  type        = list(string)
+  description = "Cloud Monitoring notification channel ids (projects/PROJECT/notificationChannels/ID) for the alert policies; empty means the alerts show in the console only."
+  default     = []
+}
+
+variable "alert_thresholds" {
+  type = object({
+    dead_letter_messages        = optional(number, 0)
+    dead_letter_age_seconds     = optional(number, 3600)
+    function_errors_per_second  = optional(number, 0.1)
+    function_errors_for_seconds = optional(number, 1800)
+    serve_error_ratio           = optional(number, 0.05)
+    serve_p95_seconds           = optional(number, 2.5)
+  })
+  description = "Alert thresholds: dead letters waiting (count; age of the oldest in seconds), function 5xx per second and for how long (longer than a scale-from-zero cold start), Serve share of requests whose status is not ok, Serve p95 latency in seconds."
+  default     = {}
 }

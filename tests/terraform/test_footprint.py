@@ -73,7 +73,7 @@ def test_function_subscriptions_are_the_footprint_entries_with_an_entry_point(fo
     assert 'lookup(sub, "entry_point", null)' in top.locals["function_subscriptions"]
     functions = expr(top.module_calls["functions"]["functions"])
     assert "entry_point=sub.entry_point" in functions
-    assert "timeout_seconds=sub.ack_deadline_seconds" in functions
+    assert "timeout_seconds=sub.ack_deadline_seconds-local.function_timeout_margin_s" in functions
     with_entry_point = {k for k, s in footprint["subscriptions"].items() if "entry_point" in s}
     assert with_entry_point == {"requests", "uploads"}
 
@@ -94,14 +94,41 @@ def test_footprint_settings_satisfy_the_pubsub_module_validations(footprint):
 
 
 def test_request_timeout_default_fits_every_ack_deadline(footprint):
-    """Serve timeout < function timeout (= ack deadline), as the functions module checks at plan time."""
-    default = root().variables["request_timeout_s"]["default"]
+    """Serve timeout < function timeout < ack deadline, as the functions module checks at plan time."""
+    top = root()
+    default = top.variables["request_timeout_s"]["default"]
+    margin = top.locals["function_timeout_margin_s"]
+    assert margin > 0
     for key, sub in footprint["subscriptions"].items():
         if "entry_point" in sub:
-            assert default < sub["ack_deadline_seconds"], key
+            function_timeout = sub["ack_deadline_seconds"] - margin
+            assert default < function_timeout < sub["ack_deadline_seconds"], key
     precondition = child("functions").resource("google_cloudfunctions2_function", "this")[
         "lifecycle"
     ][0]["precondition"][0]
     assert expr(precondition["condition"]) == expr(
         "${var.request_timeout_s < each.value.timeout_seconds}"
     )
+
+
+#: A scale-from-zero cold start of a model replica, worst case, in seconds (terraform/README.md,
+#: "Delivery and cold starts"): GPU node creation and driver installation (~8 min), the Ray
+#: worker start with a streamed image (~2 min), engine build on a cache miss (~5 min).
+COLD_START_S = 15 * 60
+
+
+def _backoffs(sub):
+    """Pub/Sub's delays between attempts: exponential from the minimum, capped at the maximum."""
+    delay, delays = sub["min_backoff_seconds"], []
+    for _ in range(sub["max_delivery_attempts"] - 1):
+        delays.append(min(delay, sub["max_backoff_seconds"]))
+        delay *= 2
+    return delays
+
+
+def test_retries_outlast_a_scale_from_zero_cold_start(footprint):
+    """Even when every attempt fails at once, the message is not dead-lettered before a cold
+    start has finished, with room to spare (twice the worst case)."""
+    for key, sub in footprint["subscriptions"].items():
+        if "entry_point" in sub:
+            assert sum(_backoffs(sub)) >= 2 * COLD_START_S, key

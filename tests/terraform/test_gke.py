@@ -9,7 +9,7 @@ def _gke():
     return child("gke")
 
 
-def test_cluster_is_private_with_workload_identity_and_network_policy():
+def test_cluster_is_private_with_workload_identity_and_dataplane_v2():
     cluster = _gke().resource("google_container_cluster", "this")
     assert (
         block(cluster, "workload_identity_config")["workload_pool"]
@@ -17,8 +17,10 @@ def test_cluster_is_private_with_workload_identity_and_network_policy():
     )
     private = block(cluster, "private_cluster_config")
     assert private["enable_private_nodes"] is True
-    assert block(cluster, "network_policy")["enabled"] is True
-    assert block(block(cluster, "addons_config"), "network_policy_config")["disabled"] is False
+    # Dataplane V2 enforces NetworkPolicy; the Calico add-on must not be configured with it.
+    assert cluster["datapath_provider"] == "ADVANCED_DATAPATH"
+    assert block(cluster, "network_policy") == {"enabled": False}
+    assert "network_policy_config" not in block(cluster, "addons_config")
     assert cluster["enable_shielded_nodes"] is True
     assert cluster["enable_legacy_abac"] is False
     assert cluster["remove_default_node_pool"] is True
@@ -66,6 +68,53 @@ def test_cpu_pool_hosts_the_ray_head():
     assert "guest_accelerator" not in node
 
 
+def test_binary_authorization_admits_only_the_projects_images():
+    cluster = _gke().resource("google_container_cluster", "this")
+    assert (
+        block(cluster, "binary_authorization")["evaluation_mode"]
+        == "PROJECT_SINGLETON_POLICY_ENFORCE"
+    )
+    top = root()
+    assert "binaryauthorization.googleapis.com" in top.locals["apis"]
+    policy = top.resource("google_binary_authorization_policy", "this")
+    rule = block(policy, "default_admission_rule")
+    assert rule["evaluation_mode"] == "ALWAYS_DENY"
+    assert rule["enforcement_mode"] == "ENFORCED_BLOCK_AND_AUDIT_LOG"
+    # GKE's own system images stay admitted through Google's global policy.
+    assert policy["global_policy_evaluation_mode"] == "ENABLE"
+    patterns = top.locals["admitted_image_patterns"]
+    assert len(patterns) == 2
+    assert all(p.startswith("${local.registry_host}/${var.project_id}/") for p in patterns)
+    assert any('this["serve"]' in p and p.endswith("/**") for p in patterns)
+    assert any('upstream["quay"]' in p and p.endswith("/kuberay/**") for p in patterns)
+    assert "google_binary_authorization_policy.this" in " ".join(
+        top.module_calls["ray"]["depends_on"]
+    )
+
+
+def test_kuberay_operator_image_comes_through_the_projects_registry():
+    top = root()
+    remote = top.resource("google_artifact_registry_repository", "upstream")
+    assert remote["mode"] == "REMOTE_REPOSITORY"
+    assert remote["for_each"] == {"quay": "https://quay.io"}
+    assert top.module_calls["ray"]["kuberay_image_repository"].endswith(
+        '${google_artifact_registry_repository.upstream["quay"].repository_id}'
+    )
+    values = child("ray").resource("helm_release", "kuberay_operator")["values"]
+    assert "${var.kuberay_image_repository}/kuberay/operator" in str(values)
+    reader = top.resource("google_artifact_registry_repository_iam_member", "gke_nodes_reader")
+    assert set(reader["for_each"]) == {"serve", "quay"}
+
+
+def test_nodes_stream_images_and_managed_prometheus_collects_metrics():
+    for name in ("cpu", "gpu"):
+        node = block(_gke().resource("google_container_node_pool", name), "node_config")
+        assert block(node, "gcfs_config") == {"enabled": True}, name
+    assert "containerfilesystem.googleapis.com" in root().locals["apis"]
+    monitoring = block(_gke().resource("google_container_cluster", "this"), "monitoring_config")
+    assert block(monitoring, "managed_prometheus") == {"enabled": True}
+
+
 def test_every_node_pool_is_hardened_and_managed():
     for name in ("cpu", "gpu"):
         pool = _gke().resource("google_container_node_pool", name)
@@ -88,16 +137,44 @@ def test_kuberay_operator_is_a_pinned_helm_release():
     assert default.count(".") == 2 and all(part.isdigit() for part in default.split("."))
 
 
-def test_rayservice_manifest_is_applied_from_infra_k8s():
+def test_manifests_are_rendered_from_infra_k8s_and_applied():
     ray = child("ray")
-    assert (
-        ray.locals["rayservice_yaml"]
-        == '${templatefile("${var.manifests_dir}/rayservice.yaml", local.template_vars)}'
-    )
-    assert ray.resource("kubectl_manifest", "rayservice")["yaml_body"] == "${local.rayservice_yaml}"
+    call = ray.module_calls["manifests"]
+    assert call["source"] == "../ray-manifests"
+    assert call["manifests_dir"] == "${var.manifests_dir}"
+    assert call["models"] == "${var.serve_environment.models}"
     assert root().module_calls["ray"]["manifests_dir"] == "${path.module}/../infra/k8s"
-    for name in ("namespace", "service_account", "network_policy"):
-        assert "${var.manifests_dir}/" in ray.resource("kubectl_manifest", name)["yaml_body"]
+    assert (
+        ray.resource("kubectl_manifest", "rayservice")["yaml_body"]
+        == "${module.manifests.rayservice}"
+    )
+    assert ray.resource("kubectl_manifest", "namespace")["yaml_body"] == (
+        '${module.manifests.documents["namespace"]}'
+    )
+    assert ray.resource("kubectl_manifest", "namespaced")["yaml_body"] == (
+        "${module.manifests.documents[each.key]}"
+    )
+    assert ray.resource("kubectl_manifest", "redis_secret")["yaml_body"] == (
+        '${module.manifests.secret_documents["redis-secret"]}'
+    )
+
+
+def test_destroy_waits_for_the_load_balancer_gke_created():
+    """GKE's load balancer and firewall rules for the Serve service hold the reserved address
+    and the network: destroy must wait for them to be gone before removing those."""
+    ray = child("ray")
+    rayservice = ray.resource("kubectl_manifest", "rayservice")
+    assert rayservice["wait"] is True
+    assert rayservice["delete_cascade"] == "Foreground"
+    namespace = ray.resource("kubectl_manifest", "namespace")
+    assert namespace["wait"] is True
+    # The namespace (and with it the RayCluster's Redis clean-up) goes before the operator.
+    assert namespace["depends_on"] == ["${helm_release.kuberay_operator}"]
+    assert "${helm_release.kuberay_operator}" in rayservice["depends_on"]
+    top = root()
+    assert "${module.gke}" in top.module_calls["ray"]["depends_on"]
+    assert top.module_calls["ray"]["serve_address_name"] == "${module.network.serve_address_name}"
+    assert top.module_calls["monitoring"]["depends_on"] == ["${module.ray}"]
 
 
 def test_workload_identity_binds_the_ray_service_account():

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from tests.terraform._hcl import TF_ROOT, all_modules, load_module, module_dirs, root
+from tests.terraform._hcl import TF_ROOT, all_modules, load_module, module_dirs
 
 REQUIRED_FILES = ("main.tf", "variables.tf", "outputs.tf", "versions.tf")
 META_ARGUMENTS = {"source", "version", "providers", "depends_on", "count", "for_each"}
-PROVIDER_OF_PREFIX = {"google": "google", "helm": "helm", "kubectl": "kubectl"}
+PROVIDER_OF_PREFIX = {"google": "google", "helm": "helm", "kubectl": "kubectl", "time": "time"}
 
 MODULES = [TF_ROOT, *module_dirs()]
 IDS = [p.name for p in MODULES]
@@ -20,9 +20,11 @@ def test_the_expected_modules_exist():
     assert {p.name for p in module_dirs()} == {
         "functions",
         "gke",
+        "monitoring",
         "network",
         "pubsub",
         "ray",
+        "ray-manifests",
         "storage",
     }
 
@@ -60,13 +62,13 @@ def test_versions_pin_terraform_and_every_provider_used(path):
     (settings,) = module.terraform
     assert settings["required_version"].startswith(">="), settings
     required = settings["required_providers"][0]
-    used = {rtype.split("_", 1)[0] for rtype, _, _ in module.iter_resources()}
-    used |= {dtype.split("_", 1)[0] for dtype in module.data}
-    for prefix in used:
-        provider = PROVIDER_OF_PREFIX[prefix]
-        assert provider in required, (
-            f"{path.name} uses {prefix}_* without requiring provider {provider}"
-        )
+    used = {
+        body.get("provider") or PROVIDER_OF_PREFIX[rtype.split("_", 1)[0]]
+        for rtype, _, body in module.iter_resources()
+    }
+    used |= {PROVIDER_OF_PREFIX[dtype.split("_", 1)[0]] for dtype in module.data}
+    for provider in used:
+        assert provider in required, f"{path.name} uses provider {provider} without requiring it"
         assert required[provider].get("version"), (
             f"{path.name}: provider {provider} is not version-pinned"
         )
@@ -87,30 +89,35 @@ def test_references_resolve_within_the_module(path):
             assert name in module.resources[rtype], f"{path.name}: {rtype}.{name} is not declared"
 
 
-def test_root_module_calls_match_the_child_modules_interfaces():
-    top = root()
-    for call_name, call in top.module_calls.items():
-        child_path = (TF_ROOT / call["source"]).resolve()
-        child = load_module(child_path)
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_module_calls_match_the_called_modules_interfaces(path):
+    caller = load_module(path)
+    for call_name, call in caller.module_calls.items():
+        called = load_module((path / call["source"]).resolve())
         passed = set(call) - META_ARGUMENTS
-        unknown = passed - set(child.variables)
+        unknown = passed - set(called.variables)
         assert not unknown, (
-            f"module {call_name} gets arguments it does not declare: {sorted(unknown)}"
+            f"{path.name}: module {call_name} gets arguments it does not declare: {sorted(unknown)}"
         )
-        required = {name for name, body in child.variables.items() if "default" not in body}
+        required = {name for name, body in called.variables.items() if "default" not in body}
         missing = required - passed
-        assert not missing, f"module {call_name} is missing required arguments {sorted(missing)}"
+        assert not missing, (
+            f"{path.name}: module {call_name} is missing required arguments {sorted(missing)}"
+        )
 
 
-def test_root_uses_only_outputs_the_modules_declare():
-    top = root()
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_modules_use_only_outputs_the_called_modules_declare(path):
+    caller = load_module(path)
     sources = {
-        name: (TF_ROOT / call["source"]).resolve() for name, call in top.module_calls.items()
+        name: (path / call["source"]).resolve() for name, call in caller.module_calls.items()
     }
-    for module_name, output in set(re.findall(r"\bmodule\.([a-z0-9_]+)\.([a-z0-9_]+)", top.text)):
-        assert module_name in sources, f"module.{module_name} is not called"
+    for module_name, output in set(
+        re.findall(r"\bmodule\.([a-z0-9_]+)\.([a-z0-9_]+)", caller.text)
+    ):
+        assert module_name in sources, f"{path.name}: module.{module_name} is not called"
         assert output in load_module(sources[module_name]).outputs, (
-            f"module.{module_name}.{output} does not exist"
+            f"{path.name}: module.{module_name}.{output} does not exist"
         )
 
 
@@ -120,3 +127,11 @@ def test_modules_use_for_each_rather_than_count():
             assert "count" not in body, (
                 f"{module.path.name}: {rtype}.{name} uses count; use for_each over objects"
             )
+
+
+def test_the_manifest_renderer_needs_no_provider():
+    """modules/ray-manifests is evaluated offline by the tests; a provider would need a download."""
+    module = load_module(TF_ROOT / "modules" / "ray-manifests")
+    assert not module.resources and not module.data
+    (settings,) = module.terraform
+    assert settings["required_providers"] == [{}]

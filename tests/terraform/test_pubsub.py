@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from tests.terraform._hcl import all_modules, block, child, expr, root
 
-PUBSUB_AGENT = "service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
-
 
 def _subscriptions():
     for module in all_modules():
@@ -96,10 +94,26 @@ def test_pubsub_service_agent_can_dead_letter_and_sign_pushes():
     assert "var.push_invoker_service_account_email" in token_creator["service_account_id"]
 
     top = root()
-    assert top.locals["pubsub_service_agent"] == PUBSUB_AGENT
     assert (
         top.module_calls["pubsub"]["pubsub_service_agent_email"] == "${local.pubsub_service_agent}"
     )
+
+
+def test_pubsub_service_agent_exists_before_it_is_granted_anything():
+    """Its email is not assembled by hand: the identity is created through the API, and the
+    grants wait until IAM can see it (on a new project they fail otherwise)."""
+    top = root()
+    identity = top.resource("google_project_service_identity", "pubsub")
+    assert identity["provider"] == "google-beta"
+    assert identity["service"] == "pubsub.googleapis.com"
+    assert identity["depends_on"] == ["${google_project_service.this}"]
+    wait = top.resource("time_sleep", "pubsub_service_agent")
+    assert wait["triggers"] == {"email": "${google_project_service_identity.pubsub.email}"}
+    assert int(wait["create_duration"].removesuffix("s")) >= 30
+    assert (
+        top.locals["pubsub_service_agent"] == '${time_sleep.pubsub_service_agent.triggers["email"]}'
+    )
+    assert "gcp-sa-pubsub" not in top.text
 
 
 def test_ack_deadline_comes_from_the_subscription_settings():

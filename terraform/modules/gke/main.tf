@@ -63,21 +63,32 @@ resource "google_container_cluster" "this" {
     }
   }
 
+  # GKE Dataplane V2 (eBPF) enforces NetworkPolicy itself; the Calico add-on
+  # must stay off with it (network_policy disabled, no network_policy_config).
+  datapath_provider = "ADVANCED_DATAPATH"
+
   network_policy {
-    enabled  = true
-    provider = "CALICO"
+    enabled = false
   }
 
   addons_config {
-    network_policy_config {
-      disabled = false
-    }
-
     http_load_balancing {
       disabled = false
     }
   }
 
+  # Managed Service for Prometheus collects what PodMonitoring resources
+  # select (the Ray pods' metrics port, modules/monitoring).
+  monitoring_config {
+    enable_components = ["SYSTEM_COMPONENTS"]
+
+    managed_prometheus {
+      enabled = true
+    }
+  }
+
+  # The project's policy (terraform/binauthz.tf) admits only the project's
+  # Artifact Registry images and GKE's own system images.
   binary_authorization {
     evaluation_mode = "PROJECT_SINGLETON_POLICY_ENFORCE"
   }
@@ -157,6 +168,13 @@ resource "google_container_node_pool" "cpu" {
       mode = "GKE_METADATA"
     }
 
+    # Image streaming: containers start while the image is still being read
+    # from Artifact Registry, so the multi-GB Serve image does not have to be
+    # pulled whole before a new node's Ray worker starts.
+    gcfs_config {
+      enabled = true
+    }
+
     shielded_instance_config {
       enable_secure_boot          = true
       enable_integrity_monitoring = true
@@ -230,6 +248,13 @@ resource "google_container_node_pool" "gpu" {
 
     workload_metadata_config {
       mode = "GKE_METADATA"
+    }
+
+    # Image streaming: containers start while the image is still being read
+    # from Artifact Registry, so the multi-GB Serve image does not have to be
+    # pulled whole before a new node's Ray worker starts.
+    gcfs_config {
+      enabled = true
     }
 
     shielded_instance_config {

@@ -69,8 +69,8 @@ resource "google_vpc_access_connector" "this" {
   }
 }
 
-# Private nodes have no external address: image pulls from outside Google
-# (the KubeRay operator image, nvcr.io base layers) go through NAT.
+# Private nodes have no external address. Images and Google APIs are reached
+# through Private Google Access; NAT covers anything else the pods fetch.
 resource "google_compute_router" "this" {
   project = var.project_id
   name    = "${var.name}-router"
@@ -97,9 +97,11 @@ resource "google_compute_router_nat" "this" {
   }
 }
 
-# The internal load balancer gets its own firewall rules from GKE; this rule
-# states the one flow the system depends on (functions -> Serve) explicitly,
-# limited to the connector range and the Serve port.
+# The internal load balancer gets its own firewall rules from GKE (from the
+# Service's loadBalancerSourceRanges, the connector range); this rule states
+# the one flow the system depends on (functions -> Serve) explicitly, limited
+# to the connector range and the Serve port. The Ray pods' NetworkPolicy
+# admits the same range only.
 resource "google_compute_firewall" "serve_from_connector" {
   project     = var.project_id
   name        = "${var.name}-allow-serve-from-functions"

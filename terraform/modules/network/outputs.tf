@@ -33,6 +33,11 @@ output "serve_address" {
   value       = google_compute_address.serve.address
 }
 
+output "serve_address_name" {
+  description = "Name of the reserved internal address of the Ray Serve load balancer (the Service refers to it by name)."
+  value       = google_compute_address.serve.name
+}
+
 output "ip_ranges" {
   description = "The CIDR ranges in use."
   value       = var.ip_ranges

@@ -1,6 +1,22 @@
 variable "project_id" {
   type        = string
-  description = "Project of the cluster (workload identity pool PROJECT.svc.id.goog)."
+  description = "Project of the cluster (workload identity pool PROJECT.svc.id.goog) and of the Redis instance."
+}
+
+variable "region" {
+  type        = string
+  description = "Region of the Memorystore instance (the cluster's region)."
+}
+
+variable "name" {
+  type        = string
+  description = "Name prefix of the Memorystore instance."
+}
+
+variable "labels" {
+  type        = map(string)
+  description = "Labels applied to the Memorystore instance."
+  default     = {}
 }
 
 variable "manifests_dir" {
@@ -27,7 +43,7 @@ variable "serve_gsa_email" {
 
 variable "kuberay_chart_version" {
   type        = string
-  description = "Version of the kuberay-operator Helm chart (pinned; it also pins the CRDs)."
+  description = "Version of the kuberay-operator Helm chart (pinned; it also pins the CRDs and the operator image tag)."
 }
 
 variable "kuberay_namespace" {
@@ -36,14 +52,19 @@ variable "kuberay_namespace" {
   default     = "kuberay-system"
 }
 
+variable "kuberay_image_repository" {
+  type        = string
+  description = "Registry path that serves quay.io's images (an Artifact Registry remote repository): REGION-docker.pkg.dev/PROJECT/REPOSITORY."
+}
+
 variable "image" {
   type        = string
-  description = "Ray Serve worker image (infra/docker/Dockerfile.gpu) used by the head and all worker groups."
+  description = "Ray Serve image (infra/docker/Dockerfile.gpu) by digest, REPOSITORY@sha256:..., used by the head and all worker groups."
 }
 
 variable "ray_version" {
   type        = string
-  description = "Ray version inside the image (rayClusterConfig.rayVersion)."
+  description = "Ray version inside the image (rayClusterConfig.rayVersion), from requirements/RAY_VERSION."
 }
 
 variable "cpu_node_pool" {
@@ -66,28 +87,46 @@ variable "gpu_worker_max_replicas" {
   description = "Upper bound of GPU worker pods (one per GPU node)."
 }
 
-variable "serve_ip" {
+variable "serve_address_name" {
   type        = string
-  description = "Reserved internal IP of the Serve load balancer."
+  description = "Name of the reserved internal address of the Serve load balancer (networking.gke.io/load-balancer-ip-addresses)."
 }
 
 variable "connector_cidr" {
   type        = string
-  description = "Range of the VPC connector (Cloud Functions); allowed to reach Serve."
+  description = "Range of the VPC connector (Cloud Functions): the only source allowed to reach Serve."
 }
 
-variable "nodes_cidr" {
+variable "network_id" {
   type        = string
-  description = "Node subnet range; allowed to reach Serve."
+  description = "VPC the Memorystore instance is peered with (the cluster's network)."
+}
+
+variable "gcs_redis" {
+  type = object({
+    tier              = string
+    memory_size_gb    = number
+    redis_version     = string
+    reserved_ip_range = string
+  })
+  description = "Memorystore for Redis backing GCS fault tolerance: tier (STANDARD_HA replicates across zones), size, version, and a free /28 in the VPC."
+
+  validation {
+    condition     = contains(["BASIC", "STANDARD_HA"], var.gcs_redis.tier)
+    error_message = "gcs_redis.tier must be BASIC or STANDARD_HA."
+  }
 }
 
 variable "serve_environment" {
   type = object({
+    models              = list(string)
     models_bucket       = string
     engine_cache_bucket = string
     results_bucket      = string
     allowed_buckets     = list(string)
     default_model       = string
+    serve_audience      = string
+    allowed_invokers    = list(string)
   })
-  description = "Buckets and default model passed to the Serve replicas as TRIGGERFISH_* variables."
+  description = "Settings passed to the Serve application as TRIGGERFISH_* variables: models, buckets, default model, and the ID token audience and invoker accounts the ingress accepts."
 }

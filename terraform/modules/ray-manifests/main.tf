@@ -1,0 +1,36 @@
+/**
+ * Renders the Kubernetes manifests of infra/k8s for the Ray deployment.
+ *
+ * Provider-free on purpose: it only reads files and transforms YAML, so the
+ * tests evaluate it with the real terraform binary, offline, and validate
+ * exactly what modules/ray applies.
+ *
+ * The RayService keeps the Ingress deployment and one Model_<name> deployment
+ * for each entry of var.models, in that order; the sizing of each comes from
+ * the manifest. TRIGGERFISH_MODELS carries the same list to the application,
+ * so the application and the Serve config always name the same deployments.
+ */
+
+locals {
+  values = merge(var.template_vars, { models = join(",", var.models) })
+
+  rendered = { for name in var.plain_templates : name => templatefile("${var.manifests_dir}/${name}.yaml", local.values) }
+  secrets  = { for name in var.secret_templates : name => templatefile("${var.manifests_dir}/${name}.yaml", merge(local.values, var.secret_vars)) }
+
+  rayservice_template = yamldecode(templatefile("${var.manifests_dir}/rayservice.yaml", local.values))
+  serve_config        = yamldecode(local.rayservice_template.spec.serveConfigV2)
+  application         = one(local.serve_config.applications)
+
+  sized_deployments = { for deployment in local.application.deployments : deployment.name => deployment }
+  wanted_names      = concat(["Ingress"], [for model in var.models : "Model_${model}"])
+  unsized_names     = [for name in local.wanted_names : name if !contains(keys(local.sized_deployments), name)]
+  deployments       = [for name in local.wanted_names : local.sized_deployments[name] if contains(keys(local.sized_deployments), name)]
+
+  rayservice = merge(local.rayservice_template, {
+    spec = merge(local.rayservice_template.spec, {
+      serveConfigV2 = yamlencode(merge(local.serve_config, {
+        applications = [merge(local.application, { deployments = local.deployments })]
+      }))
+    })
+  })
+}
