@@ -4,18 +4,22 @@ ONNX Runtime's graph optimizations run at every session creation; with
 ``SessionOptions.optimized_model_filepath`` they run once, the optimized model
 is cached like a TensorRT plan (same key scheme, same levels), and sessions are
 created from it with optimizations off. Level-ALL optimized models can contain
-hardware-specific layouts, so the key names the CPU model and the providers.
+hardware-specific layouts and fused kernels, so the key names the CPU model, or
+for the CUDA execution provider the GPU, and the providers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import platform
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from serve.engines._onnx_info import inspect_model
 from serve.engines.base import EngineSpec
 from serve.engines.cache import EngineCache, EngineCacheKey, IncompatibleEngineError
 from serve.engines.onnxruntime import OnnxRuntimeEngine, session_options
@@ -40,6 +44,34 @@ def cpu_identity() -> str:
     return f"{platform.machine()}:{name}"
 
 
+def gpu_identity(device: int = 0) -> tuple[str, str]:
+    """``(GPU name, "sm_XY")`` of CUDA device ``device``, without importing CUDA bindings
+    (only the TensorRT backend does): from ``nvidia-smi``, else the driver's /proc files.
+    Unknown parts read ``unknown``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    index = (
+        visible[device].strip()
+        if device < len(visible) and visible[device].strip().isdigit()
+        else str(device)
+    )
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "-i", index, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=15, check=True,
+            ).stdout.strip()  # fmt: skip
+            name, cap = (part.strip() for part in out.splitlines()[0].split(",", 1))
+            return name, "sm_" + cap.replace(".", "")
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass  # older drivers lack compute_cap; fall through to /proc
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))[int(index) :][:1]:
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("Model:"):
+                return line.split(":", 1)[1].strip(), "unknown"
+    return "unknown GPU", "unknown"
+
+
 def choose_providers(providers: Sequence[str] | None) -> list[str]:
     """The providers to optimize and run with: the given ones, or the best cacheable ones."""
     import onnxruntime as ort
@@ -56,17 +88,22 @@ def choose_providers(providers: Sequence[str] | None) -> list[str]:
 
 
 def onnxruntime_cache_key(
-    spec: EngineSpec, onnx_bytes: bytes, providers: Sequence[str]
+    spec: EngineSpec, model_digest: str, providers: Sequence[str], device: int = 0
 ) -> EngineCacheKey:
-    """The cache key of the ORT-optimized model of ``spec`` on this machine."""
+    """The cache key of the ORT-optimized model of ``spec`` on this machine (and GPU
+    ``device`` when the CUDA execution provider runs it)."""
     import onnxruntime as ort
 
+    device_name, capability = cpu_identity(), ""
+    if "CUDAExecutionProvider" in providers:
+        gpu, capability = gpu_identity(device)
+        device_name = f"{gpu} / {device_name}"
     return EngineCacheKey(
-        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        onnx_sha256=model_digest,
         backend="onnxruntime",
         backend_version=ort.__version__,
-        device_name=cpu_identity(),
-        compute_capability="",
+        device_name=device_name,
+        compute_capability=capability,
         cuda_version="",
         precision=spec.precision.value,
         batch_sizes=tuple(spec.batch_sizes),
@@ -81,13 +118,22 @@ def _session_options(intra_op_threads: int | None):  # noqa: ANN202 - ort.Sessio
     return session_options(intra_op_threads)
 
 
+def provider_list(providers: Sequence[str], device: int) -> list[object]:
+    """ONNX Runtime's ``providers`` argument: CUDA on GPU ``device``, the others as named."""
+    return [(p, {"device_id": device}) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
 def optimize_model(
-    onnx_bytes: bytes,
+    onnx: bytes | Path,
     providers: Sequence[str],
     work_dir: Path | None,
     intra_op_threads: int | None = None,
+    device: int = 0,
 ) -> bytes:
-    """Run ORT's level-ALL graph optimizations once and return the optimized model bytes."""
+    """Run ORT's level-ALL graph optimizations once and return the optimized model bytes.
+
+    ``onnx`` is the model's bytes or, for models with external weights, its path.
+    """
     import onnxruntime as ort
 
     if work_dir is not None:
@@ -100,15 +146,17 @@ def optimize_model(
         # ORT warns that ENABLE_ALL output is hardware specific; the cache key carries
         # cpu_identity() for exactly that reason, so the warning is noise here.
         options.log_severity_level = 3
-        ort.InferenceSession(onnx_bytes, options, providers=list(providers))
+        source = str(onnx) if isinstance(onnx, Path) else onnx
+        ort.InferenceSession(source, options, providers=provider_list(providers, device))
         return target.read_bytes()
 
 
 def session_engine(
     spec: EngineSpec,
-    optimized: bytes,
+    optimized: bytes | str,
     providers: Sequence[str],
     intra_op_threads: int | None = None,
+    device: int = 0,
 ) -> OnnxRuntimeEngine:
     """An :class:`OnnxRuntimeEngine` over an already-optimized model.
 
@@ -123,7 +171,9 @@ def session_engine(
     options = _session_options(intra_op_threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done offline
     try:
-        session = ort.InferenceSession(optimized, options, providers=list(providers))
+        session = ort.InferenceSession(
+            optimized, options, providers=provider_list(providers, device)
+        )
     except (
         ort_errors.Fail,
         ort_errors.InvalidGraph,
@@ -159,16 +209,20 @@ def load_onnxruntime_cached(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     validate=None,  # noqa: ANN001 - same callable as EngineCache.get_or_build's
+    device: int = 0,
 ):  # noqa: ANN201 - CacheResult[OnnxRuntimeEngine]
-    """Load ``spec`` on ONNX Runtime through ``cache`` (optimizing the model on a miss)."""
+    """Load ``spec`` on ONNX Runtime through ``cache`` (optimizing the model on a miss),
+    on CUDA device ``device`` when the CUDA execution provider is available."""
     chosen = choose_providers(providers)
-    onnx_bytes = Path(spec.onnx_path).read_bytes()
-    key = onnxruntime_cache_key(spec, onnx_bytes, chosen)
+    path = Path(spec.onnx_path)
+    model = inspect_model(path)
+    source: bytes | Path = path if model.external_files else path.read_bytes()
+    key = onnxruntime_cache_key(spec, model.digest, chosen, device)
     work_dir = getattr(cache.disk, "root", None)
     return cache.get_or_build(
         key,
-        build=lambda: optimize_model(onnx_bytes, chosen, work_dir, intra_op_threads),
-        load=lambda data: session_engine(spec, data, chosen, intra_op_threads),
+        build=lambda: optimize_model(source, chosen, work_dir, intra_op_threads, device),
+        load=lambda data: session_engine(spec, data, chosen, intra_op_threads, device),
         validate=validate,
-        info={"model": spec.model, "version": spec.version, "providers": chosen},
+        info={"model": spec.model, "version": spec.version, "providers": chosen, "device": device},
     )

@@ -1,13 +1,27 @@
-"""Building a serialized TensorRT engine from ONNX (TensorRT 10 API).
+"""Building a serialized TensorRT engine from ONNX, on TensorRT 10.x and 11.x.
 
 The ``trt`` and ``cudart`` modules are passed in by :mod:`serve.engines.tensorrt`.
+
+Precision, by TensorRT version and model:
+
+| model \\ TensorRT           | 10.x                                    | 11.x                         |
+| --------------------------- | --------------------------------------- | ---------------------------- |
+| FP32 ONNX, ``fp32``         | weakly typed network                    | strongly typed (always)      |
+| FP32 ONNX, ``fp16``         | ``BuilderFlag.FP16``                    | refused: export an FP16 ONNX |
+| FP32 ONNX, ``int8``         | calibrator (deprecated since 10.1)      | refused: export a Q/DQ ONNX  |
+| FP16 ONNX, ``fp16``         | strongly typed                          | strongly typed               |
+| Q/DQ ONNX, ``int8``         | strongly typed (explicit quantization)  | strongly typed               |
+
+Refusals raise :class:`UnsupportedPrecisionError`, which the loader treats like
+any other unavailable backend: it falls back to the next one.
 """
 
 from __future__ import annotations
 
-import itertools
+import fcntl
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,8 +29,16 @@ from typing import Any
 import numpy as np
 
 from serve.engines._cache_stores import write_atomic
-from serve.engines._tensorrt_common import cuda_call, trt_logger
-from serve.engines.base import EngineSpec
+from serve.engines._onnx_info import OnnxInfo
+from serve.engines._tensorrt_calibration import make_calibrator, rebatch
+from serve.engines._tensorrt_common import (
+    UnsupportedPrecisionError,
+    cuda_call,
+    init_plugins,
+    tensorrt_major,
+    trt_logger,
+)
+from serve.engines.base import EngineSpec, HardwareCompatibility
 from serve.engines.cache import EngineBuildError
 from serve.model_config import Precision
 from shared.errors import ConfigError
@@ -28,27 +50,35 @@ def build_plan(
     trt: ModuleType,
     cudart: ModuleType,
     spec: EngineSpec,
-    onnx_bytes: bytes,
+    model: OnnxInfo,
     *,
     precision: Precision,
     calibration_batches: Iterable[np.ndarray] | None,
     calibration_cache_path: Path | None,
     timing_cache_path: Path | None,
     workspace_bytes: int,
+    device: int,
+    onnx_bytes: bytes | None = None,
 ) -> bytes:
-    """Parse ``onnx_bytes`` and build a plan for ``spec`` at ``precision``; see
+    """Parse the model of ``spec`` and build a plan at ``precision`` on GPU ``device``; see
     :func:`serve.engines.tensorrt.build_serialized_engine`."""
+    # TensorRT builds for the calling thread's current device; the cache key names
+    # ``device``, so the build must happen there and nowhere else.
+    cuda_call(cudart, cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+    init_plugins(trt)
+    strongly_typed = _strongly_typed(trt, spec, model, precision)
     log = trt_logger(trt)
     builder = trt.Builder(log)
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
-    parser = trt.OnnxParser(network, log)
-    if not parser.parse(onnx_bytes):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"TensorRT cannot parse {spec.model}/{spec.version} ONNX: {errors}")
+    flags = 0
+    if strongly_typed and tensorrt_major(trt) < 11:  # 11: always strongly typed
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    _parse(trt, network, log, spec, onnx_bytes)
     row_shape = _check_network(network, spec)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    _set_compatibility(trt, cudart, config, spec, device)
     profile = builder.create_optimization_profile()
     sizes = spec.batch_sizes
     # OPT = the largest size: under load the dynamic batcher fills batches, and that is
@@ -58,19 +88,13 @@ def build_plan(
     )
     if config.add_optimization_profile(profile) < 0:
         raise EngineBuildError(f"invalid optimization profile for batch sizes {sizes}")
-    calibrator = _set_precision(
-        trt,
-        cudart,
-        builder,
-        config,
-        spec,
-        row_shape,
-        precision,
-        calibration_batches,
-        calibration_cache_path,
-    )
-    if timing_cache_path is not None:
-        _attach_timing_cache(config, timing_cache_path)
+    calibrator = None
+    if not strongly_typed:
+        calibrator = _set_weak_precision(
+            trt, cudart, builder, config, spec, row_shape, precision,
+            calibration_batches, calibration_cache_path,
+        )  # fmt: skip
+    cache = _attach_timing_cache(config, timing_cache_path) if timing_cache_path else None
     try:
         plan = builder.build_serialized_network(network, config)
     finally:
@@ -83,9 +107,66 @@ def build_plan(
             f"TensorRT could not build {spec.model}/{spec.version} at {precision.value} "
             "(its errors are logged above under serve.engines.tensorrt)"
         )
-    if timing_cache_path is not None:
-        _save_timing_cache(config, timing_cache_path)
+    if cache is not None and timing_cache_path is not None:
+        save_timing_cache(config, timing_cache_path)
     return bytes(plan)
+
+
+def _parse(trt: ModuleType, network: Any, log: Any, spec: EngineSpec, data: bytes | None) -> None:
+    parser = trt.OnnxParser(network, log)
+    path = str(spec.onnx_path)
+    # From the file, or with its path: external weights are found relative to the model.
+    ok = parser.parse_from_file(path) if data is None else parser.parse(data, path=path)
+    if not ok:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT cannot parse {spec.model}/{spec.version} ONNX: {errors}")
+
+
+def _strongly_typed(
+    trt: ModuleType, spec: EngineSpec, model: OnnxInfo, precision: Precision
+) -> bool:
+    """Whether the network is built strongly typed; refuses what this TensorRT cannot do."""
+    where = f"{spec.model}/{spec.version}"
+    if model.precision != "fp32" or tensorrt_major(trt) >= 11:
+        # Strongly typed: every tensor keeps the type the model gives it.
+        if precision.value != model.precision:
+            hint = {
+                "int8": "export an explicitly quantized (Q/DQ) ONNX model",
+                "fp16": "export an FP16 ONNX model",
+                "fp32": "use the FP32 export of the model",
+            }[precision.value]
+            raise UnsupportedPrecisionError(
+                f"TensorRT {trt.__version__} builds {where} as the ONNX model is typed "
+                f"({model.precision}), not at the configured {precision.value}: {hint}"
+                + (", or TensorRT 10.x" if model.precision == "fp32" else "")
+            )
+        return True
+    return False
+
+
+def _set_compatibility(
+    trt: ModuleType, cudart: ModuleType, config: Any, spec: EngineSpec, device: int
+) -> None:
+    compat = spec.compatibility
+    if compat.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if compat.hardware is HardwareCompatibility.NONE:
+        return
+    if compat.hardware is HardwareCompatibility.AMPERE_PLUS:
+        props = cuda_call(
+            cudart, cudart.cudaGetDeviceProperties(device), f"cudaGetDeviceProperties({device})"
+        )
+        if (int(props.major), int(props.minor)) < (8, 0):
+            raise ConfigError(
+                f"hardware compatibility ampere_plus for {spec.model}/{spec.version} needs an "
+                f"Ampere or later GPU to build on; device {device} is sm_{props.major}{props.minor}"
+            )
+    level = trt.HardwareCompatibilityLevel
+    config.hardware_compatibility_level = (
+        level.AMPERE_PLUS
+        if compat.hardware is HardwareCompatibility.AMPERE_PLUS
+        else level.SAME_COMPUTE_CAPABILITY
+    )
 
 
 def _check_network(network: Any, spec: EngineSpec) -> tuple[int, ...]:
@@ -121,7 +202,7 @@ def _check_network(network: Any, spec: EngineSpec) -> tuple[int, ...]:
     return tuple(spec.input_shape)
 
 
-def _set_precision(
+def _set_weak_precision(
     trt: ModuleType,
     cudart: ModuleType,
     builder: Any,
@@ -132,6 +213,7 @@ def _set_precision(
     batches: Iterable[np.ndarray] | None,
     cache_path: Path | None,
 ) -> Any:
+    """TensorRT 10.x, FP32 model: precision by builder flags (and a calibrator for INT8)."""
     # platform_has_fast_* is deprecated in late 10.x releases; absent means "assume yes".
     fast_fp16 = bool(getattr(builder, "platform_has_fast_fp16", True))
     fast_int8 = bool(getattr(builder, "platform_has_fast_int8", True))
@@ -150,21 +232,23 @@ def _set_precision(
     has_cache = cache_path is not None and cache_path.is_file()
     if batches is None and not has_cache:
         raise ConfigError(
-            f"precision int8 for {where} needs calibration batches (preprocessed images) "
-            f"or an existing calibration cache (looked for {cache_path})"
+            f"precision int8 for {where} needs calibration batches (the version's calibration/ "
+            f"images) or an existing calibration cache (looked for {cache_path})"
         )
+    logger.info(
+        "calibrating %s for INT8 with TensorRT %s's implicit quantization (deprecated; a Q/DQ "
+        "ONNX model builds on TensorRT 11 too)", where, trt.__version__,
+    )  # fmt: skip
     config.set_flag(trt.BuilderFlag.INT8)
-    if fast_fp16:
-        config.set_flag(
-            trt.BuilderFlag.FP16
-        )  # layers without INT8 kernels fall back to FP16, not FP32
+    if fast_fp16:  # layers without INT8 kernels fall back to FP16, not FP32
+        config.set_flag(trt.BuilderFlag.FP16)
     it: Iterator[np.ndarray] = iter(batches or ())
     first = next(it, None)
     calib_batch = len(first) if first is not None else spec.batch_sizes[-1]
     calibrator = make_calibrator(
         trt,
         cudart,
-        _rebatch(first, it, calib_batch),
+        rebatch(first, it, calib_batch),
         calib_batch,
         row_shape,
         np.dtype(spec.input_dtype),
@@ -180,146 +264,43 @@ def _set_precision(
     return calibrator
 
 
-def _rebatch(
-    first: np.ndarray | None, rest: Iterator[np.ndarray], size: int
-) -> Iterator[np.ndarray]:
-    """Yield batches of exactly ``size`` rows; the last is padded by repeating its final row
-    (calibration data is precious, dropping the remainder would waste it)."""
-    if first is None:
-        return
-    pending: list[np.ndarray] = []
-    count = 0
-    for batch in itertools.chain([first], rest):
-        pending.append(np.asarray(batch))
-        count += len(batch)
-        while count >= size:
-            joined = np.concatenate(pending)
-            yield joined[:size]
-            pending, count = [joined[size:]], count - size
-    if count:
-        joined = np.concatenate(pending)
-        yield np.concatenate([joined, np.repeat(joined[-1:], size - count, axis=0)])
+# --- timing cache --------------------------------------------------------------------------------
 
 
-class _CalibrationFeed:
-    """Calibration state: one device buffer, the batch iterator and the cache file."""
-
-    def __init__(
-        self,
-        cudart: ModuleType,
-        batches: Iterator[np.ndarray],
-        shape: tuple[int, ...],
-        dtype: np.dtype,
-        cache_path: Path | None,
-    ) -> None:
-        self._cudart, self._batches, self._cache_path = cudart, batches, cache_path
-        self.shape, self.dtype = shape, dtype
-        self.nbytes = int(np.prod(shape)) * dtype.itemsize
-        self._device: int | None = None
-        self._host: np.ndarray | None = None  # kept alive until TensorRT has read it
-        self.batches_fed = 0
-        self.error: Exception | None = None
-
-    def next_batch(self) -> list[int] | None:
-        # Called from TensorRT's C++ build loop, where a Python exception cannot travel:
-        # keep it, end calibration, and let build_plan raise it afterwards.
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock beside ``path``, shared by every process on the node."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            return self._next_batch()
-        except Exception as err:  # noqa: BLE001 - re-raised by build_plan
-            self.error = err
-            return None
-
-    def _next_batch(self) -> list[int] | None:
-        cudart = self._cudart
-        batch = next(self._batches, None)
-        if batch is None:
-            return None
-        if batch.shape != self.shape or batch.dtype != self.dtype:
-            raise ConfigError(
-                f"calibration batch is {batch.shape} {batch.dtype}, expected {self.shape} {self.dtype}"
-            )
-        if self._device is None:
-            self._device = cuda_call(
-                cudart, cudart.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"
-            )
-        self._host = np.ascontiguousarray(batch)
-        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda_call(
-            cudart,
-            cudart.cudaMemcpy(self._device, self._host.ctypes.data, self.nbytes, kind),
-            "cudaMemcpy(calibration batch)",
-        )
-        self.batches_fed += 1
-        return [int(self._device)]
-
-    def read_cache(self) -> bytes | None:
-        if self._cache_path is not None and self._cache_path.is_file():
-            logger.info("using INT8 calibration cache %s", self._cache_path)
-            return self._cache_path.read_bytes()
-        return None
-
-    def write_cache(self, cache: object) -> None:
-        if self._cache_path is not None:
-            write_atomic(self._cache_path, bytes(cache))  # type: ignore[call-overload]
-
-    def free(self) -> None:
-        if self._device is not None:
-            cuda_call(
-                self._cudart, self._cudart.cudaFree(self._device), "cudaFree(calibration buffer)"
-            )
-            self._device = None
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def make_calibrator(
-    trt: ModuleType,
-    cudart: ModuleType,
-    batches: Iterator[np.ndarray],
-    batch_size: int,
-    row_shape: tuple[int, ...],
-    dtype: np.dtype,
-    cache_path: Path | None,
-) -> Any:
-    """An ``IInt8EntropyCalibrator2`` feeding ``batches`` (of ``batch_size`` rows) to TensorRT."""
-    feed = _CalibrationFeed(cudart, batches, (batch_size, *row_shape), dtype, cache_path)
-
-    class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)  # pybind requires the explicit base init
-            self.feed = feed
-
-        def get_batch_size(self) -> int:
-            return batch_size
-
-        def get_batch(self, names: list[str], *_: object) -> list[int] | None:
-            return feed.next_batch()
-
-        def read_calibration_cache(self) -> bytes | None:
-            return feed.read_cache()
-
-        def write_calibration_cache(self, cache: object) -> None:
-            feed.write_cache(cache)
-
-        @property
-        def error(self) -> Exception | None:
-            return feed.error
-
-        def free(self) -> None:
-            feed.free()
-
-    return _Calibrator()
-
-
-def _attach_timing_cache(config: Any, path: Path) -> None:
+def _attach_timing_cache(config: Any, path: Path) -> Any:
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        # Made on another GPU or TensorRT version: useless here, and harmless to replace.
+        # The file names model, GPU and TensorRT; a mismatch means it is corrupt or was
+        # copied from elsewhere: useless here, and replaced when this build saves.
         logger.warning("timing cache %s does not fit this device; starting a new one", path)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
 
 
-def _save_timing_cache(config: Any, path: Path) -> None:
+def save_timing_cache(config: Any, path: Path) -> None:
+    """Merge this build's timings into ``path``: under a file lock, the file is re-read and
+    combined (another builder may have saved since this one loaded it), then replaced
+    atomically, so concurrent builders neither lose each other's timings nor tear the file."""
     cache = config.get_timing_cache()
-    if cache is not None:
+    if cache is None:
+        return
+    with _file_lock(path):
+        if path.is_file():
+            theirs = config.create_timing_cache(path.read_bytes())
+            if theirs is not None and not cache.combine(theirs, ignore_mismatch=False):
+                logger.warning("timing cache %s no longer fits this device; replacing it", path)
         write_atomic(path, bytes(cache.serialize()))

@@ -1,35 +1,30 @@
 """Running a deserialized TensorRT engine from several threads.
 
 One ``ICudaEngine`` is shared; each concurrent worker gets its own execution
-context, CUDA stream and device buffers (a :class:`_Slot`), handed out from a
-queue so that two ``infer`` calls never touch the same context: a context holds
-the input shapes of the batch in flight, so sharing one corrupts results.
+context, CUDA stream, pinned and device buffers and CUDA graphs (a
+:class:`~serve.engines._tensorrt_slot.Slot`), handed out so that two ``infer``
+calls never touch the same context: a context holds the input shapes of the
+batch in flight, so sharing one corrupts results.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-from dataclasses import dataclass
+import threading
+import time
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from serve.engines._tensorrt_common import TensorRTError, cuda_call
+from serve.engines._tensorrt_common import TensorRTDeviceFault, TensorRTError, cuda_call
+from serve.engines._tensorrt_slot import Slot, TensorInfo
 from serve.engines.base import EngineSpec
 from shared.errors import ConfigError
 
 logger = logging.getLogger("serve.engines.tensorrt")
 
 _CLOSE_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    name: str
-    dtype: np.dtype
-    is_input: bool
 
 
 def describe_io(trt: ModuleType, engine: Any, spec: EngineSpec) -> list[TensorInfo]:
@@ -62,157 +57,112 @@ def describe_io(trt: ModuleType, engine: Any, spec: EngineSpec) -> list[TensorIn
     return tensors
 
 
-class _Slot:
-    """One worker's execution context, stream and device buffers (sized for the max batch)."""
-
-    def __init__(
-        self, cudart: ModuleType, engine: Any, spec: EngineSpec, tensors: list[TensorInfo]
-    ) -> None:
-        self._cudart = cudart
-        self._spec = spec
-        self._tensors = tensors
-        self._buffers: dict[str, tuple[int, int]] = {}
-        self.stream: Any = None
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise TensorRTError(
-                f"cannot create an execution context for {spec.model}/{spec.version} (device memory?)"
-            )
-        try:
-            self._allocate()
-        except BaseException:
-            self.free()
-            raise
-
-    def _allocate(self) -> None:
-        cudart, spec = self._cudart, self._spec
-        self.stream = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        max_shape = (spec.max_batch_size, *spec.input_shape)
-        if not self.context.set_input_shape(spec.input_name, max_shape):
-            raise TensorRTError(f"engine rejects its own max input shape {max_shape}")
-        for t in self._tensors:
-            shape = tuple(self.context.get_tensor_shape(t.name))
-            if any(d < 0 for d in shape):
-                raise ConfigError(
-                    f"output {t.name} of {spec.model}/{spec.version} has a data-dependent shape "
-                    f"{shape}; only static output shapes are supported"
-                )
-            nbytes = max(int(np.prod(shape)) * t.dtype.itemsize, 1)
-            ptr = cuda_call(cudart, cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {t.name}")
-            self._buffers[t.name] = (ptr, nbytes)
-            # Buffers never move, so addresses are bound once instead of on every call.
-            if not self.context.set_tensor_address(t.name, ptr):
-                raise TensorRTError(f"set_tensor_address failed for {t.name}")
-
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one batch whose size is inside the profile; returns every output."""
-        cudart, spec = self._cudart, self._spec
-        if not self.context.set_input_shape(spec.input_name, batch.shape):
-            raise TensorRTError(
-                f"input shape {batch.shape} is outside the optimization profile of "
-                f"{spec.model}/{spec.version} (batch sizes {spec.batch_sizes})"
-            )
-        host_in = np.ascontiguousarray(batch)  # must stay alive until the stream is synchronized
-        ptr, capacity = self._buffers[spec.input_name]
-        if host_in.nbytes > capacity:
-            raise TensorRTError(
-                f"batch of {host_in.nbytes} bytes exceeds the {capacity}-byte input buffer"
-            )
-        h2d, d2h = (
-            cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-            cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-        )
-        cuda_call(
-            cudart,
-            cudart.cudaMemcpyAsync(ptr, host_in.ctypes.data, host_in.nbytes, h2d, self.stream),
-            "cudaMemcpyAsync(input)",
-        )
-        if not self.context.execute_async_v3(int(self.stream)):
-            self._drain()
-            raise TensorRTError(
-                f"execute_async_v3 failed for {spec.model}/{spec.version} batch {batch.shape}"
-            )
-        outputs: dict[str, np.ndarray] = {}
-        for t in self._tensors:
-            if t.is_input:
-                continue
-            host = np.empty(tuple(self.context.get_tensor_shape(t.name)), dtype=t.dtype)
-            out_ptr, _ = self._buffers[t.name]
-            cuda_call(
-                cudart,
-                cudart.cudaMemcpyAsync(host.ctypes.data, out_ptr, host.nbytes, d2h, self.stream),
-                f"cudaMemcpyAsync({t.name})",
-            )
-            outputs[t.name] = host
-        cuda_call(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        del host_in
-        return outputs
-
-    def _drain(self) -> None:
-        """Best effort: finish queued copies so the slot is clean for the next caller."""
-        err, *_ = self._cudart.cudaStreamSynchronize(self.stream)
-        if err != self._cudart.cudaError_t.cudaSuccess:
-            logger.error("cudaStreamSynchronize after a failed execution: %s", err)
-
-    def free(self) -> None:
-        cudart = self._cudart
-        for name, (ptr, _) in self._buffers.items():
-            err, *_ = cudart.cudaFree(ptr)
-            if err != cudart.cudaError_t.cudaSuccess:
-                logger.error("cudaFree of %s failed: %s", name, err)
-        self._buffers.clear()
-        if self.stream is not None:
-            cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
-        self.context = None  # TensorRT frees a context when its last reference goes
-
-
 class ExecutionPool:
-    """``workers`` slots over one engine; :meth:`run` borrows one for the call."""
+    """``workers`` slots over one engine; :meth:`run` borrows one for the call.
+
+    A sticky CUDA fault in any call breaks the whole pool (the CUDA context is lost, so
+    every slot is): the call raises :class:`TensorRTDeviceFault`, so do waiting and later
+    calls, and :attr:`healthy` turns False. :meth:`close` wakes waiters, waits (bounded)
+    for calls in flight, and never frees the buffers of a call still running: such a
+    slot is freed by its own call on the way out.
+    """
 
     def __init__(
-        self, trt: ModuleType, cudart: ModuleType, engine: Any, spec: EngineSpec, device: int = 0
+        self,
+        trt: ModuleType,
+        cudart: ModuleType,
+        engine: Any,
+        spec: EngineSpec,
+        device: int = 0,
+        use_graphs: bool = True,
     ) -> None:
         if spec.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {spec.workers}")
         self.tensors = describe_io(trt, engine, spec)
-        self._cudart, self._device = cudart, device
-        self._slots: list[_Slot] = []
-        self._free: queue.Queue[_Slot] = queue.Queue()
+        self._cudart, self._device, self._spec = cudart, device, spec
+        self._cond = threading.Condition()
+        self._idle: list[Slot] = []
+        self._busy = 0
+        self._closed = False
+        self._fault: TensorRTDeviceFault | None = None
         try:
             for _ in range(spec.workers):
-                slot = _Slot(cudart, engine, spec, self.tensors)
-                self._slots.append(slot)
-                self._free.put(slot)
+                self._idle.append(Slot(cudart, engine, spec, self.tensors, use_graphs))
         except BaseException:
-            for slot in self._slots:
+            for slot in self._idle:
                 slot.free()
             raise
-        self._closed = False
+        self._slots = tuple(self._idle)
+
+    @property
+    def healthy(self) -> bool:
+        return self._fault is None
+
+    @property
+    def graph_runs(self) -> int:
+        """Calls served by replaying a CUDA graph (for tests and the GPU check)."""
+        return sum(slot.graph_runs for slot in self._slots)
+
+    def _borrow(self) -> Slot:
+        with self._cond:
+            while not self._idle and not self._closed and self._fault is None:
+                self._cond.wait()
+            if self._fault is not None:
+                raise TensorRTDeviceFault(
+                    f"engine for {self._spec.model}/{self._spec.version} is broken: {self._fault}"
+                )
+            if self._closed:
+                raise TensorRTError(f"engine for {self._spec.model}/{self._spec.version} is closed")
+            self._busy += 1
+            return self._idle.pop()
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if self._closed:
-            raise TensorRTError("engine is closed")
-        slot = self._free.get()
+        slot = self._borrow()
+        faulted = False
         try:
-            # The current device is per host thread; callers' threads start on device 0.
-            if self._device:
-                cuda_call(self._cudart, self._cudart.cudaSetDevice(self._device), "cudaSetDevice")
+            # The current device is per host thread, and callers' threads start on device 0.
+            cuda_call(
+                self._cudart,
+                self._cudart.cudaSetDevice(self._device),
+                f"cudaSetDevice({self._device})",
+            )
             return slot.run(batch)
+        except TensorRTDeviceFault as err:
+            faulted = True
+            logger.critical(
+                "sticky CUDA fault in %s/%s on device %d: %s; the engine is unusable and the "
+                "replica must be replaced", self._spec.model, self._spec.version, self._device, err,
+            )  # fmt: skip
+            with self._cond:
+                self._fault = self._fault or err
+            raise
         finally:
-            self._free.put(slot)
+            with self._cond:
+                self._busy -= 1
+                keep = not self._closed and not faulted
+                if keep:
+                    self._idle.append(slot)
+                self._cond.notify_all()
+            if not keep:  # closed while this call ran, or poisoned: nobody else will use it
+                slot.free()
 
-    def close(self) -> None:
-        """Wait for in-flight calls (bounded), then free every slot."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._slots:
-            try:
-                self._free.get(timeout=_CLOSE_TIMEOUT_S)
-            except queue.Empty:
-                logger.error("TensorRT engine closed with a call still in flight")
-                break
-        for slot in self._slots:
+    def close(self, timeout_s: float = _CLOSE_TIMEOUT_S) -> None:
+        """Refuse new calls, wake waiters, wait up to ``timeout_s`` for calls in flight, then
+        free idle slots (a call still running frees its own slot when it returns)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            deadline = time.monotonic() + timeout_s
+            while self._busy and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            idle, self._idle = self._idle, []
+            if self._busy:
+                logger.error(
+                    "closing the engine for %s/%s with %d call(s) still in flight; their "
+                    "buffers are freed when they return", self._spec.model, self._spec.version,
+                    self._busy,
+                )  # fmt: skip
+        for slot in idle:
             slot.free()
-        self._slots.clear()

@@ -8,13 +8,60 @@ heavy step that happens once per replica.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from serve.model_config import Backend, Precision
+from shared.errors import TriggerfishError
+
+__all__ = [
+    "Engine",
+    "EngineCompatibility",
+    "EngineFault",
+    "EngineSpec",
+    "HardwareCompatibility",
+    "engine_healthy",
+    "load_engine",
+]
+
+
+class EngineFault(TriggerfishError):
+    """The engine's device is in an unrecoverable state (a sticky CUDA error such as
+    ``cudaErrorIllegalAddress``): every later call on this process's CUDA context fails.
+
+    Not the input's fault, so it must not become an ``inference_failed`` result for the
+    batch; the replica holding the engine is unhealthy and has to be replaced.
+    """
+
+
+class HardwareCompatibility(StrEnum):
+    """Which GPUs a TensorRT plan may run on (TensorRT's hardware compatibility level)."""
+
+    NONE = "none"  # the compute capability it was built on (fastest)
+    AMPERE_PLUS = "ampere_plus"  # any Ampere or later GPU
+    SAME_COMPUTE_CAPABILITY = "same_compute_capability"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCompatibility:
+    """Portability of a TensorRT plan, traded against speed.
+
+    Attributes:
+        version_compatible: The plan embeds a lean runtime and loads on later TensorRT
+            releases of the same major version.
+        hardware: GPUs the plan may run on.
+    """
+
+    version_compatible: bool = False
+    hardware: HardwareCompatibility = HardwareCompatibility.NONE
+
+    @property
+    def is_default(self) -> bool:
+        return not self.version_compatible and self.hardware is HardwareCompatibility.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +79,7 @@ class EngineSpec:
         precision: Arithmetic precision the engine runs at.
         batch_sizes: Batch sizes the engine is built for (ascending); the last is the max.
         workers: Concurrent ``infer`` callers the engine must support.
+        compatibility: TensorRT plan portability (ignored by other backends).
     """
 
     model: str
@@ -44,6 +92,7 @@ class EngineSpec:
     precision: Precision = Precision.FP32
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     workers: int = 1
+    compatibility: EngineCompatibility = field(default_factory=EngineCompatibility)
 
     @property
     def max_batch_size(self) -> int:
@@ -66,6 +115,14 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release device memory, sessions and contexts."""
         ...
+
+
+def engine_healthy(engine: object) -> bool:
+    """Whether ``engine`` can still serve: False once it reported a sticky device fault.
+
+    Engines without a ``healthy`` property (CPU backends) are always healthy.
+    """
+    return bool(getattr(engine, "healthy", True))
 
 
 def load_engine(spec: EngineSpec, backend: Backend, **options: object) -> Engine:

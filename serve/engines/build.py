@@ -86,9 +86,9 @@ class BuildReport:
 
 def _reference_engine(spec: EngineSpec) -> Engine:
     """FP32 ONNX Runtime on CPU: the yardstick reduced precision is measured against."""
-    onnx_bytes = Path(spec.onnx_path).read_bytes()
+    # From the path, so that external weights beside the model load too.
     return session_engine(
-        replace(spec, precision=Precision.FP32), onnx_bytes, ["CPUExecutionProvider"]
+        replace(spec, precision=Precision.FP32), str(spec.onnx_path), ["CPUExecutionProvider"]
     )
 
 
@@ -147,6 +147,7 @@ def load_cached_engine(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     device: int = 0,
+    timing_cache_dir: Path | None = None,
     timing_cache_path: Path | None = None,
 ) -> CacheResult[Engine]:
     """Load ``spec`` on ``backend`` through ``cache``; a fresh reduced-precision engine must
@@ -154,6 +155,10 @@ def load_cached_engine(
 
     A cache hit was guarded when it was built (its verdict is in ``report.info``); a hit
     recorded without a verdict is checked now.
+
+    TensorRT keeps one timing cache per (model, GPU, TensorRT build) in
+    ``timing_cache_dir``; ``timing_cache_path`` names a file in that directory instead
+    (its folder is used), as callers written for a single shared file do.
 
     Raises:
         AccuracyGuardError: the engine disagrees with FP32, or no validation set was given.
@@ -179,7 +184,8 @@ def load_cached_engine(
             calibration_batches=calibration.batches if calibration else None,
             calibration_digest=calibration.digest() if calibration else None,
             calibration_cache_path=calibration.cache_path if calibration else None,
-            timing_cache_path=timing_cache_path,
+            timing_cache_dir=timing_cache_dir
+            or (timing_cache_path.parent if timing_cache_path else None),
             validate=validate,
         )
         if engine.cache_report is None:  # TensorRTEngine.load sets it whenever a cache is given
@@ -187,7 +193,12 @@ def load_cached_engine(
         result: CacheResult[Engine] = CacheResult(engine, engine.cache_report)
     elif backend is Backend.ONNXRUNTIME:
         result = load_onnxruntime_cached(
-            spec, cache, providers=providers, intra_op_threads=intra_op_threads, validate=validate
+            spec,
+            cache,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            validate=validate,
+            device=device,
         )
     else:
         raise ValueError(f"unknown backend {backend!r}")
@@ -218,7 +229,9 @@ def build_engine(
     guard: AccuracyGuard | None = None,
     allow_unvalidated: bool = False,
     providers: Sequence[str] | None = None,
+    timing_cache_dir: Path | None = None,
     timing_cache_path: Path | None = None,
+    device: int = 0,
 ) -> BuildReport:
     """Make sure the engine for ``spec`` at ``precision`` is in ``cache`` and report on it.
 
@@ -235,7 +248,9 @@ def build_engine(
         guard=guard,
         allow_unvalidated=allow_unvalidated,
         providers=providers,
+        timing_cache_dir=timing_cache_dir,
         timing_cache_path=timing_cache_path,
+        device=device,
     )
     try:
         report = result.report

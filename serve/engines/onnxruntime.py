@@ -1,7 +1,11 @@
-"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when installed.
+"""ONNX Runtime backend: the CUDA execution provider when ``onnxruntime-gpu`` is
+installed and a GPU is visible, the CPU otherwise.
 
 The provider that actually runs is read back from the session, so a silent
-fallback to CPU shows up in every result's ``backend`` field.
+fallback to CPU shows up in every result's ``backend`` field
+(``onnxruntime:CUDAExecutionProvider`` / ``onnxruntime:CPUExecutionProvider``).
+ONNX Runtime's own TensorRT execution provider is used only when asked for by
+name: it needs TensorRT's libraries, and triggerfish has its own TensorRT backend.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from shared.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Preference order when the caller does not name providers.
-_PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 def session_options(intra_op_threads: int | None = None):  # noqa: ANN201 - ort.SessionOptions
@@ -55,12 +59,16 @@ class OnnxRuntimeEngine:
         spec: EngineSpec,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        device: int = 0,
     ) -> OnnxRuntimeEngine:
-        """Create the session; ``providers`` defaults to the best available ones."""
+        """Create the session; ``providers`` defaults to the best available ones, CUDA on
+        GPU ``device``."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        wanted = list(providers) if providers else [p for p in _PREFERRED if p in available]
+        wanted = (
+            list(providers) if providers else [p for p in PREFERRED_PROVIDERS if p in available]
+        )
         missing = [p for p in wanted if p not in available]
         if missing:
             raise ConfigError(
@@ -69,7 +77,13 @@ class OnnxRuntimeEngine:
             )
         options = session_options(intra_op_threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(spec.onnx_path), options, providers=wanted)
+        session = ort.InferenceSession(
+            str(spec.onnx_path),
+            options,
+            providers=[
+                (p, {"device_id": device}) if p == "CUDAExecutionProvider" else p for p in wanted
+            ],
+        )
         names = {i.name for i in session.get_inputs()}
         if spec.input_name not in names:
             raise ConfigError(

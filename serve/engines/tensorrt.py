@@ -1,18 +1,20 @@
-"""TensorRT backend (TensorRT >= 10, cuda-python), the only module importing ``tensorrt``/``cuda``.
+"""TensorRT backend (TensorRT 10.x or 11.x, cuda-python), the only module importing
+``tensorrt``/``cuda``.
 
 Both are imported when an engine is built or loaded, never at import of this
 module, so CPU-only machines import the package fine and fail only if they ask
 for TensorRT, with :class:`TensorRTUnavailableError` and the install hint.
 
 Loading goes through the engine cache (:mod:`serve.engines.cache`): a plan is
-built once per (ONNX, TensorRT version, GPU, precision, batch profile) and then
+built once per (model and its weights, TensorRT build, CUDA runtime, GPU,
+precision, batch profile, compatibility options) on the GPU it is for, and then
 deserialized from memory, local disk or ``gs://`` by every other replica.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +22,24 @@ from types import ModuleType
 
 import numpy as np
 
+from serve.engines._onnx_info import OnnxInfo, inspect_model
 from serve.engines._tensorrt_build import build_plan
 from serve.engines._tensorrt_common import (
     INSTALL_HINT,
+    TensorRTDeviceFault,
     TensorRTError,
     TensorRTUnavailableError,
+    UnsupportedPrecisionError,
+    check_supported,
     cuda_call,
+    init_plugins,
+    tensorrt_cuda_version,
+    tensorrt_full_version,
     trt_logger,
     version_string,
 )
 from serve.engines._tensorrt_runtime import ExecutionPool
-from serve.engines.base import EngineSpec
+from serve.engines.base import EngineSpec, HardwareCompatibility
 from serve.engines.cache import CacheReport, EngineCache, EngineCacheKey, IncompatibleEngineError
 from serve.model_config import Precision
 
@@ -41,12 +50,15 @@ DEFAULT_WORKSPACE_BYTES = 2 * 1024**3
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
     "DeviceIdentity",
+    "TensorRTDeviceFault",
     "TensorRTEngine",
     "TensorRTError",
     "TensorRTUnavailableError",
+    "UnsupportedPrecisionError",
     "build_serialized_engine",
     "device_identity",
     "engine_cache_key",
+    "timing_cache_file",
 ]
 
 
@@ -57,11 +69,7 @@ def _import_trt() -> ModuleType:
         raise TensorRTUnavailableError(
             f"TensorRT is not installed ({err}); {INSTALL_HINT}"
         ) from err
-    major = str(getattr(trt, "__version__", "0")).split(".")[0]
-    if not major.isdigit() or int(major) < 10:
-        raise TensorRTUnavailableError(
-            f"TensorRT {getattr(trt, '__version__', '?')} is too old (need >= 10); {INSTALL_HINT}"
-        )
+    check_supported(trt)
     return trt
 
 
@@ -80,7 +88,13 @@ def _import_cudart() -> ModuleType:
 
 @dataclass(frozen=True, slots=True)
 class DeviceIdentity:
-    """What a TensorRT plan is specific to; part of every engine cache key."""
+    """What a TensorRT plan is specific to; part of every engine cache key.
+
+    Attributes:
+        tensorrt_version: With the build number (``10.3.0.26``): plans only load on the
+            exact build that made them.
+        cuda_runtime_version: The CUDA runtime TensorRT runs on (not cuda-python's own).
+    """
 
     gpu_name: str
     compute_capability: tuple[int, int]
@@ -96,7 +110,7 @@ class DeviceIdentity:
 
 
 def device_identity(device: int = 0) -> DeviceIdentity:
-    """GPU name and compute capability, TensorRT and CUDA versions of ``device``.
+    """GPU name and compute capability of ``device``, TensorRT's and CUDA's versions.
 
     Raises:
         TensorRTUnavailableError: TensorRT or cuda-python missing.
@@ -108,12 +122,11 @@ def device_identity(device: int = 0) -> DeviceIdentity:
     )
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     driver = cuda_call(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
-    runtime = cuda_call(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
     return DeviceIdentity(
         gpu_name=name.rstrip("\x00").strip(),
         compute_capability=(int(props.major), int(props.minor)),
-        tensorrt_version=str(trt.__version__),
-        cuda_runtime_version=version_string(runtime),
+        tensorrt_version=tensorrt_full_version(trt),
+        cuda_runtime_version=tensorrt_cuda_version(trt, cudart),
         cuda_driver_version=version_string(driver),
         device_index=device,
     )
@@ -121,7 +134,7 @@ def device_identity(device: int = 0) -> DeviceIdentity:
 
 def engine_cache_key(
     spec: EngineSpec,
-    onnx_bytes: bytes,
+    model_digest: str,
     identity: DeviceIdentity,
     *,
     precision: Precision | None = None,
@@ -129,45 +142,80 @@ def engine_cache_key(
 ) -> EngineCacheKey:
     """The cache key of a TensorRT plan for ``spec`` on ``identity``.
 
-    The driver version is left out on purpose: plans survive driver upgrades, and keying
-    on it would make every node upgrade rebuild every engine. It is recorded in metadata.
+    ``model_digest`` covers the ONNX file and its external weights. The driver version is
+    left out on purpose: plans survive driver upgrades, and keying on it would make every
+    node upgrade rebuild every engine; it is recorded in metadata. Compatibility options
+    widen what the key names: a hardware-compatible plan is keyed by its level instead of
+    the GPU, a version-compatible one by TensorRT's major instead of its build.
     """
+    compat = spec.compatibility
+    device_name, capability = identity.gpu_name, identity.sm
+    if compat.hardware is HardwareCompatibility.AMPERE_PLUS:
+        device_name, capability = "hardware-compatible:ampere_plus", "sm_80+"
+    elif compat.hardware is HardwareCompatibility.SAME_COMPUTE_CAPABILITY:
+        device_name = "hardware-compatible:same_compute_capability"
+    version = identity.tensorrt_version
+    if compat.version_compatible:
+        version = f"{version.split('.')[0]}.x (version-compatible, built by {version})"
+    extra = {
+        "hardware_compatibility": compat.hardware.value,
+        "version_compatible": str(compat.version_compatible).lower(),
+    }
     return EngineCacheKey(
-        onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        onnx_sha256=model_digest,
         backend="tensorrt",
-        backend_version=identity.tensorrt_version,
-        device_name=identity.gpu_name,
-        compute_capability=identity.sm,
+        backend_version=version,
+        device_name=device_name,
+        compute_capability=capability,
         cuda_version=identity.cuda_runtime_version,
         precision=(precision or spec.precision).value,
         batch_sizes=tuple(spec.batch_sizes),
         input_name=spec.input_name,
         input_shape=tuple(spec.input_shape),
         input_dtype=spec.input_dtype,
-        options=tuple(sorted((options or {}).items())),
+        options=tuple(sorted({**extra, **(options or {})}.items())),
+    )
+
+
+def timing_cache_file(directory: Path, spec: EngineSpec, identity: DeviceIdentity) -> Path:
+    """The timing-cache file for one (model, GPU, TensorRT build): tactics timed for one
+    model on one GPU say little about another, and a shared file would be overwritten by
+    whichever builder finished last."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", identity.gpu_name).strip("-").lower()
+    return directory / (
+        f"{spec.model}-{spec.version}-{gpu}-{identity.sm}-trt{identity.tensorrt_version}.timing"
     )
 
 
 def build_serialized_engine(
     spec: EngineSpec,
-    onnx_bytes: bytes,
+    onnx_bytes: bytes | None = None,
     *,
     precision: Precision,
     calibration_batches: Iterable[np.ndarray] | None = None,
     calibration_cache_path: Path | None = None,
     timing_cache_path: Path | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    device: int = 0,
+    model: OnnxInfo | None = None,
 ) -> bytes:
-    """Build a TensorRT plan from ONNX bytes.
+    """Build a TensorRT plan for ``spec`` on GPU ``device``.
 
     Args:
-        spec: Model, input name/shape/dtype and batch sizes (the profile is
+        spec: Model, ONNX path, input name/shape/dtype and batch sizes (the profile is
             ``min = batch_sizes[0]``, ``opt = max = batch_sizes[-1]``).
-        precision: ``fp16``/``int8`` need a GPU with fast FP16/INT8 (else ``ConfigError``).
-        calibration_batches: Preprocessed input batches for INT8 calibration.
+        onnx_bytes: The model's bytes; None parses ``spec.onnx_path`` from the file. Either
+            way the parser knows the path, so external weights beside it load.
+        precision: ``fp16``/``int8`` need a GPU with fast FP16/INT8 (else ``ConfigError``);
+            on TensorRT 11 they need an FP16 or Q/DQ model (else
+            :class:`UnsupportedPrecisionError`).
+        calibration_batches: Preprocessed input batches for INT8 calibration (TensorRT 10.x,
+            FP32 models).
         calibration_cache_path: Read instead of calibrating when present; written after.
-        timing_cache_path: Per-device timing cache, loaded when it fits and saved after.
+        timing_cache_path: This model's timing cache on this GPU (:func:`timing_cache_file`).
         workspace_bytes: Builder workspace memory pool limit.
+        device: The GPU to build for (made current for the build).
+        model: :func:`~serve.engines._onnx_info.inspect_model` of the file, when known.
 
     Raises:
         TensorRTUnavailableError: TensorRT or cuda-python missing.
@@ -175,21 +223,29 @@ def build_serialized_engine(
         ConfigError: the model does not fit the spec, or the precision cannot be honoured.
     """
     trt, cudart = _import_trt(), _import_cudart()
+    if model is None:
+        model = inspect_model(Path(spec.onnx_path))
     return build_plan(
         trt,
         cudart,
         spec,
-        onnx_bytes,
+        model,
         precision=precision,
         calibration_batches=calibration_batches,
         calibration_cache_path=calibration_cache_path,
         timing_cache_path=timing_cache_path,
         workspace_bytes=workspace_bytes,
+        device=device,
+        onnx_bytes=onnx_bytes,
     )
 
 
 class TensorRTEngine:
-    """A deserialized TensorRT engine behind the :class:`~serve.engines.base.Engine` protocol."""
+    """A deserialized TensorRT engine behind the :class:`~serve.engines.base.Engine` protocol.
+
+    After a sticky CUDA fault :attr:`healthy` is False and every call raises
+    :class:`TensorRTDeviceFault` (an :class:`~serve.engines.base.EngineFault`).
+    """
 
     def __init__(
         self,
@@ -207,6 +263,7 @@ class TensorRTEngine:
         self.precision = precision
         self.cache_report: CacheReport | None = None
         self._input_dtype = np.dtype(spec.input_dtype)
+        self._healthy_at_close = True
 
     @classmethod
     def from_serialized(
@@ -216,8 +273,9 @@ class TensorRTEngine:
         *,
         precision: Precision | None = None,
         device: int = 0,
+        use_graphs: bool = True,
     ) -> TensorRTEngine:
-        """Deserialize a plan and create ``spec.workers`` execution slots.
+        """Deserialize a plan on GPU ``device`` and create ``spec.workers`` execution slots.
 
         Raises:
             IncompatibleEngineError: TensorRT refused the plan (other TensorRT version or GPU,
@@ -225,15 +283,19 @@ class TensorRTEngine:
         """
         trt, cudart = _import_trt(), _import_cudart()
         cuda_call(cudart, cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+        init_plugins(trt)  # plans that use plugins need their creators registered
         identity = device_identity(device)
         runtime = trt.Runtime(trt_logger(trt))
+        if spec.compatibility.version_compatible:
+            # A version-compatible plan carries the lean runtime that must run it.
+            runtime.engine_host_code_allowed = True
         engine = runtime.deserialize_cuda_engine(engine_bytes)
         if engine is None:
             raise IncompatibleEngineError(
                 f"TensorRT {identity.tensorrt_version} on {identity.gpu_name} ({identity.sm}) cannot "
                 f"deserialize the {len(engine_bytes)}-byte plan for {spec.model}/{spec.version}"
             )
-        pool = ExecutionPool(trt, cudart, engine, spec, device=device)
+        pool = ExecutionPool(trt, cudart, engine, spec, device=device, use_graphs=use_graphs)
         return cls(spec, runtime, engine, pool, identity, precision or spec.precision)
 
     @classmethod
@@ -246,15 +308,17 @@ class TensorRTEngine:
         calibration_batches: Iterable[np.ndarray] | None = None,
         calibration_digest: str | None = None,
         calibration_cache_path: Path | None = None,
-        timing_cache_path: Path | None = None,
+        timing_cache_dir: Path | None = None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
         validate: Callable[[TensorRTEngine], Mapping[str, object] | None] | None = None,
     ) -> TensorRTEngine:
-        """Load the plan for ``spec`` through ``cache``, building it on a miss.
+        """Load the plan for ``spec`` on GPU ``device`` through ``cache``, building it there
+        on a miss.
 
         Args:
             cache: The engine cache; None builds every time (logged: slow start-up).
             calibration_digest: Identifies the INT8 calibration set in the cache key.
+            timing_cache_dir: Where per-(model, GPU, TensorRT) timing caches live.
             validate: Runs on a freshly built engine before it is published (the accuracy
                 guard); raising refuses the engine.
 
@@ -265,17 +329,19 @@ class TensorRTEngine:
         _import_trt()
         _import_cudart()
         identity = device_identity(device)
-        onnx_bytes = Path(spec.onnx_path).read_bytes()
+        model = inspect_model(Path(spec.onnx_path))
+        timing = timing_cache_file(timing_cache_dir, spec, identity) if timing_cache_dir else None
 
         def build() -> bytes:
             return build_serialized_engine(
                 spec,
-                onnx_bytes,
                 precision=spec.precision,
                 calibration_batches=calibration_batches,
                 calibration_cache_path=calibration_cache_path,
-                timing_cache_path=timing_cache_path,
+                timing_cache_path=timing,
                 workspace_bytes=workspace_bytes,
+                device=device,
+                model=model,
             )
 
         def load(data: bytes) -> TensorRTEngine:
@@ -288,17 +354,20 @@ class TensorRTEngine:
                 spec.version,
             )
             return load(build())
-        options = (
-            {"calibration": calibration_digest}
-            if spec.precision is Precision.INT8 and calibration_digest
-            else {}
-        )
-        key = engine_cache_key(spec, onnx_bytes, identity, options=options)
+        calibrated = spec.precision is Precision.INT8 and not model.quantized
+        options = {"calibration": calibration_digest} if calibrated and calibration_digest else {}
+        key = engine_cache_key(spec, model.digest, identity, options=options)
         info = {
             "model": spec.model,
             "version": spec.version,
             "gpu": identity.gpu_name,
+            "device": device,
             "cuda_driver": identity.cuda_driver_version,
+            "quantization": "explicit"
+            if model.quantized
+            else "calibrated"
+            if calibrated
+            else "none",
         }
         result = cache.get_or_build(key, build=build, load=load, validate=validate, info=info)
         result.value.cache_report = result.report
@@ -308,11 +377,30 @@ class TensorRTEngine:
     def backend_name(self) -> str:
         return f"tensorrt:{self.precision.value}:{self.identity.sm}"
 
+    @property
+    def healthy(self) -> bool:
+        """False once a sticky CUDA fault broke the engine (the replica must be replaced)."""
+        return self._pool.healthy if self._pool is not None else self._healthy_at_close
+
+    def check(self) -> bool:
+        """Health check for the model server: same as :attr:`healthy`."""
+        return self.healthy
+
+    @property
+    def graph_runs(self) -> int:
+        """Batches served by replaying a CUDA graph."""
+        return self._pool.graph_runs if self._pool is not None else 0
+
     def infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
         """Run ``batch`` (N rows): padded up to the next built batch size, padding cut off after.
 
         Padding to the built sizes rather than running any size inside the profile keeps
-        the set of shapes small and equal to the ones that were tuned and warmed up.
+        the set of shapes small and equal to the ones that were tuned, warmed up and
+        captured into CUDA graphs.
+
+        Raises:
+            TensorRTDeviceFault: a sticky CUDA fault, now or earlier (the engine is broken).
+            TensorRTError: the engine is closed, or a CUDA/TensorRT call failed.
         """
         spec = self._spec
         if batch.ndim != len(spec.input_shape) + 1 or tuple(batch.shape[1:]) != spec.input_shape:
@@ -340,8 +428,9 @@ class TensorRTEngine:
         return {name: outputs[name][:n] for name in names}
 
     def close(self) -> None:
-        """Free contexts, streams and device buffers, then the engine and runtime (in that order)."""
+        """Free contexts, streams and buffers, then the engine and runtime (in that order)."""
         if self._pool is not None:
+            self._healthy_at_close = self._pool.healthy
             self._pool.close()
         self._pool = None
         self._engine = None

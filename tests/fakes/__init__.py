@@ -28,10 +28,22 @@ class FakeGpuHandle:
 
     @property
     def gpu(self) -> fake_cudart.FakeGpu:
-        return fake_cudart.STATE.gpu
+        """Device 0."""
+        return fake_cudart.STATE.gpus[0]
+
+    @property
+    def gpus(self) -> list[fake_cudart.FakeGpu]:
+        return fake_cudart.STATE.gpus
 
     def set_trt_version(self, version: str) -> None:
+        """Become another TensorRT release of the same major (builds are kept)."""
+        if version.split(".")[0] != fake_tensorrt.__version__.split(".")[0]:
+            raise ValueError("switching the major changes the API: install_fake_gpu(trt_version=)")
         fake_tensorrt.__version__ = version
+
+    def inject_fault(self) -> None:
+        """The next kernel faults with cudaErrorIllegalAddress (sticky, as on a GPU)."""
+        fake_cudart.inject_fault()
 
     def live_device_allocations(self) -> int:
         return len(fake_cudart.STATE.allocations)
@@ -44,17 +56,22 @@ def install_fake_gpu(
     monkeypatch: pytest.MonkeyPatch,
     *,
     gpu: fake_cudart.FakeGpu | None = None,
-    trt_version: str = "10.3.0",
+    gpus: list[fake_cudart.FakeGpu] | None = None,
+    trt_version: str = "10.3.0.26",
     cuda_layout: CudaLayout = "both",
 ) -> FakeGpuHandle:
     """Install fake ``tensorrt`` and ``cuda`` packages with fresh state.
+
+    ``trt_version`` picks the API as well: ``11.x`` has no FP16/INT8 builder flags or
+    calibrators. ``gpus`` simulates several devices (``gpu`` one).
 
     ``cuda_layout`` picks which cuda-python layout exists: ``bindings``
     (``cuda.bindings.runtime``, cuda-python >= 12.6), ``legacy`` (``cuda.cudart``)
     or ``both``.
     """
-    fake_cudart.reset(gpu)
+    fake_cudart.reset(gpu, gpus)
     fake_tensorrt.reset(trt_version)
+    monkeypatch.setattr(fake_tensorrt, "__version__", trt_version)
     cuda_pkg = types.ModuleType("cuda")
     cuda_pkg.__path__ = []  # a package, so submodule imports resolve through sys.modules
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)

@@ -16,30 +16,42 @@ def build(
 ) -> trt.IHostMemory | None:
     """Validate like TensorRT, run INT8 calibration, and return a packed fake engine."""
     logger = builder.logger
+    if fake_cudart.current_device() != builder.device:
+        raise trt.FakeMisuseError(
+            f"builder made on device {builder.device} used from a thread on device "
+            f"{fake_cudart.current_device()}"
+        )
     if network.onnx is None or not network.num_inputs:
         trt._error(logger, "Network must have at least one input (was the ONNX model parsed?)")
         return None
-    flags = config.flags
-    if trt.BuilderFlag.FP16 in flags and not builder.platform_has_fast_fp16:
+    if config.has("FP16") and not builder.platform_has_fast_fp16:
         raise trt.FakeMisuseError("BuilderFlag.FP16 set on a platform without fast FP16")
-    if trt.BuilderFlag.INT8 in flags and not builder.platform_has_fast_int8:
+    if config.has("INT8") and not builder.platform_has_fast_int8:
         raise trt.FakeMisuseError("BuilderFlag.INT8 set on a platform without fast INT8")
     if not _profiles_valid(logger, network, config):
         return None
+    precision = _precision(logger, network, config)
+    if precision is None:
+        return None
     amax: dict[str, float] | None = None
-    if trt.BuilderFlag.INT8 in flags:
+    if precision == "int8" and not network.has_qdq:
         amax = _calibrate(logger, network, config)
         if amax is None:
             return None
-    precision = "int8" if amax is not None else "fp16" if trt.BuilderFlag.FP16 in flags else "fp32"
     _use_timing_cache(config, network.onnx, precision)
-    g = fake_cudart.STATE.gpu
+    g = fake_cudart.STATE.gpu  # the building thread's current device
     profile = config.profiles[0] if config.profiles else None
+    level = trt.HardwareCompatibilityLevel(config.hardware_compatibility_level)
     header = {
         "trt_version": trt.__version__,
         "device_name": g.name,
+        "device_index": fake_cudart.current_device(),
         "compute_capability": [g.major, g.minor],
         "precision": precision,
+        "explicit_quantization": network.has_qdq,
+        "version_compatible": config.has("VERSION_COMPATIBLE"),
+        "hardware_compatibility": level.name,
+        "plugins": network.plugin_ops,
         "workspace": config.pool_limits.get(trt.MemoryPoolType.WORKSPACE),
         "profile": {
             t.name: [list(d) for d in profile.shapes[t.name]]
@@ -55,6 +67,25 @@ def build(
     with trt.STATE.lock:
         trt.STATE.builds.append(header)
     return trt._pack(header, network.onnx)
+
+
+def _precision(
+    logger: trt.ILogger, network: trt.INetworkDefinition, config: trt.IBuilderConfig
+) -> str | None:
+    """What the plan computes in. Strongly typed networks take it from the model's types."""
+    flags = [f for f in ("FP16", "INT8") if config.has(f)]
+    if network.strongly_typed:
+        if flags:
+            trt._error(logger, f"BuilderFlag {flags} is not allowed with strongly typed networks")
+            return None
+        if trt.major() < 11 and config.int8_calibrator is not None:
+            trt._error(logger, "An INT8 calibrator cannot be used with strongly typed networks")
+            return None
+        return "int8" if network.has_qdq else "fp16" if network.float16_model else "fp32"
+    if network.has_qdq and "INT8" not in flags:
+        trt._error(logger, "Q/DQ layers need BuilderFlag.INT8 or a strongly typed network to build")
+        return None
+    return "int8" if "INT8" in flags else "fp16" if "FP16" in flags else "fp32"
 
 
 def _profiles_valid(
@@ -163,6 +194,8 @@ def _use_timing_cache(config: trt.IBuilderConfig, onnx_bytes: bytes, precision: 
     if cache is None:
         return
     key = hashlib.sha256(onnx_bytes + precision.encode()).hexdigest()[:16]
+    if cache.device != trt.device_tag():
+        raise trt.FakeMisuseError("timing cache of another device/TensorRT attached")
     if key in cache.entries:
         trt.STATE.timing_cache_hits += 1
     else:

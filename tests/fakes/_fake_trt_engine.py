@@ -6,12 +6,74 @@ fake device memory, at stream synchronization, with FP16/INT8 effects simulated.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 
 import numpy as np
 
 from tests.fakes import fake_cudart
 from tests.fakes import fake_tensorrt as trt
+
+
+def _unpack(data: bytes) -> tuple[dict, bytes] | None:
+    if not data.startswith(trt._MAGIC):
+        return None
+    n = int.from_bytes(data[len(trt._MAGIC) : len(trt._MAGIC) + 4], "little")
+    start = len(trt._MAGIC) + 4
+    try:
+        header = json.loads(data[start : start + n])
+    except ValueError:
+        return None
+    onnx_bytes = data[start + n :]
+    if hashlib.sha256(onnx_bytes).hexdigest() != header.get("onnx_sha256"):
+        return None
+    return header, onnx_bytes
+
+
+def _version_fits(header: dict, runtime: trt.Runtime) -> str | None:
+    built = header["trt_version"]
+    if header["version_compatible"]:
+        # A version-compatible plan runs on the same or a later release of its major,
+        # through the lean runtime it carries, which must be allowed to run.
+        if not runtime.engine_host_code_allowed:
+            return "version-compatible engines need Runtime.engine_host_code_allowed = True"
+        same_major = built.split(".")[0] == trt.__version__.split(".")[0]
+        as_tuple = [tuple(int(p) for p in v.split(".")) for v in (built, trt.__version__)]
+        if same_major and as_tuple[0] <= as_tuple[1]:
+            return None
+    elif built == trt.__version__:
+        return None
+    return (
+        "The engine plan file is not compatible with this version of TensorRT, expecting "
+        f"library version {trt.__version__} got {built}"
+    )
+
+
+def _device_fits(header: dict) -> str | None:
+    g = fake_cudart.STATE.gpu  # the deserializing thread's current device
+    built = tuple(header["compute_capability"])
+    level = header["hardware_compatibility"]
+    if level == "AMPERE_PLUS" and (g.major, g.minor) >= (8, 0):
+        return None
+    if built == (g.major, g.minor):
+        return None
+    return "The engine plan file is generated on an incompatible device"
+
+
+def deserialize(runtime: trt.Runtime, data: bytes) -> ICudaEngine | None:
+    unpacked = _unpack(data)
+    if unpacked is None:
+        trt._error(runtime.logger, "IRuntime::deserializeCudaEngine: magic tag / checksum mismatch")
+        return None
+    header, onnx_bytes = unpacked
+    problem = _version_fits(header, runtime) or _device_fits(header)
+    if problem is None and header["plugins"] and not trt.STATE.plugins_initialized:
+        problem = f"plugin creator not found for {header['plugins'][0]}"
+    if problem is not None:
+        trt._error(runtime.logger, problem)
+        return None
+    return ICudaEngine(header, onnx_bytes)
 
 
 class ICudaEngine:
@@ -98,8 +160,9 @@ class ICudaEngine:
         precision = self._header["precision"]
         ready = {}
         for name, x in feeds.items():
-            if precision == "int8" and x.dtype.kind == "f":
-                scale = (self._header["int8_amax"][name] or 1.0) / 127.0
+            amax = self._header["int8_amax"]  # None: the model quantizes itself (Q/DQ)
+            if precision == "int8" and amax and x.dtype.kind == "f":
+                scale = (amax[name] or 1.0) / 127.0
                 x = (np.clip(np.round(x / scale), -128, 127) * scale).astype(x.dtype)
             if precision in ("fp16", "int8") and x.dtype.kind == "f":
                 x = x.astype(np.float16).astype(x.dtype)
@@ -200,10 +263,18 @@ class IExecutionContext:
                 )
                 return False
         addresses = dict(self._addresses)
-        self._in_flight = True
+        capturing = fake_cudart.stream_handle(stream_handle) in fake_cudart.STATE.capturing
+        if capturing and trt.STATE.capture_unsupported:
+            fake_cudart.invalidate_capture(stream_handle)
+            self._logger_error("executeAsyncV3: this engine cannot be captured into a graph")
+            return False
+        self._in_flight = not capturing  # captured work is recorded, not run
 
         def op() -> None:
             try:
+                fault = fake_cudart.take_fault()
+                if fault is not None:
+                    raise fake_cudart.KernelFault(fault, "kernel fault injected by the test")
                 feeds = {}
                 for name in self.engine._inputs():
                     dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
@@ -220,7 +291,7 @@ class IExecutionContext:
             finally:
                 self._in_flight = False
 
-        if not fake_cudart.enqueue(stream_handle, op):
+        if not fake_cudart.enqueue(stream_handle, op, uses=addresses.values()):
             self._in_flight = False
             self._logger_error(f"executeAsyncV3: invalid stream 0x{stream_handle:x}")
             return False

@@ -1,30 +1,36 @@
-"""A fake of the TensorRT 10 Python API subset triggerfish calls.
+"""A fake of the TensorRT Python API subset triggerfish calls, as TensorRT 10.x or 11.x.
+
+:func:`reset` picks the version, and the module's names follow the real API's
+differences (read from TensorRT's own binding sources, 10.3 to 11.1):
+
+* 10.x: ``BuilderFlag.FP16``/``INT8``, ``IInt8EntropyCalibrator2``,
+  ``IBuilderConfig.int8_calibrator``/``set_calibration_profile``,
+  ``Builder.platform_has_fast_fp16``/``int8`` and the no-op ``EXPLICIT_BATCH`` flag exist;
+  a network is weakly typed unless created with ``STRONGLY_TYPED``.
+* 11.x: all of those are gone (``AttributeError``, as in the real bindings); every
+  network is strongly typed, so precision comes from the ONNX model's own types or its
+  QuantizeLinear/DequantizeLinear nodes.
 
 It is strict where TensorRT is strict, so that wrong usage fails a test:
 
-* ``OnnxParser.parse`` really parses the ONNX bytes (``onnx``) and records errors;
-* ``build_serialized_network`` returns ``None`` (and logs an ERROR) when a dynamic
-  input has no optimization profile, a profile contradicts the network, INT8 has
-  no calibrator, or a dynamic INT8 network has no calibration profile;
-* setting ``BuilderFlag.FP16``/``INT8`` on a GPU without fast FP16/INT8 raises
-  :class:`FakeMisuseError` at build time (real TensorRT would silently build a slow engine);
-* a serialized engine embeds a header (fake TensorRT version, device, precision,
-  profile, ONNX bytes); deserializing on another version or compute capability
-  returns ``None`` as real TensorRT does;
-* an execution context rejects shapes outside the profile (``set_input_shape`` returns
-  False) and refuses to execute (returns False) with an input shape or a tensor address
-  missing or a buffer too small; its work runs on the stream, at synchronize.
-
-The engine computes: at execution it runs the embedded ONNX model with ONNX Runtime
-on the bytes in fake device memory (:mod:`tests.fakes.fake_cudart`). FP16 engines
-round inputs and outputs through float16; INT8 engines quantize the input with the
-scale found during calibration, so bad calibration data really degrades results.
+* the parser really parses the ONNX model (``onnx``); initializers stored in external
+  files only load when the parser is told where the model lives (``parse(..., path=)`` or
+  ``parse_from_file``); plugin ops (``EfficientNMS_TRT`` ...) only import after
+  ``init_libnvinfer_plugins``;
+* ``build_serialized_network`` returns ``None`` (and logs an ERROR) when a dynamic input has
+  no optimization profile, a profile contradicts the network, INT8 has no calibrator, a
+  dynamic INT8 network has no calibration profile, or precision flags meet a strongly typed
+  network; FP16/INT8 flags on a GPU without fast FP16/INT8 raise :class:`FakeMisuseError`;
+* a plan records the *current device* of the building thread, and deserializing it with
+  another TensorRT version or on another compute capability returns ``None``;
+* execution contexts reject shapes outside the profile and missing addresses, compute at
+  stream synchronization, can be captured into CUDA graphs, and fault on demand
+  (:func:`tests.fakes.fake_cudart.inject_fault`) with a sticky CUDA error.
 """
 
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -34,14 +40,33 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tests.fakes import fake_cudart
+from tests.fakes._fake_trt_network import (
+    INetworkDefinition,
+    ITensor,
+    OnnxParser,
+    ParserError,
+)
 
 if TYPE_CHECKING:
     from tests.fakes._fake_trt_engine import ICudaEngine
 
-__version__ = "10.3.0"
+__all__ = ["INetworkDefinition", "ITensor", "OnnxParser", "ParserError"]
+
+__version__ = "10.3.0.26"
 _MAGIC = b"FAKETRT1"
 _TIMING_MAGIC = b"FAKETIMING1"
 _CALIB_MAGIC = b"FAKECALIB1"
+#: Names the TensorRT 11 bindings no longer have.
+_REMOVED_IN_11 = frozenset(
+    {
+        "int8_calibrator",
+        "set_calibration_profile",
+        "get_calibration_profile",
+        "platform_has_fast_fp16",
+        "platform_has_fast_int8",
+        "platform_has_tf32",
+    }
+)
 
 
 class FakeMisuseError(AssertionError):
@@ -56,17 +81,16 @@ class _State:
     timing_cache_hits: int = 0
     calibration_batches: int = 0
     live_contexts: int = 0
+    plugins_initialized: bool = False
+    capture_unsupported: bool = False  # enqueue fails while a stream is being captured
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 STATE = _State()
 
 
-def reset(version: str = "10.3.0") -> None:
-    """Forget recorded builds/executions; set the fake TensorRT version."""
-    global STATE, __version__
-    STATE = _State()
-    __version__ = version
+def major() -> int:
+    return int(__version__.split(".")[0])
 
 
 # --- enums and small value types -----------------------------------------------------------------
@@ -114,6 +138,10 @@ def _log(logger: ILogger, severity: _Severity, msg: str) -> None:
     logger.log(severity, msg)
 
 
+def _error(logger: ILogger, msg: str) -> None:
+    _log(logger, _Severity.ERROR, msg)
+
+
 class DataType(IntEnum):
     FLOAT = 0
     HALF = 1
@@ -128,16 +156,14 @@ class DataType(IntEnum):
         return np.dtype(nptype(self)).itemsize
 
 
-# TensorRT's module-level aliases (``trt.float32`` ...), NumPy types and ONNX element types.
+# TensorRT's module-level aliases (``trt.float32`` ...) and NumPy types.
 float32, float16, int8, int32 = DataType.FLOAT, DataType.HALF, DataType.INT8, DataType.INT32
 bool, uint8, int64 = DataType.BOOL, DataType.UINT8, DataType.INT64  # noqa: A001
-_TYPES = [  # (TensorRT type, NumPy type, ONNX TensorProto element type)
-    (DataType.FLOAT, np.float32, 1), (DataType.HALF, np.float16, 10), (DataType.INT8, np.int8, 3),
-    (DataType.INT32, np.int32, 6), (DataType.BOOL, np.bool_, 9), (DataType.UINT8, np.uint8, 2),
-    (DataType.INT64, np.int64, 7),
-]  # fmt: skip
-_NP = {t: n for t, n, _ in _TYPES}
-_FROM_ONNX = {o: t for t, _, o in _TYPES}
+_NP = {
+    DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
+    DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8,
+    DataType.INT64: np.int64,
+}  # fmt: skip
 
 
 def nptype(trt_type: DataType) -> type:
@@ -160,16 +186,37 @@ class MemoryPoolType(IntEnum):
     DLA_MANAGED_SRAM = 1
 
 
-class BuilderFlag(IntEnum):
+class _BuilderFlag10(IntEnum):
     FP16 = 0
     INT8 = 1
     DEBUG = 2
     TF32 = 7
+    VERSION_COMPATIBLE = 14
 
 
-class NetworkDefinitionCreationFlag(IntEnum):
+class _BuilderFlag11(IntEnum):
+    DEBUG = 2
+    TF32 = 7
+    VERSION_COMPATIBLE = 14
+
+
+class _NetworkFlag10(IntEnum):
     EXPLICIT_BATCH = 0
     STRONGLY_TYPED = 1
+
+
+class _NetworkFlag11(IntEnum):
+    STRONGLY_TYPED = 1  # deprecated: always on
+
+
+class HardwareCompatibilityLevel(IntEnum):
+    NONE = 0
+    AMPERE_PLUS = 1
+    SAME_COMPUTE_CAPABILITY = 2
+
+
+BuilderFlag: type[IntEnum] = _BuilderFlag10
+NetworkDefinitionCreationFlag: type[IntEnum] = _NetworkFlag10
 
 
 class Dims(tuple):
@@ -184,85 +231,34 @@ class IHostMemory(bytearray):
         return len(self)
 
 
-# --- network and parser ------------------------------------------------------------------------
+class _Versioned:
+    """Attributes removed in TensorRT 11 raise ``AttributeError`` there, as in the bindings."""
+
+    def __getattribute__(self, name: str) -> object:
+        if name in _REMOVED_IN_11 and major() >= 11:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _REMOVED_IN_11 and major() >= 11:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        object.__setattr__(self, name, value)
 
 
-@dataclass
-class ITensor:
-    name: str
-    shape: Dims
-    dtype: DataType
+# --- plugins -----------------------------------------------------------------------------------
 
 
-class INetworkDefinition:
-    def __init__(self, flags: int) -> None:
-        self.flags = flags
-        self._inputs: list[ITensor] = []
-        self._outputs: list[ITensor] = []
-        self.onnx: bytes | None = None
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self._inputs)
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self._outputs)
-
-    def get_input(self, index: int) -> ITensor:
-        return self._inputs[index]
-
-    def get_output(self, index: int) -> ITensor:
-        return self._outputs[index]
+def init_libnvinfer_plugins(logger: ILogger, namespace: str) -> builtins.bool:
+    """Register TensorRT's bundled plugins (EfficientNMS_TRT ...) with the plugin registry."""
+    if not getattr(logger, "_initialized", False):
+        raise FakeMisuseError("init_libnvinfer_plugins needs an initialized ILogger")
+    if not isinstance(namespace, str):
+        raise TypeError("namespace must be a str")
+    STATE.plugins_initialized = True
+    return True
 
 
-class ParserError:
-    def __init__(self, desc: str) -> None:
-        self._desc = desc
-
-    def desc(self) -> str:
-        return self._desc
-
-    def __str__(self) -> str:
-        return f"In node -1 (parse): {self._desc}"
-
-
-class OnnxParser:
-    def __init__(self, network: INetworkDefinition, logger: ILogger) -> None:
-        self._network, self._logger = network, logger
-        self._errors: list[ParserError] = []
-
-    @property
-    def num_errors(self) -> int:
-        return len(self._errors)
-
-    def get_error(self, index: int) -> ParserError:
-        return self._errors[index]
-
-    def parse(self, model: bytes, path: str | None = None) -> bool:
-        import onnx
-
-        if not isinstance(model, bytes | bytearray | memoryview):
-            raise TypeError(f"parse() expects a buffer, got {type(model).__name__}")
-        try:
-            proto = onnx.load_model_from_string(bytes(model))
-            onnx.checker.check_model(proto)
-        except Exception as err:  # onnx raises several unrelated types for bad bytes
-            self._errors.append(ParserError(f"invalid ONNX model: {err}"))
-            _log(self._logger, _Severity.ERROR, f"ONNX parse failed: {err}")
-            return False
-        inits = {i.name for i in proto.graph.initializer}
-        for vi, dest in [
-            (v, self._network._inputs) for v in proto.graph.input if v.name not in inits
-        ] + [(v, self._network._outputs) for v in proto.graph.output]:
-            t = vi.type.tensor_type
-            dims = Dims(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-            dest.append(ITensor(vi.name, dims, _FROM_ONNX[t.elem_type]))
-        self._network.onnx = bytes(model)
-        return True
-
-
-# --- builder -----------------------------------------------------------------------------------
+# --- INT8 calibrators (TensorRT 10.x only) ---------------------------------------------------------
 
 
 class IInt8Calibrator:
@@ -274,6 +270,30 @@ class IInt8Calibrator:
 
 class IInt8EntropyCalibrator2(IInt8Calibrator):
     pass
+
+
+_CALIBRATORS = {
+    "IInt8Calibrator": IInt8Calibrator,
+    "IInt8EntropyCalibrator2": IInt8EntropyCalibrator2,
+}
+
+
+def reset(version: str = "10.3.0.26") -> None:
+    """Forget recorded builds/executions; become TensorRT ``version`` (its API included)."""
+    global STATE, __version__, BuilderFlag, NetworkDefinitionCreationFlag
+    STATE = _State()
+    __version__ = version
+    module = globals()
+    if major() >= 11:
+        BuilderFlag, NetworkDefinitionCreationFlag = _BuilderFlag11, _NetworkFlag11
+        for name in _CALIBRATORS:
+            module.pop(name, None)
+    else:
+        BuilderFlag, NetworkDefinitionCreationFlag = _BuilderFlag10, _NetworkFlag10
+        module.update(_CALIBRATORS)
+
+
+# --- builder -----------------------------------------------------------------------------------
 
 
 class IOptimizationProfile:
@@ -303,34 +323,51 @@ class ITimingCache:
         body = json.dumps({"device": self.device, "entries": self.entries}).encode()
         return IHostMemory(_TIMING_MAGIC + body)
 
+    def combine(self, input_cache: ITimingCache, ignore_mismatch: builtins.bool) -> builtins.bool:
+        """Merge ``input_cache`` into this one; refused across devices/versions unless ignored."""
+        if not isinstance(input_cache, ITimingCache):
+            raise TypeError("combine needs an ITimingCache")
+        if input_cache.device != self.device and not ignore_mismatch:
+            return False
+        for key, value in input_cache.entries.items():
+            self.entries.setdefault(key, value)
+        return True
 
-def _device_tag() -> str:
+
+def device_tag() -> str:
+    """What a timing cache is specific to: the current device and this TensorRT."""
     g = fake_cudart.STATE.gpu
-    return f"{g.name}|sm_{g.major}{g.minor}"
+    return f"{g.name}|sm_{g.major}{g.minor}|{__version__}"
 
 
-class IBuilderConfig:
+class IBuilderConfig(_Versioned):
     def __init__(self) -> None:
-        self.flags: set[BuilderFlag] = set()
+        self.flags: set[int] = set()
         self.pool_limits: dict[MemoryPoolType, int] = {}
         self.profiles: list[IOptimizationProfile] = []
-        self.int8_calibrator: object | None = None
-        self.calibration_profile: IOptimizationProfile | None = None
+        self.hardware_compatibility_level = HardwareCompatibilityLevel.NONE
         self._timing_cache: ITimingCache | None = None
+        object.__setattr__(self, "int8_calibrator", None)
+        object.__setattr__(self, "calibration_profile", None)
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
         if pool_size < 0:
             raise ValueError(f"negative pool size {pool_size}")
         self.pool_limits[MemoryPoolType(pool)] = int(pool_size)
 
-    def set_flag(self, flag: BuilderFlag) -> None:
-        self.flags.add(BuilderFlag(flag))
+    def set_flag(self, flag: IntEnum) -> None:
+        self.flags.add(int(BuilderFlag(flag)))
 
-    def clear_flag(self, flag: BuilderFlag) -> None:
-        self.flags.discard(BuilderFlag(flag))
+    def clear_flag(self, flag: IntEnum) -> None:
+        self.flags.discard(int(BuilderFlag(flag)))
 
-    def get_flag(self, flag: BuilderFlag) -> bool:
-        return BuilderFlag(flag) in self.flags
+    def get_flag(self, flag: IntEnum) -> builtins.bool:
+        return int(BuilderFlag(flag)) in self.flags
+
+    def has(self, name: str) -> builtins.bool:
+        """Fake-only: whether the flag called ``name`` is set."""
+        member = BuilderFlag.__members__.get(name)
+        return member is not None and int(member) in self.flags
 
     @property
     def num_optimization_profiles(self) -> int:
@@ -342,25 +379,27 @@ class IBuilderConfig:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def set_calibration_profile(self, profile: IOptimizationProfile) -> bool:
+    def set_calibration_profile(self, profile: IOptimizationProfile) -> builtins.bool:
         if not profile:
             return False
-        self.calibration_profile = profile
+        object.__setattr__(self, "calibration_profile", profile)
         return True
 
     def create_timing_cache(self, serialized_timing_cache: bytes) -> ITimingCache | None:
         data = bytes(serialized_timing_cache)
         if not data:
-            return ITimingCache(_device_tag(), {})
+            return ITimingCache(device_tag(), {})
         if not data.startswith(_TIMING_MAGIC):
             return None
         body = json.loads(data[len(_TIMING_MAGIC) :])
         return ITimingCache(body["device"], body["entries"])
 
-    def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+    def set_timing_cache(
+        self, cache: ITimingCache, ignore_mismatch: builtins.bool
+    ) -> builtins.bool:
         if not isinstance(cache, ITimingCache):
             raise TypeError("set_timing_cache needs an ITimingCache")
-        if cache.device != _device_tag() and not ignore_mismatch:
+        if cache.device != device_tag() and not ignore_mismatch:
             return False
         self._timing_cache = cache
         return True
@@ -369,24 +408,29 @@ class IBuilderConfig:
         return self._timing_cache
 
 
-class Builder:
+class Builder(_Versioned):
     def __init__(self, logger: ILogger) -> None:
         if not getattr(logger, "_initialized", False):
             raise FakeMisuseError("Builder needs an initialized ILogger")
         self.logger = logger
+        self.device = fake_cudart.current_device()  # TensorRT binds to the current device
 
     @property
-    def platform_has_fast_fp16(self) -> bool:
-        return fake_cudart.STATE.gpu.fast_fp16
+    def platform_has_fast_fp16(self) -> builtins.bool:
+        return fake_cudart.STATE.gpus[self.device].fast_fp16
 
     @property
-    def platform_has_fast_int8(self) -> bool:
-        return fake_cudart.STATE.gpu.fast_int8
+    def platform_has_fast_int8(self) -> builtins.bool:
+        return fake_cudart.STATE.gpus[self.device].fast_int8
 
     def create_network(self, flags: int = 0) -> INetworkDefinition:
-        if flags & (1 << NetworkDefinitionCreationFlag.EXPLICIT_BATCH):
+        explicit = NetworkDefinitionCreationFlag.__members__.get("EXPLICIT_BATCH")
+        if explicit is not None and flags & (1 << explicit):
             _log(self.logger, _Severity.WARNING, "EXPLICIT_BATCH is deprecated and ignored")
-        return INetworkDefinition(flags)
+        strongly = major() >= 11 or builtins.bool(
+            flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        )
+        return INetworkDefinition(flags, strongly_typed=strongly)
 
     def create_builder_config(self) -> IBuilderConfig:
         return IBuilderConfig()
@@ -402,10 +446,6 @@ class Builder:
         return _fake_trt_build.build(self, network, config)
 
 
-def _error(logger: ILogger, msg: str) -> None:
-    _log(logger, _Severity.ERROR, msg)
-
-
 # --- runtime -----------------------------------------------------------------------------------
 
 
@@ -414,44 +454,14 @@ def _pack(header: dict, onnx_bytes: bytes) -> IHostMemory:
     return IHostMemory(_MAGIC + len(head).to_bytes(4, "little") + head + onnx_bytes)
 
 
-def _unpack(data: bytes) -> tuple[dict, bytes] | None:
-    if not data.startswith(_MAGIC):
-        return None
-    n = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 4], "little")
-    start = len(_MAGIC) + 4
-    try:
-        header = json.loads(data[start : start + n])
-    except ValueError:
-        return None
-    onnx_bytes = data[start + n :]
-    if hashlib.sha256(onnx_bytes).hexdigest() != header.get("onnx_sha256"):
-        return None
-    return header, onnx_bytes
-
-
-class Runtime:
+class Runtime(_Versioned):
     def __init__(self, logger: ILogger) -> None:
         if not getattr(logger, "_initialized", False):
             raise FakeMisuseError("Runtime needs an initialized ILogger")
         self.logger = logger
+        self.engine_host_code_allowed = False
 
     def deserialize_cuda_engine(self, serialized_engine: bytes) -> ICudaEngine | None:
-        from tests.fakes._fake_trt_engine import ICudaEngine
+        from tests.fakes._fake_trt_engine import deserialize
 
-        unpacked = _unpack(bytes(serialized_engine))
-        if unpacked is None:
-            _error(self.logger, "IRuntime::deserializeCudaEngine: magic tag / checksum mismatch")
-            return None
-        header, onnx_bytes = unpacked
-        if header["trt_version"] != __version__:
-            _error(
-                self.logger,
-                f"The engine plan file is not compatible with this version of TensorRT, expecting "
-                f"library version {__version__} got {header['trt_version']}",
-            )
-            return None
-        g = fake_cudart.STATE.gpu
-        if header["compute_capability"] != [g.major, g.minor]:
-            _error(self.logger, "The engine plan file is generated on an incompatible device")
-            return None
-        return ICudaEngine(header, onnx_bytes)
+        return deserialize(self, bytes(serialized_engine))

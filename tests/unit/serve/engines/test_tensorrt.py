@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import sys
@@ -65,9 +66,14 @@ def test_load_engine_dispatch_reports_missing_tensorrt(spec, monkeypatch) -> Non
         load_engine(spec, Backend.TENSORRT)
 
 
-def test_tensorrt_older_than_10_is_refused(spec, fake_gpu: FakeGpuHandle) -> None:
-    fake_gpu.set_trt_version("8.6.1")
-    with pytest.raises(TensorRTUnavailableError, match="8.6.1 is too old"):
+@pytest.mark.parametrize(
+    ("version", "message"), [("8.6.1", "8.6.1 is too old"), ("12.0.0.1", "newer than")]
+)
+def test_tensorrt_outside_the_supported_majors_is_refused(
+    spec, monkeypatch, version, message
+) -> None:
+    install_fake_gpu(monkeypatch, trt_version=version)
+    with pytest.raises(TensorRTUnavailableError, match=message):
         TensorRTEngine.load(spec)
 
 
@@ -76,7 +82,7 @@ def test_device_identity_reads_gpu_and_versions(fake_gpu: FakeGpuHandle) -> None
     assert identity.gpu_name == "NVIDIA H100 80GB HBM3"
     assert identity.compute_capability == (9, 0)
     assert identity.sm == "sm_90"
-    assert identity.tensorrt_version == "10.3.0"
+    assert identity.tensorrt_version == "10.3.0.26"
     assert identity.cuda_runtime_version == "12.4"
     assert identity.cuda_driver_version == "12.4"
 
@@ -310,7 +316,8 @@ def test_new_tensorrt_version_misses_and_a_planted_stale_plan_is_rebuilt(
     old.close()
     old_plan = next((tmp_path / "engines").rglob("*.engine")).read_bytes()
     fake_gpu.set_trt_version("10.4.0")
-    new_key = engine_cache_key(spec, classifier_onnx(), device_identity())
+    digest = hashlib.sha256(classifier_onnx()).hexdigest()
+    new_key = engine_cache_key(spec, digest, device_identity())
     store.store(new_key, old_plan, {})  # a stale plan filed under the new key
     engine = TensorRTEngine.load(spec, EngineCache(disk=store))
     report = engine.cache_report
