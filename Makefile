@@ -10,7 +10,7 @@ MODEL_STAMP := $(MODEL_REPO)/.stamp
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: help install model demo test test-unit test-integration lint bench functions-zip clean
+.PHONY: help install model demo test test-unit test-integration lint bench functions-zip lock clean
 
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
@@ -63,6 +63,12 @@ lint: $(INSTALLED)
 
 functions-zip: $(INSTALLED)
 	$(PY) -m infra.package_functions --out build/functions-source.zip
+
+# Regenerate requirements/serve-gpu.lock, the GPU image's hash-pinned
+# dependencies, after a change to pyproject.toml's dependencies or `gpu` extra,
+# requirements/RAY_VERSION or requirements/serve-gpu.in (needs the package index).
+lock:
+	$(PYTHON) requirements/compile.py
 
 clean:
 	rm -rf build .triggerfish
