@@ -8,7 +8,9 @@ The lock is resolved by uv for the image's interpreter and platform (CPython
 3.12 on Ubuntu 24.04, x86_64) with a hash for every file, from:
 
 - the project's dependencies and its ``gpu`` extra, except TensorRT, which the
-  NVIDIA base image provides (the Dockerfile checks its version);
+  NVIDIA base image provides (the Dockerfile checks its version), and except
+  ``onnxruntime`` when the extra brings ``onnxruntime-gpu`` (both install the
+  same ``onnxruntime`` package; the GPU build also runs on the CPU);
 - ``ray[serve]`` at exactly ``requirements/RAY_VERSION``;
 - the project's build backend (``[build-system] requires``), so the image
   installs the project itself without fetching anything unpinned;
@@ -48,8 +50,10 @@ def lock_inputs(pyproject: dict, ray_version: str) -> list[str]:
     """The requirements the lock is resolved from (constraints file aside)."""
     project = pyproject["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["gpu"]]
+    names = {_name(r).lower() for r in wanted}
+    replaced = {"ray"} | ({"onnxruntime"} if "onnxruntime-gpu" in names else set())
     kept = [r for r in wanted if not FROM_BASE_IMAGE.match(_name(r))]
-    kept = [r for r in kept if _name(r).lower() != "ray"]
+    kept = [r for r in kept if _name(r).lower() not in replaced]
     return [*kept, f"ray[serve]=={ray_version}", *pyproject["build-system"]["requires"]]
 
 

@@ -82,6 +82,11 @@ def test_tensorrt_is_left_to_the_base_image():
     assert not [name for name in _locked() if name.startswith("tensorrt")]
 
 
+def test_lock_has_one_onnxruntime_build():
+    """onnxruntime and onnxruntime-gpu install the same package: only one may be in the image."""
+    assert len({"onnxruntime", "onnxruntime-gpu"} & set(_locked())) == 1
+
+
 def test_one_place_for_rays_version():
     """requirements/RAY_VERSION is read by Terraform (rayVersion), pinned by the lock the image
     installs, checked by the image build, and within the project's own range."""
@@ -115,7 +120,9 @@ def test_lock_satisfies_every_requirement_of_the_project(group):
         requirement = Requirement(text)
         name = requirement.name.lower().replace("_", "-")
         if name.startswith("tensorrt"):
-            continue
+            continue  # the base image's
+        if name == "onnxruntime" and "onnxruntime-gpu" in locked:
+            continue  # the GPU build replaces it (same package)
         assert name in locked, f"{text} is not in {LOCK.name}: run `make lock`"
         assert requirement.specifier.contains(locked[name], prereleases=True), (
             f"{LOCK.name} pins {name}=={locked[name]}, outside {text}: run `make lock`"
