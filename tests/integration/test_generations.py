@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import uuid
 
 import httpx
 import pytest
 
 from infra.client import StackClient
-from shared import storage
+from shared.gcs import GcsClient
 from shared.messages import EntryPath, InferenceRequest
-from shared.result_store import store_result
+from shared.result_store import StoredResult, store_result
 from shared.results import InferenceResult, ModelRef, SourceRef, Status
 from shared.uris import parse_gcs_uri
 from tests.integration.conftest import SAMPLES
@@ -28,7 +30,11 @@ def notification(client: StackClient, name: str, generation: str) -> dict:
         "payloadFormat": "JSON_API_V1",
     }
     return {
-        "message": {"data": base64.b64encode(b"{}").decode(), "attributes": attributes, "messageId": uuid.uuid4().hex},
+        "message": {
+            "data": base64.b64encode(b"{}").decode(),
+            "attributes": attributes,
+            "messageId": uuid.uuid4().hex,
+        },
         "subscription": "projects/triggerfish-local/subscriptions/uploads",
     }
 
@@ -52,11 +58,12 @@ def test_event_for_a_replaced_generation_is_dropped(client: StackClient) -> None
 def test_an_older_result_never_overwrites_a_newer_one(client: StackClient, monkeypatch) -> None:
     for key, value in client.state.client_env().items():
         monkeypatch.setenv(key, value)
-    storage.get_storage_client.cache_clear()
     source = parse_gcs_uri(f"gs://{client.state.images_bucket}/late-{uuid.uuid4().hex[:6]}.jpg")
 
     def result(generation: str, label: str) -> InferenceResult:
-        request = InferenceRequest(uri=str(source), generation=generation, request_id=label, entry_path=EntryPath.PUBSUB)
+        request = InferenceRequest(
+            uri=str(source), generation=generation, request_id=label, entry_path=EntryPath.PUBSUB
+        )
         return InferenceResult(
             source=SourceRef(uri=request.uri, generation=generation),
             model=ModelRef(name="mobilenet_v2", version="1"),
@@ -66,13 +73,24 @@ def test_an_older_result_never_overwrites_a_newer_one(client: StackClient, monke
             entry_path=request.entry_path,
         )
 
-    try:
-        first = store_result(client.state.results_bucket, result("200", "newer"), source)
-        second = store_result(client.state.results_bucket, result("100", "older"), source)
-        third = store_result(client.state.results_bucket, result("300", "newest"), source)
-    finally:
-        storage.get_storage_client.cache_clear()
+    async def store_in_turn() -> tuple[list[StoredResult], bytes]:
+        gcs = GcsClient.from_environment()
+        bucket = client.state.results_bucket
+        try:
+            stored = [
+                await store_result(gcs, bucket, result("200", "newer"), source),
+                await store_result(gcs, bucket, result("100", "older"), source),
+                await store_result(gcs, bucket, result("300", "newest"), source),
+            ]
+            body, _ = await gcs.read(parse_gcs_uri(stored[0].uri), None, 1_000_000)
+            return stored, body
+        finally:
+            await gcs.close()
 
-    assert first is not None and second is None and third == first
-    stored = client.find_result(str(source))
-    assert stored is not None and (stored["request_id"], stored["source"]["generation"]) == ("newest", "300")
+    (first, second, third), body = asyncio.run(store_in_turn())
+
+    assert first.written and not first.superseded
+    assert (second.written, second.superseded) == (False, True)
+    assert third.written and third.uri == first.uri == second.uri
+    stored = json.loads(body)
+    assert (stored["request_id"], stored["source"]["generation"]) == ("newest", "300")

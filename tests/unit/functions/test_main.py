@@ -1,8 +1,8 @@
 """The Cloud Functions, driven with recorded payloads through functions-framework's real app.
 
-Serve and Cloud Storage are replaced by recorders: ``get_http_client`` returns a
-fake whose ``post()`` records the forwarded body, ``store_result`` records the
-error results the function writes.
+Serve is replaced by a recorder (``get_http_client`` returns a fake whose ``post()``
+records the forwarded body and headers); Cloud Storage by an in-memory fake behind
+``GcsClient.from_environment``, so error results go through the real conditional store.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import copy
 import json
 import logging
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from flask.testing import FlaskClient
 from functions_framework import create_app
 
 import functions._forward as forward_module
-from shared.errors import ErrorReason
-from shared.messages import EntryPath
-from shared.result_store import result_name
+from shared.errors import ErrorReason, TransientError
+from shared.messages import DEADLINE_HEADER, EntryPath
+from shared.result_store import STATUS_METADATA_KEY
 from shared.results import InferenceResult, Status
-from shared.uris import GcsUri
+from tests.fakes.fake_gcs import InMemoryGcs
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = ROOT / "tests" / "data"
@@ -64,10 +65,16 @@ class FakeServe:
 
     status: int = 200
     error: Exception | None = None
+    error_code: str = "transient"
+    body: bytes | None = None
     posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
 
-    def post(self, url: str, json: dict[str, Any]) -> httpx.Response:
+    def post(
+        self, url: str, json: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         self.posts.append((url, copy.deepcopy(json)))
+        self.headers.append(dict(headers or {}))
         request = httpx.Request("POST", url)
         if self.error is not None:
             raise self.error
@@ -77,7 +84,11 @@ class FakeServe:
                 for i, r in enumerate(json["requests"])
             ]
             return httpx.Response(200, json={"results": results}, request=request)
-        return httpx.Response(self.status, json={"error": "nope", "message": "x"}, request=request)
+        if self.body is not None:
+            return httpx.Response(self.status, content=self.body, request=request)
+        return httpx.Response(
+            self.status, json={"error": self.error_code, "message": "x"}, request=request
+        )
 
     @property
     def forwarded(self) -> list[dict[str, Any]]:
@@ -87,18 +98,42 @@ class FakeServe:
 
 @dataclass
 class Recorded:
+    """An error result the function wrote to the results bucket."""
+
     bucket: str
+    name: str
     result: InferenceResult
-    source: GcsUri | None
 
     @property
     def reason(self) -> ErrorReason:
         assert self.result.status is Status.ERROR and self.result.error is not None
         return self.result.error.reason
 
-    @property
-    def name(self) -> str:
-        return result_name(self.result, self.source)
+
+class StoredResults(Sequence[Recorded]):
+    """The results written so far, in order, read from the in-memory Cloud Storage on each use."""
+
+    def __init__(self, gcs: InMemoryGcs) -> None:
+        self.gcs = gcs
+
+    def _records(self) -> list[Recorded]:
+        return [
+            Recorded(w.bucket, w.name, InferenceResult.model_validate_json(obj.data))
+            for w in self.gcs.writes
+            if w.succeeded and (obj := self.gcs.get(w.bucket, w.name)) is not None
+        ]
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        return self._records()[index]
+
+    def __len__(self) -> int:
+        return len(self._records())
+
+    def __eq__(self, other: object) -> bool:
+        return self._records() == other
+
+    def __repr__(self) -> str:
+        return repr(self._records())
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +177,23 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> FakeServe:
     return fake
 
 
+@pytest.fixture(autouse=True)
+def gcs(monkeypatch: pytest.MonkeyPatch) -> InMemoryGcs:
+    """Cloud Storage as the function's store sees it; no test reaches the real service."""
+    fake = InMemoryGcs()
+
+    class Client:
+        @staticmethod
+        def from_environment() -> InMemoryGcs:
+            return fake
+
+    monkeypatch.setattr(forward_module, "GcsClient", Client)
+    return fake
+
+
 @pytest.fixture
-def stored(monkeypatch: pytest.MonkeyPatch) -> list[Recorded]:
-    records: list[Recorded] = []
-
-    def store_result(bucket: str, result: InferenceResult, source: GcsUri | None) -> str:
-        records.append(Recorded(bucket, result, source))
-        return f"gs://{bucket}/{result_name(result, source)}"
-
-    monkeypatch.setattr(forward_module, "store_result", store_result)
-    return records
+def stored(gcs: InMemoryGcs) -> StoredResults:
+    return StoredResults(gcs)
 
 
 def _post_push(apps: dict[str, FlaskClient], target: str, body: dict[str, Any], path: str) -> int:
@@ -185,7 +227,7 @@ def _eventarc(
 
 
 def test_a_pubsub_request_is_forwarded_as_one_normalized_request(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _request(apps, _load("pubsub_push_request.json")) == 200
 
@@ -204,8 +246,21 @@ def test_a_pubsub_request_is_forwarded_as_one_normalized_request(
     assert stored == []
 
 
+def test_serve_is_told_when_the_function_stops_waiting(
+    apps: dict[str, FlaskClient], serve: FakeServe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRIGGERFISH_REQUEST_TIMEOUT_S", "42")
+    before = time.time()
+
+    assert _request(apps, _load("pubsub_push_request.json")) == 200
+
+    [headers] = serve.headers
+    deadline = float(headers[DEADLINE_HEADER])
+    assert before + 42 <= deadline <= time.time() + 42
+
+
 def test_without_request_id_the_pubsub_message_id_is_used(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _request(apps, _push({"uri": CAT, "version": "2"})) == 200
 
@@ -225,7 +280,7 @@ def test_without_request_id_the_pubsub_message_id_is_used(
     ids=["not-json", "not-object", "unknown-field"],
 )
 def test_a_malformed_message_is_recorded_and_acknowledged(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded], data: bytes
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults, data: bytes
 ) -> None:
     body = _push(data=base64.b64encode(data).decode())
 
@@ -235,14 +290,14 @@ def test_a_malformed_message_is_recorded_and_acknowledged(
     [record] = stored
     assert record.reason is ErrorReason.MALFORMED_MESSAGE
     assert record.bucket == "triggerfish-results"
-    assert record.source is None and record.name.startswith("_invalid/")
+    assert record.name.startswith("_invalid/")
     assert record.result.request_id == "17254689532971390"
     assert record.result.entry_path is EntryPath.PUBSUB
     assert "17254689532971390" in (record.result.error.message if record.result.error else "")
 
 
 def test_message_data_that_is_not_base64_is_malformed(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _request(apps, _push(data="%%% not base64 %%%")) == 200
 
@@ -252,20 +307,20 @@ def test_message_data_that_is_not_base64_is_malformed(
 
 
 def test_an_invalid_uri_is_recorded_and_not_forwarded(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _request(apps, _push({"uri": "https://example.com/cat.jpg", "request_id": "r-1"})) == 200
 
     assert serve.posts == []
     [record] = stored
     assert record.reason is ErrorReason.INVALID_URI
-    assert record.source is None and record.name.startswith("_invalid/")
+    assert record.name.startswith("_invalid/")
     assert record.result.source.uri == "https://example.com/cat.jpg"
     assert record.result.model.name == "mobilenet_v2"
 
 
 def test_a_disallowed_bucket_is_recorded_and_not_forwarded(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert (
         _request(apps, _push({"uri": "gs://someone-elses/cat.jpg", "model": "text_detector"}))
@@ -275,12 +330,11 @@ def test_a_disallowed_bucket_is_recorded_and_not_forwarded(
     assert serve.posts == []
     [record] = stored
     assert record.reason is ErrorReason.BUCKET_NOT_ALLOWED
-    assert record.source == GcsUri("someone-elses", "cat.jpg")
-    assert record.name == "text_detector/_/someone-elses/cat.jpg.json"
+    assert record.name == "text_detector/someone-elses/cat.jpg.json"
 
 
 def test_valid_uris_are_forwarded_together_and_the_invalid_one_recorded(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     message = {
         "uris": [CAT, "gs://BAD_bucket/x.jpg", "gs://more-images/dog.jpg"],
@@ -299,11 +353,11 @@ def test_valid_uris_are_forwarded_together_and_the_invalid_one_recorded(
     assert record.result.request_id == "job/1"
 
 
-@pytest.mark.parametrize("status", [503, 500, 429, 408])
+@pytest.mark.parametrize("status", [503, 500, 429, 408, 404, 502])
 def test_serve_overloaded_fails_the_function_so_pubsub_redelivers(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded], status: int
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults, status: int
 ) -> None:
-    serve.status = status
+    serve.status = status  # 404: a proxy answering while Serve redeploys its routes
 
     assert _request(apps, _load("pubsub_push_request.json")) == 500
 
@@ -312,7 +366,7 @@ def test_serve_overloaded_fails_the_function_so_pubsub_redelivers(
 
 
 def test_serve_unreachable_fails_the_function_so_pubsub_redelivers(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     serve.error = httpx.ConnectError("connection refused")
 
@@ -321,10 +375,32 @@ def test_serve_unreachable_fails_the_function_so_pubsub_redelivers(
     assert stored == []
 
 
-def test_serve_rejecting_the_request_records_errors_and_acknowledges(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"error_code": "overloaded"},
+        {"body": b"<html>Bad Request</html>"},
+        {"body": b'["bad_request"]'},
+    ],
+    ids=["other-error-code", "not-json", "not-an-object"],
+)
+def test_a_400_that_is_not_serves_bad_request_is_transient(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults, answer: dict
 ) -> None:
     serve.status = 400
+    for key, value in answer.items():
+        setattr(serve, key, value)
+
+    assert _request(apps, _load("pubsub_push_request.json")) == 500
+
+    assert len(serve.posts) == 1
+    assert stored == []
+
+
+def test_serve_rejecting_the_request_records_errors_and_acknowledges(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    serve.status, serve.error_code = 400, "bad_request"
 
     assert (
         _request(apps, _push({"uris": [CAT, "gs://more-images/dog.jpg"], "request_id": "j"})) == 200
@@ -334,16 +410,42 @@ def test_serve_rejecting_the_request_records_errors_and_acknowledges(
     assert [r.reason for r in stored] == [ErrorReason.MALFORMED_MESSAGE] * 2
     assert [r.result.request_id for r in stored] == ["j/0", "j/1"]
     assert [r.name for r in stored] == [
-        "mobilenet_v2/_/triggerfish-images/cat.jpg.json",
-        "mobilenet_v2/_/more-images/dog.jpg.json",
+        "mobilenet_v2/triggerfish-images/cat.jpg.json",
+        "mobilenet_v2/more-images/dog.jpg.json",
     ]
     assert "Serve rejected the request (400)" in (
         stored[0].result.error.message if stored[0].result.error else ""
     )
 
 
+def test_an_error_result_is_written_once_with_its_rank_and_the_client_closed(
+    apps: dict[str, FlaskClient], serve: FakeServe, gcs: InMemoryGcs, stored: StoredResults
+) -> None:
+    body = _push({"uri": "gs://someone-elses/cat.jpg", "request_id": "r-7"})
+
+    assert _request(apps, body) == 200
+    assert _request(apps, body) == 200  # redelivered: same name, equal rank
+
+    [record] = stored
+    assert record.name == "mobilenet_v2/someone-elses/cat.jpg.json"
+    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [(0, True), (0, False)]
+    assert gcs.get("triggerfish-results", record.name).metadata[STATUS_METADATA_KEY] == "error"  # type: ignore[union-attr]
+    assert gcs.closed == 2  # one short-lived client per recorded failure, always closed
+
+
+def test_a_failure_that_cannot_be_recorded_fails_the_function(
+    apps: dict[str, FlaskClient], serve: FakeServe, gcs: InMemoryGcs, stored: StoredResults
+) -> None:
+    gcs.write_error = TransientError("Cloud Storage answered 503 writing")
+
+    assert _request(apps, _push({"uri": "https://example.com/cat.jpg"})) == 500
+
+    assert serve.posts == [] and stored == []
+    assert gcs.closed == 1
+
+
 def test_on_request_ignores_an_unexpected_event_type(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _eventarc(apps, target="on_request") == 200
 
@@ -354,7 +456,7 @@ def test_on_request_ignores_an_unexpected_event_type(
 
 
 def test_a_gcs_notification_is_forwarded_with_generation_and_default_model(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _upload(apps, _load("gcs_notification_push.json")) == 200
 
@@ -386,7 +488,7 @@ def test_the_configured_default_model_is_used_for_uploads(
 
 @pytest.mark.parametrize("event", ["OBJECT_DELETE", "OBJECT_METADATA_UPDATE"])
 def test_a_notification_other_than_finalize_is_acknowledged_and_dropped(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded], event: str
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults, event: str
 ) -> None:
     assert _upload(apps, _notification(eventType=event)) == 200
 
@@ -394,7 +496,7 @@ def test_a_notification_other_than_finalize_is_acknowledged_and_dropped(
 
 
 def test_an_upload_to_a_disallowed_bucket_is_recorded(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _upload(apps, _notification(bucketId="someone-elses")) == 200
 
@@ -403,11 +505,11 @@ def test_an_upload_to_a_disallowed_bucket_is_recorded(
     assert record.reason is ErrorReason.BUCKET_NOT_ALLOWED
     assert record.result.entry_path is EntryPath.UPLOAD
     assert record.result.source.generation == GENERATION
-    assert record.name == "mobilenet_v2/_/someone-elses/cat.jpg.json"
+    assert record.name == "mobilenet_v2/someone-elses/cat.jpg.json"
 
 
 def test_a_notification_whose_payload_is_not_json_is_recorded_as_malformed(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     body = _load("gcs_notification_push.json")
     body["message"]["data"] = base64.b64encode(b"<xml/>").decode()
@@ -422,7 +524,7 @@ def test_a_notification_whose_payload_is_not_json_is_recorded_as_malformed(
 
 
 def test_an_upload_fails_the_function_when_serve_is_unavailable(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     serve.status = 503
 
@@ -435,7 +537,7 @@ def test_an_upload_fails_the_function_when_serve_is_unavailable(
 
 
 def test_an_eventarc_finalized_event_is_forwarded(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     assert _eventarc(apps) == 200
 
@@ -452,7 +554,7 @@ def test_an_eventarc_finalized_event_is_forwarded(
 
 
 def test_an_eventarc_event_without_a_name_is_recorded_as_malformed(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     data = {
         k: v for k, v in _load("eventarc_storage_finalized.json")["data"].items() if k != "name"
@@ -467,7 +569,7 @@ def test_an_eventarc_event_without_a_name_is_recorded_as_malformed(
 
 
 def test_an_eventarc_event_fails_the_function_when_serve_is_unreachable(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded]
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
 ) -> None:
     serve.error = httpx.ConnectTimeout("timed out")
 
@@ -480,7 +582,7 @@ def test_an_eventarc_event_fails_the_function_when_serve_is_unreachable(
     "event_type", ["google.cloud.storage.object.v1.deleted", "com.example.something.else"]
 )
 def test_on_upload_ignores_an_unexpected_event_type(
-    apps: dict[str, FlaskClient], serve: FakeServe, stored: list[Recorded], event_type: str
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults, event_type: str
 ) -> None:
     assert _eventarc(apps, **{"ce-type": event_type}) == 200
 

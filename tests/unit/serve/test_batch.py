@@ -7,11 +7,18 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import pytest
 
-from serve.batch import BatchItem, LoadedVersion, group_by_version, run_batch, validate_item
+from serve.batch import (
+    BatchItem,
+    EngineFailure,
+    LoadedVersion,
+    group_by_version,
+    run_batch,
+    validate_item,
+)
 from serve.model_config import ModelConfig, parse_model_config
 from serve.postprocess.base import ImageGeometry
 from serve.postprocess.classification import TopKClassifier
-from shared.errors import ErrorReason, PermanentError
+from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.results import Label
 
 POISON = 255  # a pixel value the fake engine chokes on
@@ -31,12 +38,18 @@ CONFIG = parse_model_config(
 
 
 class FakeEngine:
-    """Logits whose winner is ``pixel // 26``; raises on a batch holding the poison value."""
+    """Logits whose winner is ``pixel // 26``; raises on a batch holding the poison value.
 
-    def __init__(self, leading_extra: int = 0) -> None:
+    ``broken`` raises on every batch, as a faulted device does; ``probes`` counts
+    the all-black single images it was given.
+    """
+
+    def __init__(self, leading_extra: int = 0, broken: bool = False) -> None:
         self.batches: list[tuple[int, ...]] = []
+        self.probes = 0
         self.closed = False
         self._leading_extra = leading_extra
+        self._broken = broken
 
     @property
     def backend_name(self) -> str:
@@ -46,6 +59,10 @@ class FakeEngine:
         self.batches.append(batch.shape)
         assert batch.dtype == np.float32 and batch.shape[1:] == (3, 4, 4)  # NCHW, normalized
         values = np.rint(batch[:, 0, 0, 0] * 255).astype(int)
+        if batch.shape[0] == 1 and not batch.any():
+            self.probes += 1
+        if self._broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if (values == POISON).any():
             raise RuntimeError("CUDA error: illegal memory access")
         logits = np.zeros((len(values) + self._leading_extra, 10), np.float32)
@@ -122,18 +139,47 @@ def test_a_poisoned_item_fails_alone_and_its_neighbours_get_labels() -> None:
     assert _winner(good_after.labels) == 2 and good_after.error_reason is None
     assert bad.error_reason is ErrorReason.INFERENCE_FAILED
     assert bad.labels is None and bad.detections is None
-    assert bad.error_message == "inference failed for this image"
+    assert bad.error_message == "inference failed for this image: CUDA error: illegal memory access"
     assert bad.batch_size == 1
-    # The whole batch once, then every item alone.
-    assert engine.batches == [(3, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4)]
+    # The whole batch once, then every item alone; the failing one is followed by a
+    # probe with a blank image, which the engine passes: the image is to blame.
+    assert engine.batches == [(3, 3, 4, 4)] + [(1, 3, 4, 4)] * 4
+    assert engine.probes == 1
     assert [o.batch_size for o in (good_before, good_after)] == [1, 1]
 
 
-def test_a_single_poisoned_item_is_an_error_outcome_not_an_exception() -> None:
-    [outcome] = run_batch(_loaded(), [_item(POISON)])
+def test_a_single_poisoned_item_is_an_error_outcome_when_the_probe_passes() -> None:
+    engine = FakeEngine()
+
+    [outcome] = run_batch(_loaded(engine), [_item(POISON)])
 
     assert outcome.error_reason is ErrorReason.INFERENCE_FAILED
     assert outcome.backend == "fake:cpu"
+    assert engine.probes == 1
+
+
+def test_an_engine_failing_the_blank_probe_too_is_an_engine_failure() -> None:
+    engine = FakeEngine(broken=True)
+
+    with pytest.raises(EngineFailure) as info:
+        run_batch(_loaded(engine), [_item(10)])
+
+    assert isinstance(info.value, TransientError)  # the input is retried, not recorded
+    assert "fails on a blank image too" in str(info.value)
+    assert "tiny/3" in str(info.value) and "fake:cpu" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert engine.probes == 1
+
+
+def test_a_broken_engine_fails_a_whole_batch_without_blaming_any_item() -> None:
+    engine = FakeEngine(broken=True)
+
+    with pytest.raises(EngineFailure):
+        run_batch(_loaded(engine), [_item(10), _item(60), _item(130)])
+
+    # The batch, the first item alone and its probe: no further item is tried.
+    assert engine.batches == [(3, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4)]
+    assert engine.probes == 1
 
 
 def test_an_engine_returning_the_wrong_leading_dimension_is_a_failure() -> None:
@@ -143,7 +189,7 @@ def test_an_engine_returning_the_wrong_leading_dimension_is_a_failure() -> None:
 
     assert [o.error_reason for o in outcomes] == [ErrorReason.INFERENCE_FAILED] * 2
     assert all(o.labels is None for o in outcomes)
-    assert len(engine.batches) == 3  # batch, then each item alone
+    assert len(engine.batches) == 5  # the batch, then each item alone and a probe after it
 
 
 def test_a_postprocess_failure_fails_only_its_item() -> None:

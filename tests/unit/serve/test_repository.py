@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.repository import ModelRepository, version_sort_key
+from serve.repository import ModelRepository
 from shared.errors import ConfigError, ErrorReason, PermanentError
 
 SHIPPED = Path(__file__).resolve().parents[3] / "infra" / "models" / "mobilenet_v2" / "1"
@@ -142,9 +142,10 @@ def test_a_repository_that_is_not_a_directory_is_a_config_error(tmp_path: Path) 
         ModelRepository(str(tmp_path / "nowhere"), tmp_path).models()
 
 
-def test_version_sort_key_orders_numbers_numerically_after_names() -> None:
-    versions = ["10", "2", "beta", "1", "alpha", "9"]
+def test_named_versions_list_before_numbered_ones(root: Path, tmp_path: Path) -> None:
+    _add_version(root, "mobilenet_v2", "beta")
 
-    assert sorted(versions, key=version_sort_key) == ["alpha", "beta", "1", "2", "9", "10"]
-    assert version_sort_key("2") < version_sort_key("10")
-    assert version_sort_key("zzz") < version_sort_key("0")
+    repo = _repo(root, tmp_path)
+
+    assert repo.models()["mobilenet_v2"] == ["beta", "1", "2", "9", "10"]
+    assert repo.resolve("mobilenet_v2").version == "10"  # a name is never "newest"

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+from pydantic import ValidationError
 
 from shared.errors import ErrorReason, PermanentError
 from shared.messages import (
+    MAX_JSON_DEPTH,
     MAX_URIS_PER_MESSAGE,
     EntryPath,
     InferenceRequest,
     parse_gcs_notification,
+    parse_json_bounded,
     parse_request_message,
     parse_storage_event,
 )
@@ -233,6 +237,29 @@ def test_a_non_numeric_generation_is_malformed() -> None:
     assert "generation" in info.value.message
 
 
+def test_a_generation_longer_than_an_int64_has_digits_is_malformed() -> None:
+    with pytest.raises(PermanentError) as info:
+        parse_gcs_notification({**FINALIZE, "objectGeneration": "1" * 20}, b"")
+
+    assert info.value.reason is ErrorReason.MALFORMED_MESSAGE
+    assert "generation" in info.value.message
+
+
+@pytest.mark.parametrize("generation", ["1" * 20, "", "-1", "+5", "1e5"])
+def test_a_request_refuses_a_generation_that_is_not_1_to_19_digits(generation: str) -> None:
+    with pytest.raises(ValidationError, match="generation"):
+        InferenceRequest(uri=CAT, generation=generation, request_id="r", entry_path=EntryPath.HTTP)
+
+
+@pytest.mark.parametrize("generation", ["0", "1795239515643133", "9" * 19])
+def test_a_request_accepts_a_generation_of_1_to_19_digits(generation: str) -> None:
+    request = InferenceRequest(
+        uri=CAT, generation=generation, request_id="r", entry_path=EntryPath.HTTP
+    )
+
+    assert request.generation == generation
+
+
 def test_an_upload_with_a_long_valid_object_name_is_accepted() -> None:
     name = "d/" * 400 + "cat.jpg"  # 807 bytes: GCS allows 1024
 
@@ -284,3 +311,63 @@ def test_eventarc_data_that_is_not_an_object_is_malformed() -> None:
         parse_storage_event(["cat.jpg"])  # type: ignore[arg-type]
 
     assert info.value.reason is ErrorReason.MALFORMED_MESSAGE
+
+
+# --- bounded JSON -----------------------------------------------------------------------
+
+
+def _nested(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+def test_json_nested_up_to_the_limit_is_parsed() -> None:
+    value = parse_json_bounded(_nested(MAX_JSON_DEPTH))
+
+    for _ in range(MAX_JSON_DEPTH):
+        [value] = value
+    assert value == 1
+
+
+def test_json_nested_one_level_too_deep_is_refused() -> None:
+    with pytest.raises(ValueError, match=f"nested deeper than {MAX_JSON_DEPTH}"):
+        parse_json_bounded(_nested(MAX_JSON_DEPTH + 1))
+    with pytest.raises(ValueError, match="nested deeper"):
+        parse_json_bounded(b'{"a": ' * (MAX_JSON_DEPTH + 1) + b"1" + b"}" * (MAX_JSON_DEPTH + 1))
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps({"uri": "gs://b-1/" + "[{" * 100 + '\\"]' * 10, "n": [[1]]})
+
+    assert parse_json_bounded(text)["n"] == [[1]]
+    assert parse_json_bounded(text.encode())["uri"].startswith("gs://b-1/[{[{")
+
+
+def test_many_shallow_brackets_are_not_deep() -> None:
+    payload = json.dumps({"uris": [[CAT]] * 500})
+
+    assert len(parse_json_bounded(payload)["uris"]) == 500
+
+
+def test_parse_json_bounded_refuses_bytes_that_are_not_utf8() -> None:
+    with pytest.raises(ValueError):
+        parse_json_bounded(b"\xff{}")
+
+
+def test_a_hostile_deeply_nested_message_is_refused_quickly_as_malformed() -> None:
+    # Deep enough to exhaust the stdlib parser's recursion without the bound.
+    data = _nested(200_000).encode()
+
+    started = time.monotonic()
+    err = _malformed(data, "m-deep")
+    elapsed = time.monotonic() - started
+
+    assert "message m-deep is not JSON" in err.message and "nested deeper" in err.message
+    assert elapsed < 2.0
+
+
+def test_a_deeply_nested_notification_payload_is_malformed() -> None:
+    with pytest.raises(PermanentError) as info:
+        parse_gcs_notification(FINALIZE, ("{" + '"a":' + "{" * 100_000 + "}" * 100_001).encode())
+
+    assert info.value.reason is ErrorReason.MALFORMED_MESSAGE
+    assert "nested deeper" in info.value.message

@@ -20,6 +20,7 @@ from shared.results import (
     Timings,
     invalid_source_object_name,
     result_object_name,
+    version_sort_key,
 )
 from shared.uris import GcsUri
 
@@ -127,28 +128,75 @@ def test_an_error_result_round_trips_through_json() -> None:
 def test_result_object_name_layout() -> None:
     source = GcsUri("triggerfish-images", "a/b/cat.jpg")
 
-    assert result_object_name("mobilenet_v2", "1", source) == (
-        "mobilenet_v2/1/triggerfish-images/a/b/cat.jpg.json"
-    )
-    assert result_object_name("mobilenet_v2", None, source) == (
-        "mobilenet_v2/_/triggerfish-images/a/b/cat.jpg.json"
+    assert (
+        result_object_name("mobilenet_v2", source)
+        == "mobilenet_v2/triggerfish-images/a/b/cat.jpg.json"
     )
 
 
 def test_result_object_name_is_deterministic_and_distinct_per_input() -> None:
     cat, dog = GcsUri("b-1", "cat.jpg"), GcsUri("b-1", "dog.jpg")
 
-    assert result_object_name("m", "1", cat) == result_object_name(
-        "m", "1", GcsUri("b-1", "cat.jpg")
-    )
+    assert result_object_name("m", cat) == result_object_name("m", GcsUri("b-1", "cat.jpg"))
     names = {
-        result_object_name("m", "1", cat),
-        result_object_name("m", "1", dog),
-        result_object_name("m", "2", cat),
-        result_object_name("other", "1", cat),
-        result_object_name("m", "1", GcsUri("b-2", "cat.jpg")),
+        result_object_name("m", cat),
+        result_object_name("m", dog),
+        result_object_name("other", cat),
+        result_object_name("m", GcsUri("b-2", "cat.jpg")),
     }
-    assert len(names) == 5
+    assert len(names) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../etc/passwd", "%2E%2E/%2E%2E/etc/passwd"),
+        ("a/./b", "a/%2E/b"),
+        ("a//b", "a/%00/b"),
+        ("dir/", "dir/%00"),
+        ("/lead", "%00/lead"),
+        ("..", "%2E%2E"),
+        ("50%.jpg", "50%25.jpg"),
+        ("...", "..."),
+        ("a..b/.hidden", "a..b/.hidden"),
+    ],
+)
+def test_path_segments_a_filesystem_would_interpret_are_escaped(name: str, expected: str) -> None:
+    assert result_object_name("m", GcsUri("b-1", name)) == f"m/b-1/{expected}.json"
+
+
+def test_no_result_name_escapes_its_model_and_bucket_folder() -> None:
+    for name in ("..", "../x", "a/../../..", "./..", "x/../../../y"):
+        result = result_object_name("m", GcsUri("b-1", name))
+        segments = result.removesuffix(".json").split("/")
+
+        assert segments[:2] == ["m", "b-1"]
+        assert not {".", "..", ""} & set(segments), result
+
+
+def test_escaping_keeps_distinct_sources_apart() -> None:
+    # Each pair would collide if only one of '.', '..', '' or '%' were escaped.
+    names = [
+        "..", "%2E%2E", "%252E%252E",
+        ".", "%2E",
+        "a//b", "a/%00/b", "a/%2500/b",
+        "dir/", "dir/%00",
+        "50%.jpg", "50%25.jpg",
+        "x/../y", "x/%2E%2E/y",
+    ]  # fmt: skip
+
+    results = [result_object_name("m", GcsUri("b-1", n)) for n in names]
+
+    assert len(set(results)) == len(names)
+
+
+def test_version_sort_key_orders_numbers_numerically_after_names() -> None:
+    versions = ["10", "beta", "2", "alpha", "1", "9"]
+
+    assert sorted(versions, key=version_sort_key) == ["alpha", "beta", "1", "2", "9", "10"]
+    assert version_sort_key("2") < version_sort_key("10")
+    assert version_sort_key("zzz") < version_sort_key("0")
+    assert version_sort_key("007") == version_sort_key("7")
 
 
 def test_invalid_source_name_is_deterministic_and_distinct_per_uri_and_request() -> None:
