@@ -15,7 +15,7 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
 	@echo "make test   - install and run the whole test suite (unit, integration, terraform checks)"
-	@echo "make bench  - HTTP path vs engine-only throughput on the local stack"
+	@echo "make bench  - every entry path vs a Beam RunInference peer, CPU per image (about 10 min)"
 	@echo "make model  - build the local model repository in $(MODEL_REPO)"
 
 $(PY):
@@ -48,7 +48,15 @@ $(TOOLS_STAMP):
 demo: $(MODEL_STAMP)
 	$(PY) -m infra.cli demo
 
-bench: $(MODEL_STAMP)
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install \
+	  $$($(PYTHON) -c "import tomllib; print(' '.join(repr(r) for r in tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['bench']))")
+	touch $@
+
+bench: $(MODEL_STAMP) $(BENCH_STAMP)
 	$(PY) -m infra.cli bench
 
 test: $(MODEL_STAMP) $(TOOLS_STAMP)

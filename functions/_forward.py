@@ -8,15 +8,18 @@ subscription's dead-letter bound).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import Sequence
 
 import httpx
 
 from shared.config import Settings, load_settings
 from shared.errors import ErrorReason, PermanentError, TransientError
-from shared.messages import InferenceRequest
+from shared.gcs import GcsClient
+from shared.messages import DEADLINE_HEADER, InferenceRequest
 from shared.result_store import store_result
 from shared.results import InferenceResult
 from shared.uris import GcsUri, check_allowed, parse_gcs_uri
@@ -44,12 +47,22 @@ def record_failure(
     result = InferenceResult.failure(
         request, err.reason, err.message, model=request.model or settings.default_model
     )
-    uri = store_result(settings.results_bucket, result, source)
+    uri = asyncio.run(_store(settings.results_bucket, result, source))
     logger.warning(
         "recorded error result",
         extra={"reason": err.reason.value, "detail": err.message, "result_uri": uri},
     )
     return uri
+
+
+async def _store(bucket: str, result: InferenceResult, source: GcsUri | None) -> str:
+    # Error records are rare on this side (malformed messages, bad URIs): a client
+    # per call keeps the functions' request path free of event-loop plumbing.
+    gcs = GcsClient.from_environment()
+    try:
+        return (await store_result(gcs, bucket, result, source)).uri
+    finally:
+        await gcs.close()
 
 
 def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
@@ -75,8 +88,10 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
     if not valid:
         return []
     body = {"requests": [r.model_dump(mode="json", exclude_none=True) for r in valid]}
+    # Serve stops working on these inputs when this function has given up on them.
+    headers = {DEADLINE_HEADER: f"{time.time() + settings.request_timeout_s:.3f}"}
     try:
-        response = get_http_client().post(f"{settings.serve_url}/v1/infer", json=body)
+        response = get_http_client().post(f"{settings.serve_url}/v1/infer", json=body, headers=headers)
     except httpx.HTTPError as err:
         raise TransientError(f"Serve at {settings.serve_url} unreachable: {err!r}") from err
     if response.status_code == 200:
@@ -87,9 +102,10 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
                 extra={"status": r.get("status"), "result_uri": r.get("result_uri"), "request_id": r.get("request_id")},
             )
         return results
-    if response.status_code in (408, 429) or response.status_code >= 500:
+    if response.status_code != 400 or _error_code(response) != "bad_request":
+        # Overload (429), a proxy's 404 during a redeploy, 5xx: all retryable.
         raise TransientError(f"Serve answered {response.status_code}: {response.text[:300]}")
-    # Serve rejected a request we validated: retrying cannot help, so record it.
+    # Serve's own validation refused a request we validated: retrying cannot help, so record it.
     for request in valid:
         record_failure(
             request,
@@ -100,3 +116,11 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
             parse_gcs_uri(request.uri),
         )
     return []
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None

@@ -1,14 +1,19 @@
-"""``triggerfish bench``: images/s through the HTTP path against the engine alone.
+"""``triggerfish bench``: every entry path against a Beam RunInference peer, in one run.
 
-Measured in one run on the same machine:
+On one local stack started for the run (emulators, Ray Serve, ONNX Runtime),
+for small JPEGs (the sample photos) and for 12 MP phone-sized JPEGs, it times
+from the first upload/publish/POST until the last result JSON is stored:
 
-* engine-only: the ONNX Runtime engine on preprocessed batches of the model's
-  ``max_batch_size`` (the ceiling for the serving path),
-* HTTP path: concurrent ``POST /v1/infer`` calls with ``gs://`` URIs, each one
-  fetched from fake-gcs-server, decoded, preprocessed, batched and recorded,
-* decoding: a full JPEG decode vs the reduced-scale (DCT) decode the ingress uses,
+* upload: objects written to the images bucket (bucket notification path),
+* Pub/Sub with one URI per message and with ``--per-message`` URIs per message,
+* HTTP: ``--per-message`` URIs per call, ``--http-in-flight`` calls in flight,
+* the peer: an Apache Beam RunInference pipeline (``infra/_bench_beam.py``, in
+  the ``bench`` extra's environment) reading and writing the same emulator,
+  once with a full decode and once with reduced-scale decode,
 
-plus the batch sizes the model deployment actually formed.
+and reports the engine-only and decode-only ceilings, CPU-ms per image summed
+over every process of the stack, cores busy, the batch sizes formed, p50/p95 end
+to end, and one image over HTTP (raw body) next to the engine's batch-1 latency.
 """
 
 from __future__ import annotations
@@ -17,8 +22,14 @@ import argparse
 import asyncio
 import io
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +37,21 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from infra._running import stack_for_command
+from infra._bench_cpu import CpuMeter
 from infra.client import StackClient
-from infra.stack import DEFAULT_MODEL_REPOSITORY
+from infra.stack import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, LocalStack, StackOptions, StackState
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
-PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "text.jpg")
 PHONE_SIZE = (4032, 3024)  # 12 MP, a typical phone camera frame
+STAGING_BUCKET = "triggerfish-bench-staging"  # readable by Serve, not notified
+MODEL = "mobilenet_v2"
+BEAM_PYTHON = REPO_ROOT / ".venv-bench" / "bin" / "python"
 
 
-def bench_images(large: bool) -> dict[str, bytes]:
+def bench_images(large: bool) -> list[bytes]:
     """The sample photos, or 12 MP JPEG versions of them (upscaled, quality 90)."""
-    images = {}
+    images = []
     for name in PHOTOS:
         data = (SAMPLES / name).read_bytes()
         if large:
@@ -46,133 +60,322 @@ def bench_images(large: bool) -> dict[str, bytes]:
             buffer = io.BytesIO()
             big.save(buffer, "JPEG", quality=90)
             data = buffer.getvalue()
-        images[name] = data
+        images.append(data)
     return images
 
 
-def engine_only(images: dict[str, bytes], total: int) -> dict[str, Any]:
-    """Images/s of the engine alone on preprocessed, full batches."""
+def _load_engine():  # noqa: ANN202
     from serve.engines.base import load_engine
-    from serve.imaging import prepare_image, to_model_input
     from serve.loader import engine_spec
     from serve.model_config import Backend
     from serve.postprocess.factory import make_postprocessor
     from serve.repository import ModelRepository
 
-    mv = ModelRepository(str(DEFAULT_MODEL_REPOSITORY), Path("/tmp")).resolve("mobilenet_v2")
-    cfg = mv.config
-    engine = load_engine(
-        engine_spec(mv, make_postprocessor(cfg.postprocess).output_names), Backend.ONNXRUNTIME
-    )
-    pixels = [prepare_image(d, cfg.input, cfg.preprocess, 10**9).pixels for d in images.values()]
+    mv = ModelRepository(str(DEFAULT_MODEL_REPOSITORY), Path("/tmp")).resolve(MODEL)
+    spec = engine_spec(mv, make_postprocessor(mv.config.postprocess).output_names)
+    return mv.config, load_engine(spec, Backend.ONNXRUNTIME)
+
+
+def ceilings(images: list[bytes], total: int) -> dict[str, Any]:
+    """Engine-only images/s at the max batch size, engine batch-1 latency, decode-only images/s."""
+    from serve.imaging import prepare_image, to_model_input
+
+    cfg, engine = _load_engine()
+    pixels = [prepare_image(d, cfg.input, cfg.preprocess, 10**9).pixels for d in images]
     size = cfg.batching.max_batch_size
-    batch = to_model_input(
-        np.stack([pixels[i % len(pixels)] for i in range(size)]), cfg.input, cfg.preprocess
-    )
-    engine.infer(batch)  # warm-up
+    batch = to_model_input(np.stack([pixels[i % len(pixels)] for i in range(size)]), cfg.input, cfg.preprocess)
+    one = to_model_input(pixels[0][None], cfg.input, cfg.preprocess)
+    engine.infer(batch)
     batches = max(1, total // size)
     started = time.perf_counter()
     for _ in range(batches):
         engine.infer(batch)
-    elapsed = time.perf_counter() - started
+    engine_s = time.perf_counter() - started
+    single = []
+    for _ in range(30):
+        t = time.perf_counter()
+        engine.infer(one)
+        single.append((time.perf_counter() - t) * 1000)
+    backend = engine.backend_name
     engine.close()
-    return {"images": batches * size, "batch_size": size, "seconds": elapsed,
-            "images_per_s": batches * size / elapsed, "backend": engine.backend_name}  # fmt: skip
-
-
-def decode_cost(images: dict[str, bytes], repeats: int = 3) -> dict[str, float]:
-    """Milliseconds per image: full decode + resize vs reduced-scale decode + resize."""
-    from serve.imaging import decode_image
-
-    def full(data: bytes) -> None:
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR)
-
-    def reduced(data: bytes) -> None:
-        decode_image(data, (256, 256), 10**9).resize((256, 256), Image.Resampling.BILINEAR)
-
-    out = {}
-    for label, fn in (("full_decode_ms", full), ("reduced_decode_ms", reduced)):
+    workers = os.cpu_count() or 2
+    work = [images[i % len(images)] for i in range(max(len(images), total // 4))]
+    with ThreadPoolExecutor(workers) as pool:
         started = time.perf_counter()
-        for _ in range(repeats):
-            for data in images.values():
-                fn(data)
-        out[label] = (time.perf_counter() - started) * 1000 / (repeats * len(images))
-    return out
+        list(pool.map(lambda d: prepare_image(d, cfg.input, cfg.preprocess, 10**9), work))
+        decode_s = time.perf_counter() - started
+    return {
+        "engine_images_per_s": batches * size / engine_s, "engine_batch_size": size, "backend": backend,
+        "engine_batch1_ms_p50": float(np.median(single)),
+        "decode_images_per_s": len(work) / decode_s, "decode_threads": workers,
+    }  # fmt: skip
 
 
-async def http_path(serve_url: str, uris: list[str], total: int, concurrency: int) -> dict[str, Any]:
-    """Images/s through ``POST /v1/infer`` with ``concurrency`` requests in flight."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for i in range(total):
-        queue.put_nowait(uris[i % len(uris)])
-    sizes: Counter[int] = Counter()
-    latencies: list[float] = []
-    failures = 0
+class Bench:
+    """Runs the entry paths against one stack and collects their figures."""
 
-    async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal failures
-        while not queue.empty():
-            uri = queue.get_nowait()
-            started = time.perf_counter()
-            response = await http.post(f"{serve_url}/v1/infer", json={"uri": uri})
-            latencies.append((time.perf_counter() - started) * 1000)
-            result = response.json()["results"][0] if response.status_code == 200 else {}
-            if result.get("status") != "ok":
-                failures += 1
-                continue
-            sizes[result["timings"]["batch_size"]] += 1
+    def __init__(self, state: StackState, roots: dict[str, int], count: int, per_message: int, in_flight: int):
+        self.state = state
+        self.client = StackClient(state)
+        self.meter = CpuMeter(roots)
+        self.count = count
+        self.per_message = per_message
+        self.in_flight = in_flight
 
-    async with httpx.AsyncClient(timeout=300) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    lat = np.asarray(latencies)
-    return {"images": total, "concurrency": concurrency, "seconds": elapsed,
-            "images_per_s": total / elapsed, "failures": failures,
-            "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p95": float(np.percentile(lat, 95)),
-            "batch_size_of_each_image": {str(k): v for k, v in sorted(sizes.items())}}  # fmt: skip
+    # -- staging and waiting -------------------------------------------------------------
+    def stage(self, bucket: str, prefix: str, images: list[bytes]) -> list[str]:
+        """Write ``count`` objects (the images, round robin); returns their URIs."""
+        names = [f"{prefix}/{i:05d}.jpg" for i in range(self.count)]
+        target = self.client.storage.bucket(bucket)
+
+        def put(i: int) -> None:
+            target.blob(names[i]).upload_from_string(images[i % len(images)], content_type="image/jpeg")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(self.count)))
+        return [f"gs://{bucket}/{n}" for n in names]
+
+    def wait_results(self, marker: str, expected: int, timeout: float) -> list[Any]:
+        """Poll the results bucket until ``expected`` results whose name holds ``marker`` exist."""
+        bucket = self.client.storage.bucket(self.state.results_bucket)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [b for b in self.client.storage.list_blobs(bucket, prefix=f"{MODEL}/") if marker in b.name]
+            if len(found) >= expected or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+    def _stats(self) -> Counter[int]:
+        stats = httpx.get(f"{self.state.serve_url}/v1/stats", timeout=30).json()[MODEL]
+        return Counter({int(k): v for k, v in stats["batch_sizes"].items()})
+
+    def measure(self, name: str, marker: str, submit) -> dict[str, Any]:  # noqa: ANN001
+        """Run ``submit(started_at)``, wait for the results, and summarize the run."""
+        sizes_before = self._stats()
+        self.meter.start()
+        started = time.time()
+        submit_times = submit()
+        found = self.wait_results(marker, self.count, timeout=60 + self.count)
+        stored = [b.updated.timestamp() for b in found]
+        ended = max(stored) if stored else time.time()
+        cpu = self.meter.stop()
+        formed = self._stats()
+        formed.subtract(sizes_before)
+        seconds = ended - started
+        latencies = [
+            (b.updated.timestamp() - submit_times.get(b.name.rsplit("/", 1)[-1].removesuffix(".json"), started)) * 1000
+            for b in found
+        ]
+        return {
+            "path": name, "images": self.count, "results": len(found), "seconds": seconds,
+            "images_per_s": len(found) / seconds if seconds > 0 else 0.0,
+            "cpu_ms_per_image": sum(cpu.values()) * 1000 / max(1, len(found)),
+            "cpu_ms_by_process": {k: round(v * 1000 / max(1, len(found)), 1) for k, v in cpu.items()},
+            "cores_busy": sum(cpu.values()) / seconds if seconds > 0 else 0.0,
+            "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
+            "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies else None,
+            "batches_formed": {str(k): v for k, v in sorted(formed.items()) if v > 0},
+        }  # fmt: skip
+
+    # -- the entry paths --------------------------------------------------------------
+    def upload_path(self, images: list[bytes], tag: str) -> dict[str, Any]:
+        prefix = f"bench-{tag}-upload"
+
+        def submit() -> dict[str, float]:
+            times: dict[str, float] = {}
+            target = self.client.storage.bucket(self.state.images_bucket)
+
+            def put(i: int) -> None:
+                times[f"{i:05d}.jpg"] = time.time()
+                target.blob(f"{prefix}/{i:05d}.jpg").upload_from_string(
+                    images[i % len(images)], content_type="image/jpeg"
+                )
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(put, range(self.count)))
+            return times
+
+        return self.measure("upload", f"/{self.state.images_bucket}/{prefix}/", submit)
+
+    def pubsub_path(self, uris: list[str], per_message: int, marker: str) -> dict[str, Any]:
+        def submit() -> dict[str, float]:
+            times: dict[str, float] = {}
+            topic = self.client.publisher.topic_path(self.state.project, self.state.requests_topic)
+            futures = []
+            for i in range(0, len(uris), per_message):
+                chunk = uris[i : i + per_message]
+                body = {"uri": chunk[0]} if len(chunk) == 1 else {"uris": chunk}
+                now = time.time()
+                times.update({u.rsplit("/", 1)[-1]: now for u in chunk})
+                futures.append(self.client.publisher.publish(topic, json.dumps(body).encode()))
+            for f in futures:
+                f.result(timeout=60)
+            return times
+
+        name = "pubsub, 1 URI/message" if per_message == 1 else f"pubsub, {per_message} URIs/message"
+        return self.measure(name, marker, submit)
+
+    def http_path(self, uris: list[str], marker: str) -> dict[str, Any]:
+        chunks = [uris[i : i + self.per_message] for i in range(0, len(uris), self.per_message)]
+        url = f"{self.state.serve_url}/v1/infer"
+
+        def submit() -> dict[str, float]:
+            times: dict[str, float] = {}
+
+            async def run() -> None:
+                queue = list(reversed(chunks))
+                async with httpx.AsyncClient(timeout=300) as http:
+
+                    async def worker() -> None:
+                        while queue:
+                            chunk = queue.pop()
+                            now = time.time()
+                            times.update({u.rsplit("/", 1)[-1]: now for u in chunk})
+                            response = await http.post(url, json={"uris": chunk})
+                            response.raise_for_status()
+
+                    await asyncio.gather(*(worker() for _ in range(self.in_flight)))
+
+            asyncio.run(run())
+            return times
+
+        name = f"HTTP, {self.per_message} URIs/call, {self.in_flight} in flight"
+        return self.measure(name, marker, submit)
+
+    def beam_path(self, uris: list[str], reduced: bool, tag: str) -> dict[str, Any] | None:
+        if not BEAM_PYTHON.exists():
+            return None
+        prefix = f"beam-{tag}-{'reduced' if reduced else 'full'}"
+        model_dir = DEFAULT_MODEL_REPOSITORY / MODEL / "1"
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("\n".join(uris))
+        argv = [str(BEAM_PYTHON), str(REPO_ROOT / "infra" / "_bench_beam.py"),
+                "--model", str(model_dir / "model.onnx"), "--labels", str(model_dir / "labels.txt"),
+                "--uris", f.name, "--results-bucket", self.state.results_bucket, "--prefix", prefix]  # fmt: skip
+        if reduced:
+            argv.append("--reduced")
+        env = {**os.environ, **self.state.client_env()}
+        self.meter.start()
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+        cpu = self.meter.stop()
+        os.unlink(f.name)
+        if out.returncode != 0:
+            raise RuntimeError(f"the Beam pipeline failed: {out.stderr[-2000:]}")
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        # The pipeline's own CPU (its imports excluded) plus the emulator that serves it;
+        # the rest of the stack is idle meanwhile.
+        used = figures["cpu_seconds"] + cpu.get("fake-gcs-server", 0.0)
+        return {
+            "path": f"Beam RunInference, {'reduced-scale' if reduced else 'full'} decode",
+            "images": figures["images"], "results": figures["images"], "seconds": figures["seconds"],
+            "images_per_s": figures["images"] / figures["seconds"],
+            "cpu_ms_per_image": used * 1000 / figures["images"],
+            "cores_busy": used / figures["seconds"],
+        }  # fmt: skip
+
+    def single_image_ms(self, data: bytes, repeats: int = 40) -> float:
+        url = f"{self.state.serve_url}/v1/infer"
+        latencies = []
+        with httpx.Client(timeout=60) as http:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                r = http.post(url, content=data, headers={"content-type": "image/jpeg"})
+                r.raise_for_status()
+                latencies.append((time.perf_counter() - started) * 1000)
+        return float(np.median(latencies[len(latencies) // 4 :]))
+
+
+def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> list[dict[str, Any]]:
+    rows = [bench.upload_path(images, tag)]
+    for per_message in (1, bench.per_message):
+        uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-pubsub{per_message}", images)
+        rows.append(bench.pubsub_path(uris, per_message, f"/{STAGING_BUCKET}/bench-{tag}-pubsub{per_message}/"))
+    uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-http", images)
+    rows.append(bench.http_path(uris, f"/{STAGING_BUCKET}/bench-{tag}-http/"))
+    if with_beam:
+        uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-beam", images)
+        for reduced in (False, True):
+            row = bench.beam_path(uris, reduced, tag)
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    images = bench_images(args.large)
-    report: dict[str, Any] = {
-        "images": "12 MP JPEGs (sample photos upscaled to 4032x3024)" if args.large else "sample photos",
-        "engine_only": engine_only(images, args.images),
-        "decode": decode_cost(images),
-    }
-    with stack_for_command(quiet=args.json) as state:
-        client = StackClient(state)
-        uris = []
-        for name, data in images.items():
-            uri, generation = client.upload(SAMPLES / name, name=f"bench/{name}", data=data)
-            client.wait_result(str(uri), 120, generation=generation)  # upload path done before timing
-            uris.append(str(uri))
-        before = httpx.get(f"{state.serve_url}/v1/stats", timeout=30).json()["mobilenet_v2"]
-        report["http"] = asyncio.run(http_path(state.serve_url, uris, args.images, args.concurrency))
-        after = httpx.get(f"{state.serve_url}/v1/stats", timeout=30).json()["mobilenet_v2"]
-    formed = Counter({int(k): v for k, v in after["batch_sizes"].items()})
-    formed.subtract({int(k): v for k, v in before["batch_sizes"].items()})
-    report["batches_formed"] = {str(k): v for k, v in sorted(formed.items()) if v > 0}
-    report["http_vs_engine"] = report["http"]["images_per_s"] / report["engine_only"]["images_per_s"]
+    small, large = bench_images(False), bench_images(True)
+    report: dict[str, Any] = {"started_at": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count()}
+    report["ceilings"] = {"small": ceilings(small, 256), "large": ceilings(large, 64)}
+    state_dir = Path(tempfile.mkdtemp(prefix="triggerfish-bench-"))
+    stack = LocalStack(StackOptions(
+        state_dir=state_dir,
+        extra_env={"TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{STAGING_BUCKET}"},
+    ))  # fmt: skip
+    progress = (lambda m: None) if args.json else (lambda m: print(f"... {m}", file=sys.stderr, flush=True))
+    state = stack.start(progress=progress)
+    try:
+        StackClient(state).storage.create_bucket(STAGING_BUCKET)
+        roots = {p.name: p.pid for p in stack.processes}
+        bench = Bench(state, roots, args.images, args.per_message, args.http_in_flight)
+        # Warm every path once so that no figure includes a first-call cost.
+        warm = bench.stage(STAGING_BUCKET, "warm", small[:1])[:1]
+        bench.client.publish(warm)
+        bench.single_image_ms(small[0], repeats=3)
+        progress("small JPEGs")
+        report["small"] = run_suite(bench, small, "small", not args.no_beam)
+        report["single_image_http_ms_p50"] = bench.single_image_ms(small[0])
+        if not args.small_only:
+            progress("12 MP JPEGs")
+            bench.count = args.large_images
+            report["large"] = run_suite(bench, large, "large", not args.no_beam)
+    finally:
+        progress("stopping the local stack")
+        stack.stop()
     return report
 
 
+def _row(r: dict[str, Any]) -> str:
+    lat = f"p50 {r['latency_ms_p50']:6.0f}  p95 {r['latency_ms_p95']:6.0f}" if r.get("latency_ms_p50") else " " * 23
+    return (f"  {r['path']:<42} {r['images_per_s']:7.1f}  {r['cpu_ms_per_image']:7.1f}  "
+            f"{r['cores_busy']:5.2f}  {lat}  {r.get('batches_formed', '')}")  # fmt: skip
+
+
 def format_report(r: dict[str, Any]) -> str:
-    e, h, d = r["engine_only"], r["http"], r["decode"]
-    return "\n".join([
-        f"images: {r['images']}",
-        f"engine only   {e['images_per_s']:8.1f} images/s  ({e['images']} images, batch {e['batch_size']}, {e['backend']})",
-        f"HTTP gs://    {h['images_per_s']:8.1f} images/s  ({h['images']} requests, {h['concurrency']} in flight, "
-        f"p50 {h['latency_ms_p50']:.0f} ms, p95 {h['latency_ms_p95']:.0f} ms, {h['failures']} failed)",
-        f"HTTP / engine {r['http_vs_engine']:8.2f}",
-        f"batches formed (size: count): {r['batches_formed']}",
-        f"decode per image: full {d['full_decode_ms']:.1f} ms, reduced-scale {d['reduced_decode_ms']:.1f} ms "
-        f"({d['full_decode_ms'] / d['reduced_decode_ms']:.1f}x)",
-    ])  # fmt: skip
+    lines = [f"triggerfish bench, {r['started_at']}, {r['cpus']} CPUs, model {MODEL}"]
+    for size in ("small", "large"):
+        if size not in r:
+            continue
+        c = r["ceilings"][size]
+        lines.append(f"\n{size} JPEGs ({r[size][0]['images']} objects)"
+                     f"   ceilings: engine {c['engine_images_per_s']:.1f} images/s (batch {c['engine_batch_size']}, "
+                     f"{c['backend']}), decode {c['decode_images_per_s']:.1f} images/s ({c['decode_threads']} threads)")
+        lines.append(f"  {'path':<42} {'img/s':>7}  {'CPU-ms':>7}  {'cores':>5}  {'end to end ms':<23}  batches formed")
+        lines += [_row(row) for row in r[size]]
+        by = {row["path"].split(",")[0] + ("" if "Beam" not in row["path"] else row["path"].split(",")[1]): row
+              for row in r[size]}  # fmt: skip
+        up = r[size][0]["images_per_s"]
+        ps1 = next(x for x in r[size] if x["path"] == "pubsub, 1 URI/message")["images_per_s"]
+        http = next(x for x in r[size] if x["path"].startswith("HTTP"))["images_per_s"]
+        ratios = [f"pubsub 1 URI / HTTP {ps1 / http:.2f}x"]
+        for key, label in ((" full decode", "full"), (" reduced-scale decode", "reduced")):
+            beam = by.get(f"Beam RunInference{key}")
+            if beam:
+                ratios.insert(0, f"upload / Beam {label} {up / beam['images_per_s']:.2f}x")
+        lines.append("  ratios: " + ", ".join(ratios))
+        top = max(r[size][:4], key=lambda x: x["cpu_ms_per_image"])
+        lines.append(f"  CPU-ms per image by process ({top['path']}): {top.get('cpu_ms_by_process')}")
+    c = r["ceilings"]["small"]
+    lines.append(f"\nsingle image over HTTP (raw body) p50 {r['single_image_http_ms_p50']:.1f} ms; "
+                 f"engine batch 1 p50 {c['engine_batch1_ms_p50']:.1f} ms "
+                 f"(+{r['single_image_http_ms_p50'] - c['engine_batch1_ms_p50']:.1f} ms)")  # fmt: skip
+    return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report) if args.json else format_report(report))
-    return 0 if report["http"]["failures"] == 0 else 1
+    incomplete = [row["path"] for s in ("small", "large") for row in report.get(s, []) if row["results"] < row["images"]]
+    if incomplete:
+        print(f"incomplete paths: {incomplete}", file=sys.stderr)
+    return 1 if incomplete else 0

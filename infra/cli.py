@@ -63,10 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="start the stack, run samples through all entry paths, stop")
     demo.set_defaults(func=_lazy("infra.demo", "cmd_demo"))
 
-    bench = sub.add_parser("bench", parents=[common], help="HTTP-path throughput vs engine-only throughput")
-    bench.add_argument("--images", type=int, default=64, help="requests through the HTTP path")
-    bench.add_argument("--concurrency", type=int, default=16)
-    bench.add_argument("--large", action="store_true", help="use 12 MP phone-sized JPEGs")
+    bench = sub.add_parser("bench", parents=[common], help="every entry path vs a Beam RunInference peer")
+    bench.add_argument("--images", type=int, default=300, help="small JPEGs per path")
+    bench.add_argument("--large-images", type=int, default=120, help="12 MP JPEGs per path")
+    bench.add_argument("--per-message", type=int, default=16, help="URIs per message / per HTTP call")
+    bench.add_argument("--http-in-flight", type=int, default=4, help="HTTP calls in flight")
+    bench.add_argument("--small-only", action="store_true", help="skip the 12 MP photos")
+    bench.add_argument("--no-beam", action="store_true", help="skip the Beam peer")
+    bench.add_argument("--out", help="also write the report as JSON to this file")
     bench.set_defaults(func=_lazy("infra.bench", "cmd_bench"))
 
     build = sub.add_parser("build-engine", parents=[common], help="build and cache an engine ahead of time")

@@ -15,7 +15,7 @@ import httpx
 
 from infra.stack import StackState
 from shared.messages import MODEL_METADATA_KEY
-from shared.results import invalid_source_object_name
+from shared.results import invalid_source_object_name, result_object_name
 from shared.uris import GcsUri, parse_gcs_uri
 
 
@@ -134,7 +134,7 @@ class StackClient:
         generation: str | None = None,
         request_id: str | None = None,
     ) -> dict[str, Any] | None:
-        """The stored result for ``uri`` (newest version first), if it matches the filters."""
+        """The stored result for ``uri`` and ``model``, if it matches the filters."""
         model = model or self.state.default_model
         bucket = self.storage.bucket(self.state.results_bucket)
         try:
@@ -144,19 +144,15 @@ class StackClient:
                 return None
             blob = bucket.get_blob(invalid_source_object_name(request_id, uri))
             return self._read(blob) if blob else None
-        suffix = f"/{source.bucket}/{source.name}.json"
-        for blob in sorted(
-            self.storage.list_blobs(bucket, prefix=f"{model}/"), key=lambda b: b.updated, reverse=True
-        ):
-            if not blob.name.endswith(suffix) or blob.name.count("/") != suffix.count("/") + 1:
-                continue
-            result = self._read(blob)
-            if generation and result.get("source", {}).get("generation") != generation:
-                continue
-            if request_id and result.get("request_id") != request_id:
-                continue
-            return result
-        return None
+        blob = bucket.get_blob(result_object_name(model, source))
+        if blob is None:
+            return None
+        result = self._read(blob)
+        if generation and result.get("source", {}).get("generation") != generation:
+            return None
+        if request_id and result.get("request_id") != request_id:
+            return None
+        return result
 
     def _read(self, blob) -> dict[str, Any]:  # noqa: ANN001
         result = json.loads(blob.download_as_bytes())

@@ -9,6 +9,7 @@ listed when the app is built, not when this module is imported)::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,17 @@ from serve.repository import ModelRepository
 from shared.config import load_settings
 from shared.errors import ConfigError
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 
 def deployment_name(model: str) -> str:
     return f"Model_{model}"
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Build the application for every model in the repository (or ``args["models"]``).
+    """Build the application for ``args["models"]``, ``TRIGGERFISH_MODELS`` or every model in the repository.
+
+    Models named but not yet published are served as soon as a version appears.
 
     ``args`` keys: ``models`` (list or comma-separated names), ``num_cpus`` and
     ``num_gpus`` per model replica, ``replicas`` per model, ``ingress_replicas``
@@ -35,16 +40,17 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """
     args = dict(args or {})
     settings = load_settings()
-    available = ModelRepository(settings.model_repository, Path(settings.engine_cache_dir)).models()
-    wanted = args.get("models") or os.environ.get("TRIGGERFISH_MODELS") or list(available)
+    wanted = args.get("models") or os.environ.get("TRIGGERFISH_MODELS")
+    if not wanted:
+        # Every model in the repository, or the default model while it is still empty:
+        # the replicas start anyway and pick their first version up when it is published.
+        available = ModelRepository(settings.model_repository, Path(settings.engine_cache_dir)).models()
+        wanted = sorted(available) or [settings.default_model]
     if isinstance(wanted, str):
         wanted = [m.strip() for m in wanted.split(",") if m.strip()]
-    missing = [m for m in wanted if m not in available]
-    if missing or not wanted:
-        raise ConfigError(
-            f"models {missing or wanted} are not in repository {settings.model_repository} "
-            f"(it has {sorted(available)})"
-        )
+    bad = [m for m in wanted if not _MODEL_NAME.fullmatch(m)]
+    if bad or not wanted:
+        raise ConfigError(f"TRIGGERFISH_MODELS must name models ([A-Za-z0-9][A-Za-z0-9._-]*), got {wanted!r}")
     actor_options = {
         "num_cpus": float(args.get("num_cpus", 0)),
         "num_gpus": float(args.get("num_gpus", 0)),

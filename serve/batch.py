@@ -20,7 +20,7 @@ from serve.engines.base import Engine
 from serve.imaging import to_model_input
 from serve.model_config import ModelConfig
 from serve.postprocess.base import ImageGeometry, Postprocessor
-from shared.errors import ErrorReason, PermanentError
+from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.results import Detection, Label
 
 logger = logging.getLogger(__name__)
@@ -99,17 +99,35 @@ def _infer(loaded: LoadedVersion, items: Sequence[BatchItem]) -> dict[str, np.nd
     return outputs
 
 
+class EngineFailure(TransientError):
+    """The engine failed on a known-good input: a device or engine fault, not a bad image.
+
+    Transient: the items are retried elsewhere, and the replica reports itself
+    unhealthy so that Serve replaces it.
+    """
+
+
 def run_batch(
     loaded: LoadedVersion, items: Sequence[BatchItem], clock: Callable[[], float] = time.monotonic
 ) -> list[ItemOutcome]:
-    """Infer ``items`` (all of ``loaded``'s version) and postprocess each; one outcome per item."""
+    """Infer ``items`` (all of ``loaded``'s version) and postprocess each; one outcome per item.
+
+    When the engine raises, each item is retried alone; an item that still fails
+    is blamed only if the engine then succeeds on a known-good input. Otherwise
+    the engine itself is at fault and :class:`EngineFailure` is raised: no
+    input gets an error record for a fault that is not its own.
+
+    Raises:
+        EngineFailure: the engine fails on a known-good input too.
+    """
     started = clock()
     try:
         outputs = _infer(loaded, items)
-    except Exception:  # noqa: BLE001 - isolate the failing item(s) below
+    except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
         if len(items) == 1:
+            _probe(loaded, err)
             logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
-            return [_failed(loaded, items[0], started, "inference failed for this image")]
+            return [_failed(loaded, items[0], started, f"inference failed for this image: {err}")]
         logger.warning("batch of %d failed; retrying items one by one", len(items), exc_info=True)
         return [outcome for item in items for outcome in run_batch(loaded, [item], clock)]
     inference_ms = (clock() - started) * 1000
@@ -133,6 +151,19 @@ def run_batch(
             )
         )
     return outcomes
+
+
+def _probe(loaded: LoadedVersion, cause: BaseException) -> None:
+    """Run a blank image; if the engine fails on that too, the fault is the engine's."""
+    cfg = loaded.config.input
+    blank = np.zeros((1, cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
+    try:
+        loaded.engine.infer(to_model_input(blank, loaded.config.input, loaded.config.preprocess))
+    except Exception as err:  # noqa: BLE001 - any failure here condemns the engine
+        raise EngineFailure(
+            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version} fails on a "
+            f"blank image too ({err!r}; first failure {cause!r})"
+        ) from cause
 
 
 def _failed(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:

@@ -3,14 +3,15 @@
 Used by the Cloud Functions (normalized requests) and directly by clients
 (``{"uris": [...]}`` or a raw image body). Status codes tell callers whether to
 retry: 200 when every input has a stored result (``ok`` or ``error``), 400 for
-a body that is not a request at all, 503 when something transient failed.
+a body that is not a request at all, 429 with ``Retry-After`` when the service
+sheds load, 503 when something transient failed.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route
 # signatures of this class at runtime and would miss `Request`.
 import asyncio
 import logging
-import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,30 +22,45 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve._cpus import replica_cpus
 from serve.batch import BatchItem, ItemOutcome
-from serve.model_server import Rejection, VersionInfo
-from serve.pipeline import InferencePipeline, Processed, unwrap
+from serve.model_server import Rejection, Retry, VersionInfo
+from serve.pipeline import InferencePipeline, Processed, ShedError, unwrap
 from shared.config import load_settings
-from shared.errors import PermanentError
+from shared.errors import PermanentError, TransientError
+from shared.gcs import GcsClient
 from shared.logging import configure_json_logging
-from shared.messages import EntryPath, InferenceRequest, RequestMessage
+from shared.messages import (
+    DEADLINE_HEADER,
+    EntryPath,
+    InferenceRequest,
+    RequestMessage,
+    parse_json_bounded,
+)
 
 logger = logging.getLogger(__name__)
 api = FastAPI(title="triggerfish", version="1")
 MAX_REQUESTS_PER_CALL = 100
+# Answers for "the default version" may change when a version is promoted; this
+# long at most an ingress keeps preprocessing for the previous default.
+DEFAULT_VERSION_TTL_S = 2.0
+# Deployment-handle calls that take longer than this fail (and the input retries).
+HANDLE_TIMEOUT_S = 120.0
 
 
 class HandleModelClient:
     """:class:`serve.pipeline.ModelClient` over Serve deployment handles.
 
-    ``describe`` answers for an explicit version are cached: a published version's
-    input spec never changes. Requests without a version always ask, so a promoted
-    version takes traffic as soon as the model deployment switches to it.
+    A published version's input spec never changes, so ``describe`` answers for
+    an explicit version are kept; the default version is asked again after
+    :data:`DEFAULT_VERSION_TTL_S`.
     """
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle], clock=time.monotonic) -> None:  # noqa: ANN001
         self._handles = handles
         self._described: dict[tuple[str, str], VersionInfo] = {}
+        self._defaults: dict[str, tuple[float, VersionInfo]] = {}
+        self._clock = clock
 
     def models(self) -> list[str]:
         return list(self._handles)
@@ -52,18 +68,25 @@ class HandleModelClient:
     async def describe(self, model: str, version: str | None) -> VersionInfo:
         if version is not None and (model, version) in self._described:
             return self._described[(model, version)]
-        answer = await self._handles[model].describe.remote(version)
+        if version is None and model in self._defaults:
+            at, info = self._defaults[model]
+            if self._clock() - at < DEFAULT_VERSION_TTL_S:
+                return info
+        answer = await asyncio.wait_for(self._handles[model].describe.remote(version), HANDLE_TIMEOUT_S)
         if isinstance(answer, Rejection):
             raise answer.to_error()
-        if version is not None:
-            self._described[(model, version)] = answer
+        if isinstance(answer, Retry):
+            raise TransientError(answer.message)
+        self._described[(model, answer.version)] = answer
+        if version is None:
+            self._defaults[model] = (self._clock(), answer)
         return answer
 
-    async def infer(self, model: str, item: BatchItem) -> ItemOutcome:
-        answer = await self._handles[model].infer.remote(item)
-        if isinstance(answer, Rejection):
-            raise answer.to_error()
-        return answer
+    async def infer_many(
+        self, model: str, items: list[BatchItem], deadline: float | None
+    ) -> list[ItemOutcome | Rejection | Retry]:
+        timeout = HANDLE_TIMEOUT_S if deadline is None else max(0.1, deadline - time.time())
+        return await asyncio.wait_for(self._handles[model].infer_many.remote(items, deadline), timeout)
 
     async def stats(self) -> dict[str, Any]:
         return {m: await h.stats.remote() for m, h in self._handles.items()}
@@ -82,6 +105,17 @@ def parse_infer_body(body: Any) -> list[InferenceRequest]:
     return message.to_requests(f"http-{uuid.uuid4().hex}", EntryPath.HTTP)
 
 
+def _deadline(request: Request, default_s: float) -> float:
+    """The caller's deadline (epoch seconds) from its header, else ``default_s`` from now."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    now = time.time()
+    try:
+        value = float(raw) if raw else now + default_s
+    except ValueError:
+        value = now + default_s
+    return min(max(value, now), now + default_s)
+
+
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
@@ -89,36 +123,49 @@ class Ingress:
 
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
         configure_json_logging()
+        self._settings = load_settings()
         self._client = HandleModelClient(models)
-        decoders = int(os.environ.get("TRIGGERFISH_DECODE_THREADS", "0")) or (os.cpu_count() or 2)
-        io_threads = int(os.environ.get("TRIGGERFISH_IO_THREADS", "0")) or 32
-        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="gcs")
-        self._decode = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="decode")
-        self._pipeline = InferencePipeline(load_settings(), self._client, self._io, self._decode)
+        # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has.
+        self._decode = ThreadPoolExecutor(max_workers=replica_cpus(), thread_name_prefix="decode")
+        self._gcs = GcsClient.from_environment()
+        self._pipeline = InferencePipeline(self._settings, self._client, self._gcs, self._decode)
 
     @api.post("/v1/infer")
     async def infer(self, request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
-        raw = await request.body()
+        deadline = _deadline(request, self._settings.request_timeout_s)
         if content_type.startswith("image/") or content_type == "application/octet-stream":
-            return await self._infer_bytes(raw, request)
+            return await self._infer_bytes(request, deadline)
         try:
-            body = await request.json()
+            body = parse_json_bounded(await request.body())
             requests = parse_infer_body(body)
         except (ValueError, ValidationError) as err:
-            return JSONResponse({"error": "bad_request", "message": str(err)}, status_code=400)
-        outcomes = await asyncio.gather(
-            *(self._pipeline.process(r) for r in requests), return_exceptions=True
-        )
-        return self._respond(list(outcomes))
+            return JSONResponse({"error": "bad_request", "message": str(err)[:2000]}, status_code=400)
+        outcomes = await self._pipeline.process_many(requests, deadline)
+        return self._respond(outcomes)
 
-    async def _infer_bytes(self, raw: bytes, request: Request) -> JSONResponse:
+    async def _infer_bytes(self, request: Request, deadline: float) -> JSONResponse:
+        limit = self._settings.max_image_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return JSONResponse(
+                {"error": "image_too_large", "message": f"body is {declared} bytes, limit {limit}"}, status_code=413
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return JSONResponse(
+                    {"error": "image_too_large", "message": f"body is over the limit of {limit} bytes"}, status_code=413
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         if not raw:
             return JSONResponse({"error": "bad_request", "message": "empty body"}, status_code=400)
         params = request.query_params
         try:
             outcome: Processed | BaseException = await self._pipeline.process_bytes(
-                raw, params.get("model"), params.get("version"), f"http-{uuid.uuid4().hex}"
+                raw, params.get("model"), params.get("version"), f"http-{uuid.uuid4().hex}", deadline
             )
         except Exception as err:  # noqa: BLE001 - mapped to a status below
             outcome = err
@@ -126,32 +173,43 @@ class Ingress:
 
     def _respond(self, outcomes: list[Processed | BaseException]) -> JSONResponse:
         results: list[dict[str, Any]] = []
-        transient = []
+        transient: list[str] = []
+        retry_after = 0.0
+        shed = True
         for outcome in outcomes:
             cause = unwrap(outcome) if isinstance(outcome, BaseException) else outcome
             if isinstance(cause, Processed):
                 results.append(cause.to_dict())
-            elif isinstance(cause, PermanentError):
+                continue
+            if isinstance(cause, PermanentError):  # not recorded: should not happen, but say so
                 results.append({"status": "error", "error": {"reason": cause.reason, "message": cause.message}})
+                continue
+            if isinstance(cause, ShedError):
+                retry_after = max(retry_after, cause.retry_after_s)
             else:
-                logger.error("transient failure: %r", cause, exc_info=cause)
-                transient.append(repr(cause))
-                results.append({"status": "retry", "error": {"message": repr(cause)}})
+                shed = False
+                logger.error("transient failure: %r", cause, exc_info=cause if not isinstance(cause, TransientError) else None)
+            transient.append(str(cause) or repr(cause))
+            results.append({"status": "retry", "error": {"message": str(cause) or repr(cause)}})
         if transient:
+            status = 429 if shed else 503
             return JSONResponse(
-                {"error": "transient", "message": transient[0], "results": results},
-                status_code=503,
-                headers={"Retry-After": "5"},
+                {"error": "overloaded" if shed else "transient", "message": transient[0], "results": results},
+                status_code=status,
+                headers={"Retry-After": str(max(1, round(retry_after)) if shed else 5)},
             )
         return JSONResponse({"results": results})
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """Ready when every model deployment answers (each has loaded and warmed up an engine)."""
+        """Ready when every model deployment answers and has a healthy, loaded default version."""
         try:
             stats = await asyncio.wait_for(self._client.stats(), timeout=10)
         except Exception as err:  # noqa: BLE001 - any failure means not ready
             return JSONResponse({"status": "unavailable", "message": repr(err)}, status_code=503)
+        not_ready = [m for m, s in stats.items() if not s.get("default_version") or not s.get("healthy", True)]
+        if not_ready:
+            return JSONResponse({"status": "unavailable", "models_not_ready": not_ready}, status_code=503)
         return JSONResponse({"status": "ok", "models": list(stats)})
 
     @api.get("/v1/models")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from serve.model_config import ModelConfig, load_model_config
 from shared.errors import ConfigError, ErrorReason, PermanentError
+from shared.results import version_sort_key
 from shared.storage import get_storage_client
 
 logger = logging.getLogger(__name__)
@@ -37,11 +38,6 @@ class ModelVersion:
     @property
     def onnx_path(self) -> Path:
         return self.directory / MODEL_FILE
-
-
-def version_sort_key(version: str) -> tuple[int, int, str]:
-    """Numeric versions sort numerically and after non-numeric ones (``10`` > ``9``)."""
-    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
 class ModelRepository:

@@ -17,6 +17,7 @@ class ErrorReason(StrEnum):
     INVALID_URI = "invalid_uri"
     BUCKET_NOT_ALLOWED = "bucket_not_allowed"
     OBJECT_MISSING = "object_missing"
+    ACCESS_DENIED = "access_denied"
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
     UNKNOWN_MODEL = "unknown_model"

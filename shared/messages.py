@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared.errors import ErrorReason, PermanentError
 
 MAX_URIS_PER_MESSAGE = 100
+# Message bodies nest two levels; anything much deeper is hostile (and would
+# exhaust the parser's recursion), so it is refused before parsing.
+MAX_JSON_DEPTH = 32
+# HTTP header with the wall-clock time (epoch seconds) after which the caller no
+# longer waits: Serve drops work for it instead of computing answers nobody reads.
+DEADLINE_HEADER = "x-triggerfish-deadline"
+# Object generations are int64 in Cloud Storage.
+_GENERATION_PATTERN = r"^[0-9]{1,19}$"
 FINALIZE_EVENT = "OBJECT_FINALIZE"
 EVENTARC_FINALIZED_TYPE = "google.cloud.storage.object.v1.finalized"
 PUBSUB_PUBLISHED_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -46,7 +54,7 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str = Field(min_length=1, max_length=2048)
-    generation: str | None = Field(default=None, pattern=r"^[0-9]+$")
+    generation: str | None = Field(default=None, pattern=_GENERATION_PATTERN)
     model: str | None = Field(default=None, pattern=_NAME_PATTERN)
     version: str | None = Field(default=None, pattern=_NAME_PATTERN)
     # Upload ids are `<bucket>/<object>#<generation>`: object names may be 1024 bytes long.
@@ -105,6 +113,42 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _depth(data: bytes | str) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings (a single pass, no recursion)."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json_bounded(data: bytes | str) -> Any:
+    """``json.loads`` that refuses documents nested deeper than :data:`MAX_JSON_DEPTH`.
+
+    Raises:
+        ValueError: not JSON, not UTF-8, or nested too deeply.
+    """
+    text = data if isinstance(data, str) else data.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    # Counting brackets is cheap; the exact scan runs only when nesting is possible at all.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(text)
+
+
 def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest]:
     """Parse a requests-topic message body.
 
@@ -112,8 +156,8 @@ def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest
         PermanentError: ``malformed_message`` when the body is not the documented JSON.
     """
     try:
-        payload = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        payload = parse_json_bounded(data)
+    except ValueError as err:
         raise PermanentError(
             ErrorReason.MALFORMED_MESSAGE, f"message {message_id} is not JSON: {err}"
         ) from err
@@ -172,8 +216,8 @@ def parse_gcs_notification(attributes: Mapping[str, str], data: bytes) -> Infere
     resource: dict[str, Any] = {}
     if data:
         try:
-            decoded = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            decoded = parse_json_bounded(data)
+        except ValueError as err:
             raise PermanentError(
                 ErrorReason.MALFORMED_MESSAGE, f"notification payload is not JSON: {err}"
             ) from err

@@ -1,57 +1,119 @@
-"""Writing result JSON: deterministic names, and never a stale result over a newer one."""
+"""Writing result JSON: one object per (model, source object) that never regresses.
+
+Every write is conditioned on the object's generation (``ifGenerationMatch``),
+so concurrent deliveries cannot interleave a read-check-write. The first write
+of a result is one request (``ifGenerationMatch=0``: only if absent); only when
+a result is already there does the store read that result's metadata and
+replace it, conditioned on the generation it read, unless the stored result
+outranks the new one:
+
+1. a newer source generation wins (a late event never undoes a newer upload);
+2. for the same generation, a newer model version wins;
+3. for the same generation and version, ``ok`` wins over ``error``.
+
+An equal rank (a redelivery, a repeated request) replaces the stored result, so
+the object names the latest request that produced it; its content is the same.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from shared.results import InferenceResult, invalid_source_object_name, result_object_name
-from shared.storage import get_storage_client, write_json
+from shared.errors import TransientError
+from shared.gcs import GcsClient, PreconditionFailed
+from shared.results import (
+    InferenceResult,
+    Status,
+    invalid_source_object_name,
+    result_object_name,
+    version_sort_key,
+)
 from shared.uris import GcsUri
 
 logger = logging.getLogger(__name__)
 
+# Object metadata on every result: the rank is read from metadata, never from the body.
+GENERATION_METADATA_KEY = "triggerfish-source-generation"
+VERSION_METADATA_KEY = "triggerfish-model-version"
+STATUS_METADATA_KEY = "triggerfish-status"
+# Each retry means another writer changed the object in between; a handful is plenty.
+_MAX_ATTEMPTS = 8
+
+Rank = tuple[int, tuple[int, int, str], int]
+
 
 def result_name(result: InferenceResult, source: GcsUri | None) -> str:
-    """Where ``result`` belongs: by model/version/source, or under ``_invalid/`` without a source."""
+    """Where ``result`` belongs: by model and source, or under ``_invalid/`` without a source."""
     if source is None:
         return invalid_source_object_name(result.request_id, result.source.uri)
-    return result_object_name(result.model.name, result.model.version, source)
+    return result_object_name(result.model.name, source)
 
 
-# Object metadata on every result, so the stale-write check reads metadata, not the body.
-GENERATION_METADATA_KEY = "triggerfish-source-generation"
+def result_metadata(result: InferenceResult) -> dict[str, str]:
+    """The custom metadata that carries a result's rank."""
+    meta = {STATUS_METADATA_KEY: result.status.value}
+    if result.source.generation:
+        meta[GENERATION_METADATA_KEY] = result.source.generation
+    if result.model.version:
+        meta[VERSION_METADATA_KEY] = result.model.version
+    return meta
 
 
-def _stored_generation(bucket: str, name: str) -> int | None:
-    blob = get_storage_client().bucket(bucket).get_blob(name)
-    if blob is None:
-        return None
-    stored = (blob.metadata or {}).get(GENERATION_METADATA_KEY)
-    if stored:
-        return int(stored) if stored.isdigit() else None
-    try:
-        generation = json.loads(blob.download_as_bytes()).get("source", {}).get("generation")
-    except (ValueError, AttributeError):
-        return None  # unreadable old result: overwrite it
-    return int(generation) if generation else None
+def rank(metadata: Mapping[str, str]) -> Rank:
+    """Order of results for one object: source generation, then model version, then ok > error.
+
+    Missing or unreadable fields rank lowest, so a result without them is replaced.
+    """
+    generation = metadata.get(GENERATION_METADATA_KEY, "")
+    version = metadata.get(VERSION_METADATA_KEY)
+    return (
+        int(generation) if generation.isdigit() else -1,
+        version_sort_key(version) if version else (-1, 0, ""),
+        1 if metadata.get(STATUS_METADATA_KEY) == Status.OK.value else 0,
+    )
 
 
-def store_result(bucket: str, result: InferenceResult, source: GcsUri | None) -> str | None:
-    """Write ``result``; return its ``gs://`` URI, or ``None`` when a newer one is already stored.
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """Where the result for an input lives, and whether this call wrote it.
 
-    Redeliveries rewrite the same object (same name, same content but timings).
-    A late event for an *older* generation of the source object must not
-    replace the result of the newer generation.
+    ``superseded`` is true when the stored result outranks the one offered
+    (a newer generation or version was already recorded); the offered one was dropped.
+    """
+
+    uri: str
+    written: bool
+    superseded: bool = False
+
+
+async def store_result(
+    gcs: GcsClient, bucket: str, result: InferenceResult, source: GcsUri | None
+) -> StoredResult:
+    """Write ``result`` unless a higher-ranked result is stored already.
+
+    Raises:
+        TransientError: Cloud Storage failed, or the object kept changing under us.
     """
     name = result_name(result, source)
-    ours = result.source.generation
-    if ours is not None:
-        stored = _stored_generation(bucket, name)
-        if stored is not None and stored > int(ours):
-            logger.info(
-                "kept gs://%s/%s: it holds generation %s, newer than %s", bucket, name, stored, ours
-            )
-            return None
-    metadata = {GENERATION_METADATA_KEY: ours} if ours else None
-    return write_json(bucket, name, result.to_json(), metadata)
+    uri = f"gs://{bucket}/{name}"
+    metadata = result_metadata(result)
+    ours = rank(metadata)
+    payload = result.to_json().encode()
+    expected = 0  # first attempt: create only
+    for _ in range(_MAX_ATTEMPTS):
+        try:
+            await gcs.write(bucket, name, payload, metadata=metadata, if_generation_match=expected)
+            return StoredResult(uri, written=True)
+        except PreconditionFailed:
+            current = await gcs.info(bucket, name)
+        if current is None:
+            expected = 0  # deleted in between
+            continue
+        theirs = rank(current.metadata)
+        if theirs > ours:
+            logger.info("kept %s: it outranks the new result", uri, extra={"kept": str(theirs), "offered": str(ours)})
+            return StoredResult(uri, written=False, superseded=True)
+        expected = current.generation
+    raise TransientError(f"{uri} kept changing during {_MAX_ATTEMPTS} conditional writes")

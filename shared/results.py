@@ -13,7 +13,6 @@ from shared.errors import ErrorReason
 from shared.messages import EntryPath, InferenceRequest
 from shared.uris import GcsUri
 
-UNRESOLVED_VERSION = "_"
 INVALID_SOURCE_PREFIX = "_invalid"
 
 
@@ -121,13 +120,33 @@ class InferenceResult(BaseModel):
         return self.model_dump_json(by_alias=True, exclude_none=True, indent=2)
 
 
-def result_object_name(model: str, version: str | None, source: GcsUri) -> str:
-    """Deterministic result path for one source object.
+def version_sort_key(version: str) -> tuple[int, int, str]:
+    """Numeric versions sort numerically and after non-numeric ones (``10`` > ``9``)."""
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
-    A redelivered message, a retried request or an uploaded-twice event all map
-    to the same name, so they overwrite one result instead of adding another.
+
+def _safe_segment(segment: str) -> str:
+    """An object-name segment that is safe as a file path: ``.``, ``..`` and ``%`` escaped.
+
+    Escaping ``%`` as well keeps the mapping one-to-one: no two source names share a result.
     """
-    return f"{model}/{version or UNRESOLVED_VERSION}/{source.bucket}/{source.name}.json"
+    segment = segment.replace("%", "%25")
+    if segment in ("", ".", ".."):
+        return segment.replace(".", "%2E") or "%00"
+    return segment
+
+
+def result_object_name(model: str, source: GcsUri) -> str:
+    """Deterministic result path for one source object and model: one object per pair.
+
+    A redelivered message, a retried request, an uploaded-twice event and a
+    request served by a newer model version all map to the same name; which
+    result the object keeps is decided by :mod:`shared.result_store`. Segments of
+    the source name that a filesystem would interpret (``..``, ``.``, empty) are
+    escaped, so mirrored results never escape their folder.
+    """
+    name = "/".join(_safe_segment(part) for part in source.name.split("/"))
+    return f"{model}/{source.bucket}/{name}.json"
 
 
 def invalid_source_object_name(request_id: str, uri: str) -> str:
