@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from shared.auth import AuthConfig, TokenSource
 from shared.config import Settings, load_settings
 from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.gcs import GcsClient
@@ -37,6 +38,15 @@ def get_settings() -> Settings:
 def get_http_client() -> httpx.Client:
     """One pooled HTTP client per function instance."""
     return httpx.Client(timeout=httpx.Timeout(get_settings().request_timeout_s, connect=5.0))
+
+
+@functools.cache
+def get_token_source() -> TokenSource | None:
+    """ID tokens for Serve when the deployment authenticates callers (``TRIGGERFISH_SERVE_AUDIENCE``)."""
+    import os
+
+    config = AuthConfig.from_env(os.environ)
+    return TokenSource(config.audience) if config.enabled else None
 
 
 def record_failure(
@@ -90,6 +100,12 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
     body = {"requests": [r.model_dump(mode="json", exclude_none=True) for r in valid]}
     # Serve stops working on these inputs when this function has given up on them.
     headers = {DEADLINE_HEADER: f"{time.time() + settings.request_timeout_s:.3f}"}
+    tokens = get_token_source()
+    try:
+        if tokens is not None:
+            headers.update(tokens.header())
+    except Exception as err:  # noqa: BLE001 - the metadata server may be briefly unavailable
+        raise TransientError(f"could not mint an ID token for Serve: {err!r}") from err
     try:
         response = get_http_client().post(f"{settings.serve_url}/v1/infer", json=body, headers=headers)
     except httpx.HTTPError as err:

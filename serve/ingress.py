@@ -11,6 +11,7 @@ sheds load, 503 when something transient failed.
 # signatures of this class at runtime and would miss `Request`.
 import asyncio
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from serve._cpus import replica_cpus
 from serve.batch import BatchItem, ItemOutcome
 from serve.model_server import Rejection, Retry, VersionInfo
 from serve.pipeline import InferencePipeline, Processed, ShedError, unwrap
+from shared.auth import AuthConfig, AuthError, TokenVerifier
 from shared.config import load_settings
 from shared.errors import PermanentError, TransientError
 from shared.gcs import GcsClient
@@ -44,6 +46,10 @@ MAX_REQUESTS_PER_CALL = 100
 # Answers for "the default version" may change when a version is promoted; this
 # long at most an ingress keeps preprocessing for the previous default.
 DEFAULT_VERSION_TTL_S = 2.0
+# Inputs one ingress replica holds at once (fetched bytes and decoded tensors);
+# a call that would exceed it is shed with 429 before any work is done.
+MAX_INFLIGHT_ENV = "TRIGGERFISH_MAX_INFLIGHT"
+DEFAULT_MAX_INFLIGHT = 1024
 # Deployment-handle calls that take longer than this fail (and the input retries).
 HANDLE_TIMEOUT_S = 120.0
 
@@ -129,20 +135,50 @@ class Ingress:
         self._decode = ThreadPoolExecutor(max_workers=replica_cpus(), thread_name_prefix="decode")
         self._gcs = GcsClient.from_environment()
         self._pipeline = InferencePipeline(self._settings, self._client, self._gcs, self._decode)
+        self._auth = AuthConfig.from_env(os.environ)
+        self._verifier = TokenVerifier(self._auth) if self._auth.enabled else None
+        self._max_inflight = int(os.environ.get(MAX_INFLIGHT_ENV) or DEFAULT_MAX_INFLIGHT)
+        self._inflight = 0
 
     @api.post("/v1/infer")
     async def infer(self, request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
         deadline = _deadline(request, self._settings.request_timeout_s)
         if content_type.startswith("image/") or content_type == "application/octet-stream":
-            return await self._infer_bytes(request, deadline)
+            return await self._admitted(1, self._infer_bytes(request, deadline))
         try:
             body = parse_json_bounded(await request.body())
+            if isinstance(body, dict) and "requests" in body:
+                await self._authorize_internal(request)
             requests = parse_infer_body(body)
+        except AuthError as err:
+            return JSONResponse({"error": "unauthorized", "message": str(err)}, status_code=403)
         except (ValueError, ValidationError) as err:
             return JSONResponse({"error": "bad_request", "message": str(err)[:2000]}, status_code=400)
-        outcomes = await self._pipeline.process_many(requests, deadline)
-        return self._respond(outcomes)
+        return await self._admitted(len(requests), self._process(requests, deadline))
+
+    async def _process(self, requests: list[InferenceRequest], deadline: float) -> JSONResponse:
+        return self._respond(await self._pipeline.process_many(requests, deadline))
+
+    async def _authorize_internal(self, request: Request) -> None:
+        """The internal form sets generations and request ids: only the functions may send it."""
+        if self._verifier is not None:
+            await asyncio.to_thread(self._verifier.caller, request.headers.get("authorization"))
+
+    async def _admitted(self, inputs: int, work) -> JSONResponse:  # noqa: ANN001 - a coroutine
+        """Run ``work`` unless it would push this replica past its in-flight bound (then 429)."""
+        if self._inflight + inputs > self._max_inflight:
+            work.close()
+            return JSONResponse(
+                {"error": "overloaded", "message": f"{self._inflight} inputs in flight, limit {self._max_inflight}"},
+                status_code=429,
+                headers={"Retry-After": "2"},
+            )
+        self._inflight += inputs
+        try:
+            return await work
+        finally:
+            self._inflight -= inputs
 
     async def _infer_bytes(self, request: Request, deadline: float) -> JSONResponse:
         limit = self._settings.max_image_bytes

@@ -190,9 +190,16 @@ class InferencePipeline:
         info: VersionInfo, data: bytes, started: float, fetch_ms: float,
     ) -> _Prepared:  # fmt: skip
         t_decode = time.monotonic()
-        image = await asyncio.get_running_loop().run_in_executor(
-            self._decode, prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
-        )
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(
+                self._decode, prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
+            )
+        except PermanentError:
+            raise
+        except Exception as err:  # noqa: BLE001 - pinned on this one input's bytes
+            # Decoders raise far more than they document (SyntaxError on broken PNG
+            # chunks, struct errors in EXIF blocks): any of it condemns only this image.
+            raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err!r}"[:500]) from err
         decode_ms = (time.monotonic() - t_decode) * 1000
         return _Prepared(index, request, source, model, info, image, started, fetch_ms, decode_ms)
 
