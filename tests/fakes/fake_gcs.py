@@ -127,6 +127,7 @@ class WriteCall:
     name: str
     if_generation_match: int | None
     metadata: dict[str, str]
+    payload: bytes
     succeeded: bool
 
 
@@ -223,7 +224,9 @@ class InMemoryGcs:
         await asyncio.sleep(0)
         if self.before_write is not None:
             self.before_write(bucket, name)
-        call = WriteCall(bucket, name, if_generation_match, dict(metadata or {}), succeeded=False)
+        call = WriteCall(
+            bucket, name, if_generation_match, dict(metadata or {}), payload, succeeded=False
+        )
         if self.write_error is not None:
             self.writes.append(call)
             raise self.write_error

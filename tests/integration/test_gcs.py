@@ -237,4 +237,4 @@ def test_a_stored_result_is_kept_against_an_older_one(server: FakeGcs, bucket: s
     newer, older, again = _with_client(server, work)
 
     assert (newer.written, older.written, older.superseded) == (True, False, True)
-    assert (again.written, again.superseded) == (False, False)
+    assert (again.written, again.superseded) == (True, False)  # equal rank: replaced

@@ -118,9 +118,9 @@ class StoredResults(Sequence[Recorded]):
 
     def _records(self) -> list[Recorded]:
         return [
-            Recorded(w.bucket, w.name, InferenceResult.model_validate_json(obj.data))
+            Recorded(w.bucket, w.name, InferenceResult.model_validate_json(w.payload))
             for w in self.gcs.writes
-            if w.succeeded and (obj := self.gcs.get(w.bucket, w.name)) is not None
+            if w.succeeded
         ]
 
     def __getitem__(self, index):  # type: ignore[no-untyped-def]
@@ -256,7 +256,56 @@ def test_serve_is_told_when_the_function_stops_waiting(
 
     [headers] = serve.headers
     deadline = float(headers[DEADLINE_HEADER])
-    assert before + 42 <= deadline <= time.time() + 42
+    assert before + 42 - 0.001 <= deadline <= time.time() + 42 + 0.001  # sent with ms precision
+
+
+class _Tokens:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def header(self) -> dict[str, str]:
+        if self.error is not None:
+            raise self.error
+        return {"authorization": "Bearer id-token-for-serve"}
+
+
+def test_an_id_token_is_sent_when_serve_authenticates_callers(
+    apps: dict[str, FlaskClient], serve: FakeServe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forward_module, "get_token_source", lambda: _Tokens())
+
+    assert _request(apps, _load("pubsub_push_request.json")) == 200
+
+    [headers] = serve.headers
+    assert headers["authorization"] == "Bearer id-token-for-serve"
+    assert DEADLINE_HEADER in headers
+
+
+def test_no_token_is_sent_without_an_audience(
+    apps: dict[str, FlaskClient], serve: FakeServe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TRIGGERFISH_SERVE_AUDIENCE", raising=False)
+    forward_module.get_token_source.cache_clear()
+    try:
+        assert _request(apps, _load("pubsub_push_request.json")) == 200
+    finally:
+        forward_module.get_token_source.cache_clear()
+
+    assert "authorization" not in serve.headers[0]
+
+
+def test_a_token_that_cannot_be_minted_fails_the_function(
+    apps: dict[str, FlaskClient],
+    serve: FakeServe,
+    stored: StoredResults,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tokens = _Tokens(error=RuntimeError("metadata server unavailable"))
+    monkeypatch.setattr(forward_module, "get_token_source", lambda: tokens)
+
+    assert _request(apps, _load("pubsub_push_request.json")) == 500
+
+    assert serve.posts == [] and stored == []
 
 
 def test_without_request_id_the_pubsub_message_id_is_used(
@@ -418,18 +467,22 @@ def test_serve_rejecting_the_request_records_errors_and_acknowledges(
     )
 
 
-def test_an_error_result_is_written_once_with_its_rank_and_the_client_closed(
+def test_an_error_result_carries_its_rank_and_a_redelivery_replaces_it(
     apps: dict[str, FlaskClient], serve: FakeServe, gcs: InMemoryGcs, stored: StoredResults
 ) -> None:
     body = _push({"uri": "gs://someone-elses/cat.jpg", "request_id": "r-7"})
 
     assert _request(apps, body) == 200
+    first = gcs.get("triggerfish-results", "mobilenet_v2/someone-elses/cat.jpg.json")
+    assert first is not None and first.metadata[STATUS_METADATA_KEY] == "error"
     assert _request(apps, body) == 200  # redelivered: same name, equal rank
 
-    [record] = stored
-    assert record.name == "mobilenet_v2/someone-elses/cat.jpg.json"
-    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [(0, True), (0, False)]
-    assert gcs.get("triggerfish-results", record.name).metadata[STATUS_METADATA_KEY] == "error"  # type: ignore[union-attr]
+    assert [r.name for r in stored] == ["mobilenet_v2/someone-elses/cat.jpg.json"] * 2
+    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [
+        (0, True),
+        (0, False),
+        (first.generation, True),  # replaced only if nobody changed it in between
+    ]
     assert gcs.closed == 2  # one short-lived client per recorded failure, always closed
 
 

@@ -23,6 +23,7 @@ from serve.ingress import (
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.model_server import Rejection, Retry, VersionInfo
 from serve.pipeline import Processed, ShedError
+from shared.auth import AuthError
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.messages import DEADLINE_HEADER, EntryPath, InferenceRequest
@@ -273,12 +274,15 @@ def _processed(request_id: str) -> Processed:
     return Processed(request_id, None, f"gs://r/{request_id}.json", superseded=True)
 
 
-def _ingress(pipeline: _Pipeline) -> Any:
+def _ingress(pipeline: _Pipeline, verifier: Any = None, max_inflight: int = 1024) -> Any:
     # The class as written, below Serve's ASGI wrapper; built without Ray or a GcsClient.
     cls = next(c for c in Ingress.func_or_class.__mro__[1:] if c.__name__ == "Ingress")
     ingress = object.__new__(cls)
     ingress._settings = Settings(max_image_bytes=1000, request_timeout_s=60)
     ingress._pipeline = pipeline
+    ingress._verifier = verifier
+    ingress._max_inflight = max_inflight
+    ingress._inflight = 0
     return ingress
 
 
@@ -398,3 +402,113 @@ def test_a_transient_failure_of_an_image_body_is_a_503() -> None:
     status, _, body = _post(_ingress(pipeline), b"\xff\xd8", {"content-type": "image/jpeg"})
 
     assert status == 503 and body["message"] == "replica died"
+
+
+# --- admission and authentication -------------------------------------------------------
+
+
+class _Verifier:
+    """Accepts one token, refuses anything else."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def caller(self, authorization: str | None) -> str:
+        self.seen.append(authorization)
+        if authorization != "Bearer good":
+            raise AuthError("no bearer token" if authorization is None else "invalid token")
+        return "functions@project.iam.gserviceaccount.com"
+
+
+def test_a_call_beyond_the_in_flight_bound_is_shed_before_any_work() -> None:
+    pipeline = _Pipeline()
+    ingress = _ingress(pipeline, max_inflight=2)
+
+    status, headers, body = _post(ingress, json.dumps({"uris": [CAT] * 3}).encode(), {})
+    image_status, _, _ = _post(
+        _ingress(pipeline, max_inflight=0), b"\xff\xd8", {"content-type": "image/jpeg"}
+    )
+
+    assert (status, headers["retry-after"], body["error"]) == (429, "2", "overloaded")
+    assert "limit 2" in body["message"]
+    assert image_status == 429
+    assert pipeline.many == [] and pipeline.bytes == []
+    assert (
+        _post(ingress, json.dumps({"uris": [CAT] * 2}).encode(), {})[0] == 200
+    )  # within the bound
+
+
+def test_inputs_in_flight_count_against_concurrent_calls_until_they_finish() -> None:
+    gate = asyncio.Event()
+
+    class Slow(_Pipeline):
+        async def process_many(
+            self, requests: list[InferenceRequest], deadline: float | None
+        ) -> list[Any]:
+            await gate.wait()
+            return await super().process_many(requests, deadline)
+
+    ingress = _ingress(Slow(), max_inflight=3)
+    body = json.dumps({"uris": [CAT] * 2}).encode()
+
+    async def run() -> tuple[int, int, int, int]:
+        first = asyncio.ensure_future(type(ingress).infer(ingress, _http_request(body, {})))
+        await asyncio.sleep(0.01)
+        during = ingress._inflight
+        second = await type(ingress).infer(ingress, _http_request(body, {}))
+        gate.set()
+        return during, second.status_code, (await first).status_code, ingress._inflight
+
+    during, second, first, after = asyncio.run(run())
+
+    assert (during, second, first, after) == (2, 429, 200, 0)
+
+
+def test_a_failing_call_releases_its_in_flight_inputs() -> None:
+    class Broken(_Pipeline):
+        async def process_many(
+            self, requests: list[InferenceRequest], deadline: float | None
+        ) -> list[Any]:
+            raise RuntimeError("bug")
+
+    ingress = _ingress(Broken(), max_inflight=3)
+
+    with pytest.raises(RuntimeError):
+        _post(ingress, json.dumps({"uris": [CAT] * 3}).encode(), {})
+
+    assert ingress._inflight == 0
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer forged"], ids=["no-token", "bad-token"])
+def test_the_internal_form_needs_a_verified_caller(authorization: str | None) -> None:
+    pipeline, verifier = _Pipeline(), _Verifier()
+    headers = {} if authorization is None else {"authorization": authorization}
+
+    status, _, body = _post(
+        _ingress(pipeline, verifier), json.dumps({"requests": [NORMALIZED]}).encode(), headers
+    )
+
+    assert status == 403 and body["error"] == "unauthorized"
+    assert verifier.seen == [authorization]
+    assert pipeline.many == []
+
+
+def test_a_verified_caller_may_send_the_internal_form() -> None:
+    pipeline, verifier = _Pipeline(), _Verifier()
+
+    status, _, _ = _post(
+        _ingress(pipeline, verifier),
+        json.dumps({"requests": [NORMALIZED]}).encode(),
+        {"authorization": "Bearer good"},
+    )
+
+    assert status == 200 and verifier.seen == ["Bearer good"]
+    assert [r.request_id for r in pipeline.many[0][0]] == [NORMALIZED["request_id"]]
+
+
+def test_the_client_form_needs_no_token() -> None:
+    pipeline, verifier = _Pipeline(), _Verifier()
+
+    status, _, _ = _post(_ingress(pipeline, verifier), json.dumps({"uri": CAT}).encode(), {})
+
+    assert status == 200 and verifier.seen == []

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import serve.pipeline as pipeline_module
 from serve.batch import BatchItem, ItemOutcome
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.model_server import Rejection, Retry, VersionInfo
@@ -315,6 +316,37 @@ def test_bytes_that_are_not_an_image_are_an_error_result(
     assert processed.result.source.generation == str(GENERATION + 1)
     assert models.calls == []
     assert gcs.names(RESULTS) == [CAT_RESULT]
+
+
+def test_any_decoder_exception_is_pinned_on_its_image_alone(
+    gcs: InMemoryGcs, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = pipeline_module.prepare_image
+    broken = b"\x89PNG broken chunk"
+
+    def prepare_image(data: bytes, *args: Any) -> Any:
+        if data == broken:
+            raise SyntaxError("broken PNG file")  # not what a decoder documents
+        return real(data, *args)
+
+    monkeypatch.setattr(pipeline_module, "prepare_image", prepare_image)
+    gcs.put(IMAGES, "broken.png", broken)
+    models = FakeModels()
+
+    bad, good = _many(
+        executor, gcs, [_request(f"gs://{IMAGES}/broken.png"), _request(request_id="m-2")], models
+    )
+
+    assert isinstance(bad, Processed) and _error(bad) is ErrorReason.NOT_AN_IMAGE
+    assert bad.result is not None and bad.result.error is not None
+    assert (
+        "cannot decode image" in bad.result.error.message
+        and "broken PNG" in bad.result.error.message
+    )
+    assert (
+        isinstance(good, Processed) and good.result is not None and good.result.status is Status.OK
+    )
+    assert len(models.items) == 1
 
 
 def test_an_inference_failure_outcome_is_an_error_result_with_backend(

@@ -1,4 +1,9 @@
-"""Conditional result writes: one object per input that never regresses."""
+"""Conditional result writes: one object per input that never regresses.
+
+Ranks: source generation, then model version, then ok over error. A lower rank is
+dropped (``superseded``); an equal or higher one replaces, conditioned on the
+generation that was read.
+"""
 
 from __future__ import annotations
 
@@ -124,17 +129,20 @@ def test_the_first_result_is_created_with_one_write_and_no_read() -> None:
     assert InferenceResult.model_validate(_stored_body(gcs)) == result
 
 
-def test_an_equal_rank_writes_nothing() -> None:
+def test_an_equal_rank_replaces_so_the_object_names_the_latest_request() -> None:
     gcs = InMemoryGcs()
     _store(gcs, _ok(request_id="first"))
     generation = gcs.get(BUCKET, NAME).generation  # type: ignore[union-attr]
 
     again = _store(gcs, _ok(request_id="redelivered"))
 
-    assert again == StoredResult(URI, written=False, superseded=False)
-    assert [w.succeeded for w in gcs.writes] == [True, False]
-    assert gcs.get(BUCKET, NAME).generation == generation  # type: ignore[union-attr]
-    assert _stored_body(gcs)["request_id"] == "first"
+    assert again == StoredResult(URI, written=True, superseded=False)
+    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [
+        (0, True),
+        (0, False),
+        (generation, True),
+    ]
+    assert _stored_body(gcs)["request_id"] == "redelivered"
 
 
 @pytest.mark.parametrize(
