@@ -49,6 +49,7 @@ PACKAGES = ("functions", "shared")
 #: What the functions import at runtime (distribution names, as in pyproject).
 RUNTIME_REQUIREMENTS = (
     "functions-framework",
+    "aiohttp",
     "google-cloud-storage",
     "pydantic",
     "httpx",

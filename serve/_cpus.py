@@ -51,7 +51,7 @@ def replica_cpus(env: dict[str, str] | None = None) -> int:
     if raw.strip():
         from shared.errors import ConfigError
 
-        if not raw.strip().isdigit() or int(raw) < 1:
+        if not (raw.strip().isascii() and raw.strip().isdigit()) or int(raw) < 1:
             raise ConfigError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
         return int(raw)
     limits = [float(len(os.sched_getaffinity(0)))]

@@ -156,9 +156,9 @@ def run_batch(
 def _probe(loaded: LoadedVersion, cause: BaseException) -> None:
     """Run a blank image; if the engine fails on that too, the fault is the engine's."""
     cfg = loaded.config.input
-    blank = np.zeros((1, cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
+    blank = np.zeros((cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
     try:
-        loaded.engine.infer(to_model_input(blank, loaded.config.input, loaded.config.preprocess))
+        _infer(loaded, [BatchItem(blank, ImageGeometry(cfg.height, cfg.width, cfg.height, cfg.width, 1.0, 1.0), loaded.version)])
     except Exception as err:  # noqa: BLE001 - any failure here condemns the engine
         raise EngineFailure(
             f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version} fails on a "

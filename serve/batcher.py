@@ -182,10 +182,13 @@ class BatchQueue(Generic[T, R]):
             results = await self._run([p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
-        except Exception as err:  # noqa: BLE001 - every waiter gets the failure
+        except BaseException as err:  # every waiter gets the failure, cancellation included
+            failure = err if isinstance(err, Exception) else DeadlineExceeded("the batch was cancelled")
             for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_exception(err)
+                    pending.future.set_exception(failure)
+            if not isinstance(err, Exception):
+                raise
         else:
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():

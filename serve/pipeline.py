@@ -169,7 +169,9 @@ class InferencePipeline:
         started = time.monotonic()
         model = request.model or self._settings.default_model
         source: GcsUri | None = None
-        version = request.version
+        # Until the model deployment has resolved the version, an error record names
+        # none: a bogus requested version must not outrank a stored result.
+        version: str | None = None
         try:
             source = parse_gcs_uri(request.uri)
             check_allowed(source, self._settings.allowed_buckets)

@@ -103,7 +103,9 @@ class ModelRepository:
             if not root.is_dir():
                 raise ConfigError(f"model repository {root} is not a directory")
             pairs = {
-                (p.parent.parent.name, p.parent.name) for p in root.glob(f"*/*/{CONFIG_FILE}")
+                (p.parent.parent.name, p.parent.name)
+                for p in root.glob(f"*/*/{CONFIG_FILE}")
+                if (p.parent / MODEL_FILE).is_file()
             }
         index: dict[str, list[str]] = {}
         for model, version in pairs:
@@ -117,12 +119,14 @@ class ModelRepository:
 
     def _list_gcs(self) -> set[tuple[str, str]]:
         bucket, prefix = self._gcs_root()
-        pairs = set()
+        seen: dict[tuple[str, str], set[str]] = {}
         for blob in get_storage_client().list_blobs(bucket, prefix=prefix):
             parts = blob.name[len(prefix) :].split("/")
-            if len(parts) == 3 and parts[2] == CONFIG_FILE:
-                pairs.add((parts[0], parts[1]))
-        return pairs
+            if len(parts) == 3 and parts[2] in (CONFIG_FILE, MODEL_FILE):
+                seen.setdefault((parts[0], parts[1]), set()).add(parts[2])
+        # A version being uploaded is invisible until both of its key files exist
+        # (each GCS object appears whole, so neither can be half-written).
+        return {pair for pair, files in seen.items() if files == {CONFIG_FILE, MODEL_FILE}}
 
     def _local_dir(self, model: str, version: str) -> Path:
         if not self._location.startswith("gs://"):

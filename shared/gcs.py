@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 from urllib.parse import quote
 
@@ -108,15 +109,14 @@ class GcsClient:
         creds = self._credentials
         if creds is None:
             return {}
-        expiry = getattr(creds, "expiry", None)
-        fresh = creds.token and (expiry is None or expiry.timestamp() - time.time() > _TOKEN_MARGIN_S)
-        if not fresh:
+        if not _fresh(creds):
             if self._token_lock is None:
                 self._token_lock = asyncio.Lock()
             async with self._token_lock:
-                import google.auth.transport.requests
+                if not _fresh(creds):  # another call may have refreshed it meanwhile
+                    import google.auth.transport.requests
 
-                await asyncio.to_thread(creds.refresh, google.auth.transport.requests.Request())
+                    await asyncio.to_thread(creds.refresh, google.auth.transport.requests.Request())
         return {"authorization": f"Bearer {creds.token}"}
 
     # -- reads ---------------------------------------------------------------------------
@@ -222,6 +222,14 @@ class GcsClient:
         except (aiohttp.ClientError, TimeoutError) as err:
             raise TransientError(f"Cloud Storage unreachable writing {where}: {err!r}") from err
         return _object_info(json.loads(text))
+
+
+def _fresh(creds: Any) -> bool:
+    # google-auth keeps ``expiry`` as a naive datetime in UTC.
+    expiry = getattr(creds, "expiry", None)
+    if not creds.token:
+        return False
+    return expiry is None or expiry.replace(tzinfo=UTC).timestamp() - time.time() > _TOKEN_MARGIN_S
 
 
 def _object_info(resource: Mapping[str, Any]) -> ObjectInfo:

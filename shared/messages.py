@@ -25,6 +25,7 @@ MAX_JSON_DEPTH = 32
 DEADLINE_HEADER = "x-triggerfish-deadline"
 # Object generations are int64 in Cloud Storage.
 _GENERATION_PATTERN = r"^[0-9]{1,19}$"
+_MAX_GENERATION = 2**63 - 1
 FINALIZE_EVENT = "OBJECT_FINALIZE"
 EVENTARC_FINALIZED_TYPE = "google.cloud.storage.object.v1.finalized"
 PUBSUB_PUBLISHED_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -60,6 +61,12 @@ class InferenceRequest(BaseModel):
     # Upload ids are `<bucket>/<object>#<generation>`: object names may be 1024 bytes long.
     request_id: str = Field(min_length=1, max_length=2048)
     entry_path: EntryPath
+
+    @model_validator(mode="after")
+    def _generation_is_int64(self) -> Self:
+        if self.generation is not None and int(self.generation) > _MAX_GENERATION:
+            raise ValueError(f"generation {self.generation} is beyond int64")
+        return self
 
 
 class RequestMessage(BaseModel):

@@ -182,14 +182,12 @@ def test_a_broken_engine_fails_a_whole_batch_without_blaming_any_item() -> None:
     assert engine.probes == 1
 
 
-def test_an_engine_returning_the_wrong_leading_dimension_is_a_failure() -> None:
+def test_an_engine_returning_the_wrong_leading_dimension_is_an_engine_failure() -> None:
     engine = FakeEngine(leading_extra=1)
 
-    outcomes = run_batch(_loaded(engine), [_item(10), _item(60)])
-
-    assert [o.error_reason for o in outcomes] == [ErrorReason.INFERENCE_FAILED] * 2
-    assert all(o.labels is None for o in outcomes)
-    assert len(engine.batches) == 5  # the batch, then each item alone and a probe after it
+    # The blank-image probe gets a wrong shape too: the engine is at fault, not the images.
+    with pytest.raises(EngineFailure, match="leading dimension"):
+        run_batch(_loaded(engine), [_item(10), _item(60)])
 
 
 def test_a_postprocess_failure_fails_only_its_item() -> None:

@@ -294,11 +294,6 @@ def test_configure_changes_the_next_batch() -> None:
     _run(test)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="close() cancels the loop but leaves the futures of the batch in flight unresolved",
-)
 def test_close_fails_the_items_of_the_batch_in_flight() -> None:
     async def test() -> None:
         engine = Engine()

@@ -119,11 +119,13 @@ def test_a_missing_labels_file_is_a_config_error(root: Path, tmp_path: Path) -> 
     assert "'labels.txt'" in str(info.value)
 
 
-def test_a_missing_model_file_is_a_config_error(root: Path, tmp_path: Path) -> None:
-    (_add_version(root, "nomodel", "1") / "model.onnx").unlink()
+def test_a_version_without_its_model_file_is_not_visible(root: Path, tmp_path: Path) -> None:
+    (_add_version(root, "nomodel", "1") / "model.onnx").unlink()  # still being uploaded
 
-    with pytest.raises(ConfigError, match="nomodel/1 has no model.onnx"):
-        _repo(root, tmp_path).resolve("nomodel")
+    repo = _repo(root, tmp_path)
+    assert "nomodel" not in repo.models()
+    with pytest.raises(PermanentError, match="'nomodel' is not in repository"):
+        repo.resolve("nomodel")
 
 
 def test_an_invalid_config_is_a_config_error_naming_the_file(root: Path, tmp_path: Path) -> None:

@@ -245,14 +245,14 @@ def test_a_generation_longer_than_an_int64_has_digits_is_malformed() -> None:
     assert "generation" in info.value.message
 
 
-@pytest.mark.parametrize("generation", ["1" * 20, "", "-1", "+5", "1e5"])
-def test_a_request_refuses_a_generation_that_is_not_1_to_19_digits(generation: str) -> None:
+@pytest.mark.parametrize("generation", ["1" * 20, "9" * 19, "", "-1", "+5", "1e5"])
+def test_a_request_refuses_a_generation_that_is_not_an_int64(generation: str) -> None:
     with pytest.raises(ValidationError, match="generation"):
         InferenceRequest(uri=CAT, generation=generation, request_id="r", entry_path=EntryPath.HTTP)
 
 
-@pytest.mark.parametrize("generation", ["0", "1795239515643133", "9" * 19])
-def test_a_request_accepts_a_generation_of_1_to_19_digits(generation: str) -> None:
+@pytest.mark.parametrize("generation", ["0", "1795239515643133", str(2**63 - 1)])
+def test_a_request_accepts_an_int64_generation(generation: str) -> None:
     request = InferenceRequest(
         uri=CAT, generation=generation, request_id="r", entry_path=EntryPath.HTTP
     )
