@@ -28,6 +28,7 @@ name = "demo"
 dependencies = [
   "pydantic>=2.7",
   "httpx>=0.27",
+  "aiohttp>=3.9",
   "numpy>=1.26",
   "functions-framework>=3.5",
   "google-cloud-storage>=2.16",
@@ -118,6 +119,7 @@ def test_requirements_carry_the_pyproject_ranges(fake_repo):
     lines = requirements_txt(fake_repo / "pyproject.toml").splitlines()
     assert lines == [
         "Cloudevents>=1.10",
+        "aiohttp>=3.9",
         "functions-framework>=3.5",
         "google-cloud-storage>=2.16",
         "httpx>=0.27",
