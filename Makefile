@@ -10,7 +10,7 @@ MODEL_STAMP := $(MODEL_REPO)/.stamp
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: help install model demo test test-unit test-integration lint bench functions-zip lock clean
+.PHONY: help install model demo test test-unit test-integration lint bench gpu-check functions-zip lock clean
 
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
@@ -58,6 +58,10 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(MODEL_STAMP) $(BENCH_STAMP)
 	$(PY) -m infra.cli bench
+
+# The GPU engine and GPU JPEG decoding against the CPU path; skips without an NVIDIA GPU.
+gpu-check: $(MODEL_STAMP)
+	$(PY) -m infra.gpu_check
 
 test: $(MODEL_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
