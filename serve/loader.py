@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.batch import LoadedVersion
-from serve.engines.base import Engine, EngineSpec
+from serve.engines.base import Engine, EngineCompatibility, EngineSpec, HardwareCompatibility
 from serve.engines.build import load_cached_engine
 from serve.engines.cache import EngineCache
 from serve.imaging import to_model_input
@@ -61,6 +61,10 @@ def engine_spec(mv: ModelVersion, output_names: tuple[str, ...], workers: int = 
         precision=cfg.precision,
         batch_sizes=cfg.batching.engine_batch_sizes,
         workers=workers,
+        compatibility=EngineCompatibility(
+            version_compatible=cfg.tensorrt.version_compatible,
+            hardware=HardwareCompatibility(cfg.tensorrt.hardware_compatibility),
+        ),
     )
 
 

@@ -150,6 +150,19 @@ class AccuracyGuardSpec(_Strict):
     iou_match: float = Field(default=0.5, gt=0, le=1)
 
 
+class TensorRTSpec(_Strict):
+    """Portability of TensorRT plans, traded against speed.
+
+    ``version_compatible``: the plan embeds a lean runtime and also loads on later
+    TensorRT releases of the same major. ``hardware_compatibility``: ``ampere_plus`` plans
+    run on any Ampere or later GPU, ``same_compute_capability`` on any GPU of the compute
+    capability they were built on; ``none`` (fastest) ties a plan to its GPU.
+    """
+
+    version_compatible: bool = False
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+
+
 class ModelConfig(_Strict):
     """Everything needed to serve one model version."""
 
@@ -162,6 +175,7 @@ class ModelConfig(_Strict):
     precision: Precision = Precision.FP32
     backends: tuple[Backend, ...] = (Backend.TENSORRT, Backend.ONNXRUNTIME)
     accuracy_guard: AccuracyGuardSpec = AccuracyGuardSpec()
+    tensorrt: TensorRTSpec = TensorRTSpec()
     description: str = ""
 
     @model_validator(mode="after")

@@ -1,7 +1,9 @@
-"""Validation and calibration data for a model version, from its ``validation/`` folder.
+"""Validation and calibration data for a model version.
 
 The accuracy guard compares a reduced-precision engine with FP32 ONNX Runtime
-on these images; INT8 calibration reads the same preprocessed batches.
+on the ``validation/`` images; INT8 calibration (TensorRT 10.x, FP32 models)
+reads the ``calibration/`` images, a different set, so that an engine is never
+graded on the images it was calibrated on.
 """
 
 from __future__ import annotations
@@ -18,15 +20,24 @@ from serve.repository import ModelVersion
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_VALIDATION_IMAGES = 256
+CALIBRATION_DIR = "calibration"
 
 
-def validation_images(mv: ModelVersion) -> list[Path]:
-    """Image files of the version's validation set (sorted; empty when there is none)."""
-    folder = mv.directory / mv.config.accuracy_guard.validation_dir
+def _images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return files[:MAX_VALIDATION_IMAGES]
+
+
+def validation_images(mv: ModelVersion) -> list[Path]:
+    """Image files of the version's validation set (sorted; empty when there is none)."""
+    return _images(mv.directory / mv.config.accuracy_guard.validation_dir)
+
+
+def calibration_images(mv: ModelVersion) -> list[Path]:
+    """Image files of the version's INT8 calibration set (sorted; empty when there is none)."""
+    return _images(mv.directory / CALIBRATION_DIR)
 
 
 def _batches(mv: ModelVersion, files: list[Path]) -> list[np.ndarray]:
@@ -59,8 +70,10 @@ def validation_set(mv: ModelVersion) -> ValidationSet | None:
 
 
 def calibration_set(mv: ModelVersion, cache_dir: Path) -> CalibrationSet | None:
-    """INT8 calibration batches (the validation images), with a per-version calibration cache."""
-    files = validation_images(mv)
+    """INT8 calibration batches from ``calibration/``, with a per-version calibration cache;
+    ``None`` when the version has no calibration images (an INT8 build then fails, and
+    the replica falls back to the next backend)."""
+    files = calibration_images(mv)
     if not files:
         return None
     return CalibrationSet(

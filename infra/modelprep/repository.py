@@ -1,9 +1,9 @@
 """Assembling the local model repository (``make model``).
 
-``build/model-repository/<model>/<version>/`` gets the committed config and
-labels from ``infra/models/``, the ONNX file produced from packaged weights, and
-a small validation set of the sample photos for the accuracy guard. Every step
-is skipped when its output is already there, so repeated runs are cheap.
+``build/model-repository/<model>/<version>/`` gets the committed config, labels,
+``validation/`` photos (the accuracy guard's) and ``calibration/`` photos (INT8)
+from ``infra/models/`` and the ONNX file produced from packaged weights. Every
+step is skipped when its output is already there, so repeated runs are cheap.
 """
 
 from __future__ import annotations
@@ -18,23 +18,19 @@ logger = logging.getLogger(__name__)
 
 INFRA = Path(__file__).resolve().parent.parent
 MODEL_SOURCES = INFRA / "models"
-SAMPLES = INFRA / "samples"
-CLASSIFIER_VALIDATION = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
 
 
 def _copy_sources(model: str, version: str, target: Path) -> None:
+    """Config, labels and the photo folders; folders are replaced, so photos removed from
+    a committed set do not linger in the repository."""
     source = MODEL_SOURCES / model / version
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file():
             shutil.copy2(path, target / path.name)
-
-
-def _copy_validation(target: Path, names: tuple[str, ...]) -> None:
-    validation = target / "validation"
-    validation.mkdir(exist_ok=True)
-    for name in names:
-        shutil.copy2(SAMPLES / name, validation / name)
+        elif path.is_dir():
+            shutil.rmtree(target / path.name, ignore_errors=True)
+            shutil.copytree(path, target / path.name)
 
 
 def prepare_repository(out: Path, wheel_cache: Path, progress=logger.info) -> list[Path]:  # noqa: ANN001
@@ -44,7 +40,6 @@ def prepare_repository(out: Path, wheel_cache: Path, progress=logger.info) -> li
     out.mkdir(parents=True, exist_ok=True)
     mobilenet = out / "mobilenet_v2" / "1"
     _copy_sources("mobilenet_v2", "1", mobilenet)
-    _copy_validation(mobilenet, CLASSIFIER_VALIDATION)
     if not (mobilenet / "model.onnx").is_file():
         progress("exporting MobileNetV2 (ImageNet weights) to ONNX")
         export_mobilenet_v2(mobilenet / "model.onnx")

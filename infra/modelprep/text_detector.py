@@ -32,7 +32,7 @@ MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 MODEL_SHA256 = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
 _INFRA = Path(__file__).resolve().parent.parent
 SOURCE_DIR = _INFRA / "models" / MODEL_NAME / MODEL_VERSION
-# The accuracy guard compares reduced-precision engines with ONNX Runtime on these photos.
+# Beside the photos derived into infra/models/text_detector/1/validation/.
 VALIDATION_SAMPLES = (_INFRA / "samples" / "text.jpg",)
 _DBNET_STRIDE = 32
 _PIP_TIMEOUT_S = 600
@@ -43,8 +43,8 @@ class ModelPrepError(TriggerfishError):
 
 
 def prepare_text_detector(repo_dir: Path, wheel_cache: Path) -> Path:
-    """Write ``repo_dir/text_detector/1/``: ``model.onnx``, ``config.yaml``, ``SOURCES.md``
-    and ``validation/text.jpg`` for the accuracy guard.
+    """Write ``repo_dir/text_detector/1/``: ``model.onnx``, ``config.yaml``, ``SOURCES.md``,
+    and the accuracy guard's ``validation/`` photos (the derived ones and ``text.jpg``).
 
     Idempotent: the wheel is downloaded only when ``wheel_cache`` lacks it, and
     files already in place with the right content are left untouched.
@@ -64,6 +64,15 @@ def prepare_text_detector(repo_dir: Path, wheel_cache: Path) -> Path:
         _write_atomic(model, _model_bytes(wheel))
     for source in sorted(p for p in SOURCE_DIR.iterdir() if p.is_file()):
         _copy_if_changed(source, target / source.name)
+    keep = {sample.name for sample in VALIDATION_SAMPLES}
+    for folder in sorted(p for p in SOURCE_DIR.iterdir() if p.is_dir()):
+        (target / folder.name).mkdir(exist_ok=True)
+        sources = {source.name: source for source in folder.glob("*.jpg")}
+        for stale in (target / folder.name).glob("*.jpg"):
+            if stale.name not in sources and stale.name not in keep:
+                stale.unlink()  # dropped from the committed set
+        for name, source in sorted(sources.items()):
+            _copy_if_changed(source, target / folder.name / name)
     config = load_model_config(target / "config.yaml")
     check_config_fits_model(config, model)
     validation = target / config.accuracy_guard.validation_dir

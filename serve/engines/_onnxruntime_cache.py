@@ -22,7 +22,7 @@ from pathlib import Path
 from serve.engines._onnx_info import inspect_model
 from serve.engines.base import EngineSpec
 from serve.engines.cache import EngineCache, EngineCacheKey, IncompatibleEngineError
-from serve.engines.onnxruntime import OnnxRuntimeEngine, session_options
+from serve.engines.onnxruntime import OnnxRuntimeEngine, provider_list, session_options
 from shared.errors import ConfigError
 
 logger = logging.getLogger("serve.engines.onnxruntime")
@@ -116,11 +116,6 @@ def onnxruntime_cache_key(
 
 def _session_options(intra_op_threads: int | None):  # noqa: ANN202 - ort.SessionOptions
     return session_options(intra_op_threads)
-
-
-def provider_list(providers: Sequence[str], device: int) -> list[object]:
-    """ONNX Runtime's ``providers`` argument: CUDA on GPU ``device``, the others as named."""
-    return [(p, {"device_id": device}) if p == "CUDAExecutionProvider" else p for p in providers]
 
 
 def optimize_model(

@@ -25,6 +25,17 @@ logger = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def provider_list(providers: Sequence[str], device: int) -> list[object]:
+    """ONNX Runtime's ``providers`` argument: CUDA on GPU ``device``, the others as named.
+
+    cuDNN's convolution algorithm search is heuristic rather than exhaustive: batches are
+    not padded on this backend, and an exhaustive search would run on the request path for
+    every batch size not seen before.
+    """
+    cuda = {"device_id": device, "cudnn_conv_algo_search": "HEURISTIC"}
+    return [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
 def session_options(intra_op_threads: int | None = None):  # noqa: ANN201 - ort.SessionOptions
     """Session options shared by every ONNX Runtime session triggerfish creates.
 
@@ -80,9 +91,7 @@ class OnnxRuntimeEngine:
         session = ort.InferenceSession(
             str(spec.onnx_path),
             options,
-            providers=[
-                (p, {"device_id": device}) if p == "CUDAExecutionProvider" else p for p in wanted
-            ],
+            providers=provider_list(wanted, device),
         )
         names = {i.name for i in session.get_inputs()}
         if spec.input_name not in names:

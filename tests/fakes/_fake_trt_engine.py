@@ -146,6 +146,12 @@ class ICudaEngine:
 
     def output_shapes(self, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         key = tuple(sorted(input_shapes.items()))
+        if key not in self._shape_cache and self._header["plugins"]:
+            # ONNX Runtime cannot run TensorRT's plugin ops: dynamic dims follow the batch.
+            batch = next(iter(input_shapes.values()))[0]
+            self._shape_cache[key] = {
+                n: tuple(batch if d < 0 else d for d in self._io[n][2]) for n in self._outputs()
+            }
         if key not in self._shape_cache:
             feeds = {
                 n: np.zeros(s, dtype=trt.nptype(self._io[n][1])) for n, s in input_shapes.items()

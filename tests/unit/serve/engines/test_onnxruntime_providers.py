@@ -1,0 +1,76 @@
+"""ONNX Runtime picks its CUDA execution provider when there is one, and says what ran."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+
+import onnxruntime as ort
+import pytest
+
+from serve.engines import _onnxruntime_cache
+from serve.engines._onnxruntime_cache import (
+    choose_providers,
+    gpu_identity,
+    onnxruntime_cache_key,
+)
+from serve.engines.onnxruntime import OnnxRuntimeEngine, provider_list
+from tests.unit.serve.engines.onnx_models import classifier_onnx
+
+GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def gpu_build(monkeypatch) -> None:
+    """onnxruntime-gpu's provider list (this machine has the CPU build)."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_PROVIDERS))
+
+
+def test_cuda_is_preferred_and_onnx_runtimes_tensorrt_provider_is_not(gpu_build) -> None:
+    assert choose_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_the_cuda_provider_gets_its_device_and_a_heuristic_cudnn_search() -> None:
+    providers = provider_list(["CUDAExecutionProvider", "CPUExecutionProvider"], device=1)
+    assert providers == [
+        ("CUDAExecutionProvider", {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}),
+        "CPUExecutionProvider",
+    ]
+
+
+def test_a_silent_fallback_to_the_cpu_shows_in_backend(spec, gpu_build, caplog) -> None:
+    # The CPU build ignores the CUDA provider: what ran is what the result must name.
+    with caplog.at_level(logging.WARNING):
+        engine = OnnxRuntimeEngine.load(spec)
+    assert engine.backend_name == "onnxruntime:CPUExecutionProvider"
+    assert "fell back from CUDAExecutionProvider" in caplog.text
+
+
+def test_the_cache_key_of_a_cuda_session_names_the_gpu(spec, monkeypatch) -> None:
+    monkeypatch.setattr(_onnxruntime_cache, "gpu_identity", lambda device: ("NVIDIA H200", "sm_90"))
+    digest = hashlib.sha256(classifier_onnx()).hexdigest()
+    cuda = onnxruntime_cache_key(spec, digest, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cpu = onnxruntime_cache_key(spec, digest, ["CPUExecutionProvider"])
+    assert cuda.device_name.startswith("NVIDIA H200 / ") and cuda.compute_capability == "sm_90"
+    assert cpu.compute_capability == "" and cuda.digest() != cpu.digest()
+
+
+def test_gpu_identity_reads_nvidia_smi(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    calls: list[list[str]] = []
+
+    def run(cmd, **_):  # noqa: ANN001, ANN003, ANN202
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="NVIDIA H200, 9.0\n", stderr="")
+
+    monkeypatch.setattr(_onnxruntime_cache.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(_onnxruntime_cache.subprocess, "run", run)
+    assert gpu_identity(0) == ("NVIDIA H200", "sm_90")
+    assert calls[0][1:3] == ["-i", "3"]  # device 0 of the process is the host's GPU 3
+
+
+def test_gpu_identity_without_a_driver_is_unknown(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(_onnxruntime_cache.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_identity(0)[1] == "unknown"
