@@ -111,13 +111,7 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
     except httpx.HTTPError as err:
         raise TransientError(f"Serve at {settings.serve_url} unreachable: {err!r}") from err
     if response.status_code == 200:
-        results = response.json().get("results", [])
-        for r in results:
-            logger.info(
-                "result",
-                extra={"status": r.get("status"), "result_uri": r.get("result_uri"), "request_id": r.get("request_id")},
-            )
-        return results
+        return response.json().get("results", [])
     if response.status_code != 400 or _error_code(response) != "bad_request":
         # Overload (429), a proxy's 404 during a redeploy, 5xx: all retryable.
         raise TransientError(f"Serve answered {response.status_code}: {response.text[:300]}")

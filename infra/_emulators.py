@@ -87,13 +87,13 @@ def create_topics(env: Mapping[str, str], project: str, fp: Footprint) -> None:
         )
 
 
-def create_push_subscriptions(
-    env: Mapping[str, str], project: str, fp: Footprint, ports: Mapping[str, int]
-) -> None:
-    """Push subscriptions to the local functions, with the cloud's delivery settings.
+def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprint) -> None:
+    """The requests and uploads subscriptions, with the cloud's delivery settings.
 
-    The emulator accepts but does not enforce the retry and dead-letter policies;
-    the functions never raise for a poison message, so nothing loops on one.
+    Locally they are pull subscriptions: :mod:`infra._push_dispatcher` delivers
+    them to the functions the way Cloud Pub/Sub pushes (concurrently, with the
+    retry policy's backoff and the dead-letter bound), which the emulator's own
+    push does not do.
     """
     from google.cloud import pubsub_v1
     from google.protobuf import duration_pb2
@@ -103,14 +103,10 @@ def create_push_subscriptions(
         subscriber = pubsub_v1.SubscriberClient()
         sub: PushSubscription
         for sub in (fp.requests_subscription, fp.uploads_subscription):
-            topic_path = publisher.topic_path(project, sub.topic)
-            # The path carries the topic: functions-framework turns it into the CloudEvent source.
-            endpoint = f"http://127.0.0.1:{ports[sub.entry_point]}/projects/{project}/topics/{sub.topic}"
             subscriber.create_subscription(
                 request={
                     "name": subscriber.subscription_path(project, sub.name),
-                    "topic": topic_path,
-                    "push_config": {"push_endpoint": endpoint},
+                    "topic": publisher.topic_path(project, sub.topic),
                     "ack_deadline_seconds": sub.ack_deadline_seconds,
                     "retry_policy": {
                         "minimum_backoff": duration_pb2.Duration(seconds=sub.min_backoff_seconds),
@@ -122,6 +118,18 @@ def create_push_subscriptions(
                     },
                 }
             )
+
+
+def dispatcher_argv(project: str, fp: Footprint, ports: Mapping[str, int]) -> list[str]:
+    """The push dispatcher's command line: one route per subscription."""
+    argv = [sys.executable, "-m", "infra._push_dispatcher", "--project", project,
+            "--dead-letter-topic", fp.dead_letter_topic]  # fmt: skip
+    for sub in (fp.requests_subscription, fp.uploads_subscription):
+        # The path carries the topic: functions-framework turns it into the CloudEvent source.
+        endpoint = f"http://127.0.0.1:{ports[sub.entry_point]}/projects/{project}/topics/{sub.topic}"
+        argv += ["--route", f"{sub.name}={endpoint}:{sub.max_delivery_attempts}:"
+                            f"{sub.min_backoff_seconds}:{sub.max_backoff_seconds}"]  # fmt: skip
+    return argv
 
 
 def create_buckets(env: Mapping[str, str], project: str, fp: Footprint) -> None:

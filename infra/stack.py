@@ -168,8 +168,11 @@ class LocalStack:
         up_fn = self._spawn("fn-on-upload", fn_argv("on_upload", up_port), env)
         wait_until(lambda: port_open(req_port), 60, "the on_request function", req_fn)
         wait_until(lambda: port_open(up_port), 60, "the on_upload function", up_fn)
-        _emulators.create_push_subscriptions(
-            env, PROJECT, fp, {"on_request": req_port, "on_upload": up_port}
+        _emulators.create_push_subscriptions(env, PROJECT, fp)
+        self._spawn(
+            "push-dispatcher",
+            _emulators.dispatcher_argv(PROJECT, fp, {"on_request": req_port, "on_upload": up_port}),
+            env,
         )
         wait_until(
             lambda: _healthy(serve_port), opts.startup_timeout_s, "Ray Serve to be ready", serve
