@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from serve.engines.base import EngineSpec
+from serve.engines.base import EngineFault, EngineSpec
 from shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# How ONNX Runtime's CUDA provider reports errors that corrupt the CUDA context
+# ("CUDA failure 700: an illegal memory access was encountered", ...).
+_STICKY_CUDA = re.compile(
+    r"CUDA failure (?:700|702|710|714|715|716|717|718|719|214|999)\b|illegal memory access|"
+    r"unspecified launch failure|cudaErrorIllegalAddress|cudaErrorLaunchFailure",
+    re.IGNORECASE,
+)
 
 # Preference order when the caller does not name providers.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -63,6 +72,7 @@ class OnnxRuntimeEngine:
         self._spec = spec
         self._session = session
         self._provider = provider
+        self._fault: str | None = None
 
     @classmethod
     def load(
@@ -113,9 +123,35 @@ class OnnxRuntimeEngine:
     def backend_name(self) -> str:
         return f"onnxruntime:{self._provider}"
 
+    @property
+    def healthy(self) -> bool:
+        """False once the CUDA provider hit a sticky CUDA error (the replica must go)."""
+        return self._fault is None
+
+    def check(self) -> bool:
+        """Health check for the model server: same as :attr:`healthy`."""
+        return self.healthy
+
     def infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
+        """Run one batch.
+
+        Raises:
+            EngineFault: the CUDA provider reported a sticky CUDA error, now or before.
+        """
+        if self._fault is not None:
+            raise EngineFault(f"{self.backend_name} engine is broken: {self._fault}")
         names = list(self._spec.output_names) or None
-        values = self._session.run(names, {self._spec.input_name: batch})  # type: ignore[attr-defined]
+        try:
+            values = self._session.run(names, {self._spec.input_name: batch})  # type: ignore[attr-defined]
+        except Exception as err:
+            if self._provider == "CUDAExecutionProvider" and _STICKY_CUDA.search(str(err)):
+                self._fault = str(err).strip().splitlines()[0][:300]
+                logger.critical(
+                    "sticky CUDA error in %s/%s: %s; the replica must be replaced",
+                    self._spec.model, self._spec.version, self._fault,
+                )  # fmt: skip
+                raise EngineFault(f"{self.backend_name}: {self._fault}") from err
+            raise
         if names is None:
             names = [o.name for o in self._session.get_outputs()]  # type: ignore[attr-defined]
         return dict(zip(names, values, strict=True))

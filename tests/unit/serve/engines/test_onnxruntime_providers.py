@@ -16,7 +16,7 @@ from serve.engines._onnxruntime_cache import (
     onnxruntime_cache_key,
 )
 from serve.engines.onnxruntime import OnnxRuntimeEngine, provider_list
-from tests.unit.serve.engines.onnx_models import classifier_onnx
+from tests.unit.serve.engines.onnx_models import classifier_onnx, images
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -74,3 +74,41 @@ def test_gpu_identity_without_a_driver_is_unknown(monkeypatch, tmp_path) -> None
     monkeypatch.setattr(_onnxruntime_cache.shutil, "which", lambda name: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert gpu_identity(0)[1] == "unknown"
+
+
+class _FaultingSession:
+    """A CUDA-provider session whose kernels hit an illegal address, as ONNX Runtime says it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, names, feeds):  # noqa: ANN001, ANN201
+        self.calls += 1
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was "
+            "encountered ; GPU=0 ; hostname=node ; expr=cudaStreamSynchronize(stream);"
+        )
+
+
+def test_a_sticky_cuda_error_in_onnx_runtime_is_an_engine_fault(spec) -> None:
+    from serve.engines.base import EngineFault
+
+    session = _FaultingSession()
+    engine = OnnxRuntimeEngine(spec, session, "CUDAExecutionProvider")
+    with pytest.raises(EngineFault, match="CUDA failure 700"):
+        engine.infer(images(2))
+    assert not engine.healthy and not engine.check()
+    with pytest.raises(EngineFault, match="broken"):
+        engine.infer(images(2))
+    assert session.calls == 1
+
+
+def test_other_errors_stay_ordinary_errors(spec) -> None:
+    class Bad:
+        def run(self, names, feeds):  # noqa: ANN001, ANN202
+            raise RuntimeError("Got invalid dimensions for input: input")
+
+    engine = OnnxRuntimeEngine(spec, Bad(), "CUDAExecutionProvider")
+    with pytest.raises(RuntimeError, match="invalid dimensions"):
+        engine.infer(images(2))
+    assert engine.healthy
