@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the report as JSON to this file")
     bench.set_defaults(func=_lazy("infra.bench", "cmd_bench"))
 
+    _add_backfill_commands(sub, common)
+
     build = sub.add_parser("build-engine", parents=[common], help="build and cache an engine ahead of time")
     build.add_argument("model", metavar="MODEL[:VERSION]")
     build.add_argument("--precision", choices=["fp32", "fp16", "int8"])
@@ -82,6 +84,51 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-uri", help="shared gs:// engine cache prefix")
     build.set_defaults(func=_lazy("infra._cli_engine", "cmd_build_engine"))
     return parser
+
+
+def _target_options() -> argparse.ArgumentParser:
+    """Flags that point a command at a real project instead of the local stack."""
+    target = argparse.ArgumentParser(add_help=False)
+    group = target.add_argument_group("real project (default: the running local stack)")
+    group.add_argument("--project", help="project id (Application Default Credentials)")
+    group.add_argument("--terraform-dir", help="read topic, bucket and subscription names from terraform output")
+    group.add_argument("--topic", help="requests topic (default: terraform output topics.requests)")
+    group.add_argument("--results-bucket", help="results bucket (default: terraform output buckets.results)")
+    group.add_argument("--repository", help="model repository gs://BUCKET[/PREFIX] (default: the models bucket)")
+    group.add_argument("--dead-letter-subscription", help="default: terraform output subscriptions.dead_letter")
+    return target
+
+
+def _add_backfill_commands(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    target = _target_options()
+    submit = sub.add_parser(
+        "submit", parents=[common, target], help="backfill: run a model over a bucket prefix or a list of URIs"
+    )
+    submit.add_argument("source", nargs="?", metavar="gs://BUCKET[/PREFIX]")
+    submit.add_argument("--list", metavar="FILE", help="file of gs:// URIs, one per line")
+    submit.add_argument("--model", help="model (default: the default model)")
+    submit.add_argument("--version", help="model version (default: the newest in the repository)")
+    submit.add_argument("--per-message", type=int, default=16, help="URIs per request message (1-100)")
+    submit.add_argument("--max-in-flight", type=int, default=1000, help="images published but without a result yet")
+    submit.add_argument("--dry-run", action="store_true", help="say what would be published, publish nothing")
+    submit.add_argument("--no-wait", action="store_true", help="exit once everything is published")
+    submit.add_argument("--timeout", type=float, default=600, help="stop waiting after this many seconds without a new result")
+    submit.add_argument("--poll", type=float, default=1.0, help="seconds between listings of the results bucket")
+    submit.add_argument(
+        "--resubmit-after", type=float, default=1800,
+        help="seconds after which objects an earlier run published without a result are published again",
+    )  # fmt: skip
+    submit.set_defaults(func=_lazy("infra._cli_backfill", "cmd_submit"))
+
+    dlq = sub.add_parser("dlq", help="dead letters: list or replay").add_subparsers(dest="dlq_command", required=True)
+    listing = dlq.add_parser("list", parents=[common, target], help="show dead letters without consuming them")
+    listing.add_argument("--max", type=int, default=100, help="at most this many messages")
+    listing.add_argument("--subscription", help="dead-letter subscription (default: the footprint's)")
+    listing.set_defaults(func=_lazy("infra._cli_dlq", "cmd_dlq_list"))
+    again = dlq.add_parser("replay", parents=[common, target], help="republish dead letters to their original topics")
+    again.add_argument("--max", type=int, default=None, help="at most this many messages (default: all)")
+    again.add_argument("--subscription", help="dead-letter subscription (default: the footprint's)")
+    again.set_defaults(func=_lazy("infra._cli_dlq", "cmd_dlq_replay"))
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], Any]:
