@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.engines.base import Engine
+from serve.engines.base import Engine, EngineFault
 from serve.imaging import to_model_input
-from serve.model_config import ModelConfig
+from serve.model_config import InputSpec, ModelConfig
 from serve.postprocess.base import ImageGeometry, Postprocessor
 from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.results import Detection, Label
@@ -28,12 +28,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BatchItem:
-    """One preprocessed image waiting for the model (uint8 HWC at model size)."""
+    """One image waiting for the model.
+
+    ``pixels`` is uint8 HWC at model size, or, when ``preprocessed``, the model's own
+    input for one image (the input spec's layout and dtype, no batch dimension).
+    ``raw`` asks for the engine's output tensors of this item besides its labels or
+    detections (the Open Inference Protocol returns them).
+    """
 
     pixels: np.ndarray
     geometry: ImageGeometry
     version: str
     enqueued_at: float = field(default_factory=time.monotonic)
+    preprocessed: bool = False
+    raw: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +57,7 @@ class ItemOutcome:
     batch_size: int = 0
     error_reason: ErrorReason | None = None
     error_message: str | None = None
+    outputs: dict[str, np.ndarray] | None = None  # this item's engine outputs, for ``raw`` items
 
 
 @dataclass(slots=True)
@@ -61,16 +70,28 @@ class LoadedVersion:
     engine: Engine
     postprocess: Postprocessor
     labels: Sequence[str]
+    # Engine output name -> (dtype, shape without the batch dimension), seen at warm-up.
+    output_specs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+
+def model_input_shape(spec: InputSpec) -> tuple[int, ...]:
+    """The model's input tensor shape for one image (no batch dimension)."""
+    if spec.layout == "NCHW":
+        return (spec.channels, spec.height, spec.width)
+    return (spec.height, spec.width, spec.channels)
 
 
 def validate_item(item: BatchItem, config: ModelConfig) -> None:
     """Reject an item whose tensor cannot join a batch of this model version."""
-    expected = (config.input.height, config.input.width, config.input.channels)
-    if item.pixels.dtype != np.uint8 or item.pixels.shape != expected:
+    if item.preprocessed:
+        dtype, expected = np.dtype(config.input.dtype), model_input_shape(config.input)
+    else:
+        dtype, expected = np.dtype(np.uint8), (config.input.height, config.input.width, config.input.channels)
+    if item.pixels.dtype != dtype or item.pixels.shape != expected:
         raise PermanentError(
             ErrorReason.INFERENCE_FAILED,
             f"tensor {item.pixels.dtype}{list(item.pixels.shape)} does not fit input "
-            f"uint8{list(expected)} of this model version",
+            f"{dtype}{list(expected)} of this model version",
         )
 
 
@@ -86,9 +107,23 @@ def _postprocess_one(
     return list(found), None  # type: ignore[arg-type]
 
 
+def _model_input(loaded: LoadedVersion, items: Sequence[BatchItem]) -> np.ndarray:
+    """The batch tensor: images are normalized together, preprocessed items go in as they are."""
+    spec, pre = loaded.config.input, loaded.config.preprocess
+    images = [i for i, item in enumerate(items) if not item.preprocessed]
+    if len(images) == len(items):
+        return to_model_input(np.stack([item.pixels for item in items]), spec, pre)
+    tensor = np.empty((len(items), *model_input_shape(spec)), dtype=spec.dtype)
+    for i, item in enumerate(items):
+        if item.preprocessed:
+            tensor[i] = item.pixels
+    if images:
+        tensor[images] = to_model_input(np.stack([items[i].pixels for i in images]), spec, pre)
+    return tensor
+
+
 def _infer(loaded: LoadedVersion, items: Sequence[BatchItem]) -> dict[str, np.ndarray]:
-    pixels = np.stack([item.pixels for item in items])
-    tensor = to_model_input(pixels, loaded.config.input, loaded.config.preprocess)
+    tensor = _model_input(loaded, items)
     outputs = {k: np.asarray(v) for k, v in loaded.engine.infer(tensor).items()}
     for name, value in outputs.items():
         if value.shape[:1] != (len(items),):
@@ -123,6 +158,9 @@ def run_batch(
     started = clock()
     try:
         outputs = _infer(loaded, items)
+    except EngineFault as err:
+        # The engine says its device is gone (a sticky CUDA error): no input is to blame.
+        raise EngineFailure(f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}") from err
     except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
         if len(items) == 1:
             _probe(loaded, err)
@@ -148,6 +186,7 @@ def run_batch(
                 queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
                 inference_ms=round(inference_ms, 3),
                 batch_size=len(items),
+                outputs={name: np.array(value[i]) for name, value in outputs.items()} if item.raw else None,
             )
         )
     return outcomes

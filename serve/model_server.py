@@ -24,6 +24,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
+from serve import metrics
 from serve.batch import (
     BatchItem,
     ItemOutcome,
@@ -32,10 +33,12 @@ from serve.batch import (
     validate_item,
 )
 from serve.batcher import BatchQueue, DeadlineExceeded, Overloaded
+from serve.engines.base import engine_healthy
 from serve.engines.cache import EngineCache
 from serve.loader import load_version
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.repository import ModelRepository
+from serve.signature import ModelSignature, signature_of
 from shared.config import load_settings
 from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError, TriggerfishError
 from shared.logging import configure_json_logging
@@ -146,6 +149,7 @@ class ModelServer:
         self._queue.configure(batching.max_batch_size, batching.batch_wait_timeout_ms / 1000, self._queue.capacity)
         if previous != version:
             logger.info("default version of %s: %s -> %s", self._model, previous, version)
+        metrics.record_loaded(self._model, {v: lv.engine.backend_name for v, lv in self._versions.items()})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Change batching at runtime (``user_config`` of the deployment)."""
@@ -193,6 +197,7 @@ class ModelServer:
             else:
                 self._close_later(loaded)
             logger.info("unloaded %s/%s", self._model, oldest)
+        metrics.record_loaded(self._model, {v: lv.engine.backend_name for v, lv in self._versions.items()})
 
     def _close_later(self, loaded: LoadedVersion) -> None:
         asyncio.get_running_loop().run_in_executor(None, loaded.engine.close)
@@ -237,6 +242,17 @@ class ModelServer:
         cfg = loaded.config
         return VersionInfo(self._model, loaded.version, cfg.input, cfg.preprocess)
 
+    async def signature(self, version: str | None = None) -> ModelSignature | Rejection | Retry:
+        """Tensors, labels and backend of ``version`` (default: the current default), for metadata."""
+        try:
+            loaded = await self._get(version)
+        except PermanentError as err:
+            return Rejection(err.reason, err.message)
+        except TransientError as err:
+            return Retry(str(err))
+        versions = [v for v in self._repo.models().get(self._model, []) if v not in self._quarantined]
+        return signature_of(loaded, versions, ready=self._fault is None)
+
     async def infer_many(
         self, items: list[BatchItem], deadline: float | None = None
     ) -> list[ItemOutcome | Rejection | Retry]:
@@ -262,6 +278,7 @@ class ModelServer:
             queued = _Queued(dataclasses.replace(item, enqueued_at=time.monotonic()), loaded)
             return await self._queue.submit(queued, deadline)
         except Overloaded as err:
+            metrics.record_shed(self._model, "model")
             return Retry(str(err), overloaded=True, retry_after_s=err.retry_after_s)
         except (DeadlineExceeded, TransientError) as err:
             return Retry(str(err))
@@ -287,6 +304,7 @@ class ModelServer:
                 self._fault = str(err)
                 logger.error("engine fault on %s/%s; replica unhealthy: %s", self._model, loaded.version, err)
                 raise
+            metrics.record_outcomes(self._model, loaded.version, results, self._queue.depth)
             for i, outcome in zip(indices, results, strict=True):
                 outcomes[i] = outcome
         return [o for o in outcomes if o is not None]
@@ -306,5 +324,9 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine faulted (a sticky device error, a wedged provider)."""
+        if self._fault is None:
+            broken = [v for v, lv in self._versions.items() if not engine_healthy(lv.engine)]
+            if broken:
+                self._fault = f"engine of version(s) {broken} reports a device fault"
         if self._fault is not None:
             raise RuntimeError(f"model {self._model}: {self._fault}")

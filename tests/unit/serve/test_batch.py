@@ -258,3 +258,17 @@ def test_group_by_version_preserves_order_within_each_version() -> None:
     assert groups == {"1": [0, 2, 5], "2": [1, 4], "3": [3]}
     assert list(groups) == ["1", "2", "3"]
     assert group_by_version([]) == {}
+
+
+def test_an_engine_fault_fails_the_batch_as_an_engine_failure_without_blaming_items() -> None:
+    from serve.engines.base import EngineFault
+
+    class Faulty(FakeEngine):
+        def infer(self, batch):  # type: ignore[no-untyped-def]
+            self.batches.append(batch)
+            raise EngineFault("cudaErrorIllegalAddress")
+
+    engine = Faulty()
+    with pytest.raises(EngineFailure, match="cudaErrorIllegalAddress"):
+        run_batch(_loaded(engine), [_item(10), _item(60)])
+    assert len(engine.batches) == 1  # no per-item retries on a dead device
