@@ -5,6 +5,9 @@ Used by the Cloud Functions (normalized requests) and directly by clients
 retry: 200 when every input has a stored result (``ok`` or ``error``), 400 for
 a body that is not a request at all, 429 with ``Retry-After`` when the service
 sheds load, 503 when something transient failed.
+
+The Open Inference Protocol (KServe v2) routes under ``/v2`` delegate to
+:mod:`serve.oip_service`.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route
@@ -18,18 +21,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve import metrics
 from serve._cpus import replica_cpus
 from serve.batch import BatchItem, ItemOutcome
+from serve.metered import MeteredPipeline
 from serve.model_server import Rejection, Retry, VersionInfo
+from serve.oip_service import HandleOipClient, InferCall, OipService
 from serve.pipeline import InferencePipeline, Processed, ShedError, unwrap
 from shared.auth import AuthConfig, AuthError, TokenVerifier
 from shared.config import load_settings
-from shared.errors import PermanentError, TransientError
+from shared.errors import ConfigError, PermanentError, TransientError
 from shared.gcs import GcsClient
 from shared.logging import configure_json_logging
 from shared.messages import (
@@ -111,6 +117,35 @@ def parse_infer_body(body: Any) -> list[InferenceRequest]:
     return message.to_requests(f"http-{uuid.uuid4().hex}", EntryPath.HTTP)
 
 
+def _decoder() -> tuple[Any, int]:
+    """The image decoder and its thread count.
+
+    ``TRIGGERFISH_DECODE=gpu`` (for an ingress on a GPU node) decodes JPEGs with
+    nvJPEG, one thread per GPU, falling back to the CPU per image and entirely when
+    no GPU decoder is available. Otherwise: Pillow, whose libjpeg decoding releases
+    the GIL, with one thread per CPU this replica has.
+    """
+    mode = os.environ.get("TRIGGERFISH_DECODE", "cpu").strip().lower()
+    if mode not in ("cpu", "gpu"):
+        raise ConfigError(f"TRIGGERFISH_DECODE must be 'cpu' or 'gpu', got {mode!r}")
+    if mode == "gpu":
+        from serve.gpu_decode import gpu_decode_available, prepare_batch_gpu
+
+        if gpu_decode_available():
+
+            def prepare(data: bytes, spec, pre, max_pixels: int):  # noqa: ANN001,ANN202
+                [outcome] = prepare_batch_gpu([data], spec, pre, max_pixels=max_pixels)
+                if isinstance(outcome, PermanentError):
+                    raise outcome
+                return outcome
+
+            return prepare, 1
+        logger.warning("TRIGGERFISH_DECODE=gpu but no GPU JPEG decoder is available: decoding on the CPU")
+    from serve.imaging import prepare_image
+
+    return prepare_image, replica_cpus()
+
+
 def _deadline(request: Request, default_s: float) -> float:
     """The caller's deadline (epoch seconds) from its header, else ``default_s`` from now."""
     raw = request.headers.get(DEADLINE_HEADER)
@@ -134,7 +169,10 @@ class Ingress:
         # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has.
         self._decode = ThreadPoolExecutor(max_workers=replica_cpus(), thread_name_prefix="decode")
         self._gcs = GcsClient.from_environment()
-        self._pipeline = InferencePipeline(self._settings, self._client, self._gcs, self._decode)
+        self._pipeline = MeteredPipeline(
+            InferencePipeline(self._settings, self._client, self._gcs, self._decode), self._settings.default_model, models
+        )
+        self._oip = OipService(self._settings, HandleOipClient(models, self._client), self._decode)
         self._auth = AuthConfig.from_env(os.environ)
         self._verifier = TokenVerifier(self._auth) if self._auth.enabled else None
         self._max_inflight = int(os.environ.get(MAX_INFLIGHT_ENV) or DEFAULT_MAX_INFLIGHT)
@@ -169,6 +207,7 @@ class Ingress:
         """Run ``work`` unless it would push this replica past its in-flight bound (then 429)."""
         if self._inflight + inputs > self._max_inflight:
             work.close()
+            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", inputs)
             return JSONResponse(
                 {"error": "overloaded", "message": f"{self._inflight} inputs in flight, limit {self._max_inflight}"},
                 status_code=429,
@@ -255,6 +294,50 @@ class Ingress:
     @api.get("/v1/stats")
     async def stats(self) -> JSONResponse:
         return JSONResponse(await self._client.stats())
+
+    # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
+    @api.get("/v2/health/live")
+    async def oip_live(self) -> Response:
+        return self._oip.live()
+
+    @api.get("/v2/health/ready")
+    async def oip_ready(self) -> Response:
+        return await self._oip.ready()
+
+    @api.get("/v2")
+    async def oip_server_metadata(self) -> Response:
+        return self._oip.server_metadata()
+
+    @api.get("/v2/models/{model}")
+    async def oip_model_metadata(self, model: str) -> Response:
+        return await self._oip.model_metadata(model, None)
+
+    @api.get("/v2/models/{model}/versions/{version}")
+    async def oip_version_metadata(self, model: str, version: str) -> Response:
+        return await self._oip.model_metadata(model, version)
+
+    @api.get("/v2/models/{model}/ready")
+    async def oip_model_ready(self, model: str) -> Response:
+        return await self._oip.model_ready(model, None)
+
+    @api.get("/v2/models/{model}/versions/{version}/ready")
+    async def oip_version_ready(self, model: str, version: str) -> Response:
+        return await self._oip.model_ready(model, version)
+
+    @api.post("/v2/models/{model}/infer")
+    async def oip_infer(self, model: str, request: Request) -> Response:
+        return await self._oip_infer(model, None, request)
+
+    @api.post("/v2/models/{model}/versions/{version}/infer")
+    async def oip_version_infer(self, model: str, version: str, request: Request) -> Response:
+        return await self._oip_infer(model, version, request)
+
+    async def _oip_infer(self, model: str, version: str | None, request: Request) -> Response:
+        call = await self._oip.prepare(model, version, request)
+        if not isinstance(call, InferCall):
+            return call
+        deadline = _deadline(request, self._settings.request_timeout_s)
+        return await self._admitted(call.images, self._oip.run(call, deadline))
 
 
 __all__ = ["Ingress", "parse_infer_body"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -96,12 +96,19 @@ class InferencePipeline:
     """Turns :class:`InferenceRequest` objects into stored :class:`InferenceResult` objects."""
 
     def __init__(
-        self, settings: Settings, models: ModelClient, gcs: GcsClient, decode_executor: Executor
+        self,
+        settings: Settings,
+        models: ModelClient,
+        gcs: GcsClient,
+        decode_executor: Executor,
+        prepare: Callable[..., PreparedImage] = prepare_image,
     ) -> None:
         self._settings = settings
         self._models = models
         self._gcs = gcs
         self._decode = decode_executor
+        # prepare_image (CPU) or a GPU decoder with the same contract (serve.gpu_decode).
+        self._prepare = prepare
 
     async def process_many(
         self, requests: Sequence[InferenceRequest], deadline: float | None = None
@@ -194,7 +201,7 @@ class InferencePipeline:
         t_decode = time.monotonic()
         try:
             image = await asyncio.get_running_loop().run_in_executor(
-                self._decode, prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
+                self._decode, self._prepare, data, info.input, info.preprocess, self._settings.max_image_pixels
             )
         except PermanentError:
             raise

@@ -512,3 +512,19 @@ def test_the_client_form_needs_no_token() -> None:
     status, _, _ = _post(_ingress(pipeline, verifier), json.dumps({"uri": CAT}).encode(), {})
 
     assert status == 200 and verifier.seen == []
+
+
+def test_the_decoder_is_pillow_unless_a_gpu_decoder_is_asked_for_and_present(monkeypatch) -> None:  # noqa: ANN001
+    from serve.imaging import prepare_image
+    from serve.ingress import _decoder
+    from shared.errors import ConfigError
+
+    monkeypatch.setenv("TRIGGERFISH_DECODE", "cpu")
+    monkeypatch.setenv("TRIGGERFISH_DECODE_THREADS", "3")
+    assert _decoder() == (prepare_image, 3)
+    monkeypatch.setenv("TRIGGERFISH_DECODE", "gpu")  # no CUDA here: falls back to the CPU
+    monkeypatch.setattr("serve.gpu_decode.gpu_decode_available", lambda: False)
+    assert _decoder() == (prepare_image, 3)
+    monkeypatch.setenv("TRIGGERFISH_DECODE", "tpu")
+    with pytest.raises(ConfigError, match="TRIGGERFISH_DECODE"):
+        _decoder()
