@@ -40,8 +40,8 @@ from infra.backfill import (
     parse_source,
     parse_uri_list,
     result_name,
-    version_sort_key,
 )
+from shared.results import version_sort_key
 from shared.uris import GcsUri, parse_gcs_uri
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class BackfillRun:
         self.target = target
         self.options = options
         self.run_id = uuid.uuid4().hex[:8]
-        self._storage = target.storage_client()
+        self.storage = target.storage_client()
 
     @property
     def source_spec(self) -> str:
@@ -220,10 +220,10 @@ class BackfillRun:
         version = opts.version
         if version is None:
             sink.status(f"finding the newest version of {model} in {self.target.models_repository}")
-            version = newest_version(self._storage, self.target.models_repository, model)
+            version = newest_version(self.storage, self.target.models_repository, model)
         sink.status(f"listing {opts.source or opts.uri_list}")
         if opts.source is not None:
-            sources, invalid = list_sources(self._storage, opts.source)
+            sources, invalid = list_sources(self.storage, opts.source)
         else:
             try:
                 uris, invalid = parse_uri_list(Path(opts.uri_list).read_text().splitlines())
@@ -235,7 +235,7 @@ class BackfillRun:
             f"listing results under gs://{self.target.results_bucket}/{common_prefix(names)}"
         )
         records = (
-            list_results(self._storage, self.target.results_bucket, common_prefix(names))
+            list_results(self.storage, self.target.results_bucket, common_prefix(names))
             if names
             else {}
         )
@@ -255,7 +255,7 @@ class BackfillRun:
         """Generations of listed objects that already have a result (to tell if it is current)."""
 
         def generation(uri: GcsUri) -> int | None:
-            blob = self._storage.bucket(uri.bucket).get_blob(uri.name)
+            blob = self.storage.bucket(uri.bucket).get_blob(uri.name)
             return int(blob.generation) if blob is not None else None
 
         ask = [s for s, name in zip(sources, names, strict=True) if name in records]
@@ -380,7 +380,7 @@ class _Publishing:
 
     def _poll(self) -> None:
         started = time.monotonic()
-        records = list_results(self.run._storage, self.run.target.results_bucket, self.prefix)
+        records = list_results(self.run.storage, self.run.target.results_bucket, self.prefix)
         # A listing that takes long (a huge prefix) is not repeated back to back.
         self.poll_every = max(self.run.options.poll_s, 2 * (time.monotonic() - started))
         self.next_poll = time.monotonic() + self.poll_every
@@ -395,7 +395,7 @@ class _Publishing:
                 self.reads.append(self.reader.submit(self._read_outcome, record.name))
 
     def _read_outcome(self, name: str) -> str:
-        blob = self.run._storage.bucket(self.run.target.results_bucket).blob(name)
+        blob = self.run.storage.bucket(self.run.target.results_bucket).blob(name)
         try:
             return outcome(json.loads(blob.download_as_bytes()))
         except Exception:  # noqa: BLE001 - counted under its own row

@@ -15,21 +15,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import result_store
 from shared.errors import PermanentError
 from shared.messages import MAX_URIS_PER_MESSAGE, RequestMessage
-from shared.results import result_object_name
+from shared.result_store import (
+    GENERATION_METADATA_KEY,
+    STATUS_METADATA_KEY,
+    VERSION_METADATA_KEY,
+)
+from shared.results import result_object_name, version_sort_key
 from shared.uris import GcsUri, parse_gcs_uri
 
-try:
-    from shared.results import version_sort_key
-except ImportError:  # the key lived in the model repository module before
-    from serve.repository import version_sort_key
-
-GENERATION_KEY = result_store.GENERATION_METADATA_KEY
-# Results written by older code carry only the generation in their metadata.
-VERSION_KEY = getattr(result_store, "VERSION_METADATA_KEY", "triggerfish-model-version")
-STATUS_KEY = getattr(result_store, "STATUS_METADATA_KEY", "triggerfish-status")
 # A result without a generation is matched by time; allow for clocks that disagree.
 CLOCK_SLACK_S = 60.0
 _NAME_TAKES_VERSION = "version" in inspect.signature(result_object_name).parameters
@@ -116,12 +111,12 @@ class ResultRecord:
         cls, name: str, metadata: Mapping[str, str] | None, updated: float
     ) -> ResultRecord:
         meta = metadata or {}
-        generation = meta.get(GENERATION_KEY, "")
+        generation = meta.get(GENERATION_METADATA_KEY, "")
         return cls(
             name=name,
             generation=int(generation) if generation.isdigit() else None,
-            version=meta.get(VERSION_KEY) or None,
-            status=meta.get(STATUS_KEY) or None,
+            version=meta.get(VERSION_METADATA_KEY) or None,
+            status=meta.get(STATUS_METADATA_KEY) or None,
             updated=updated,
         )
 

@@ -19,6 +19,7 @@ from infra.backfill import common_prefix, result_name
 from infra.client import StackClient
 from infra.stack import REPO_ROOT, StackState
 from shared.messages import MODEL_METADATA_KEY
+from shared.result_store import STATUS_METADATA_KEY
 from shared.uris import parse_gcs_uri
 from tests.integration.conftest import SAMPLES
 
@@ -73,7 +74,7 @@ def results_under(client: StackClient, uris: list[str], version: str = "1") -> d
     names = {result_name(MODEL, version, parse_gcs_uri(u)) for u in uris}
     blobs = client.storage.list_blobs(client.state.results_bucket, prefix=common_prefix(names))
     return {
-        b.name: (b.metadata or {}).get("triggerfish-status", "?") for b in blobs if b.name in names
+        b.name: (b.metadata or {}).get(STATUS_METADATA_KEY, "?") for b in blobs if b.name in names
     }
 
 
