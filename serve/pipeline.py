@@ -108,7 +108,7 @@ class InferencePipeline:
         self._gcs = gcs
         self._decode = decode_executor
         # prepare_image (CPU) or a GPU decoder with the same contract (serve.gpu_decode).
-        self._prepare = prepare
+        self._prepare_image = prepare
 
     async def process_many(
         self, requests: Sequence[InferenceRequest], deadline: float | None = None
@@ -201,7 +201,7 @@ class InferencePipeline:
         t_decode = time.monotonic()
         try:
             image = await asyncio.get_running_loop().run_in_executor(
-                self._decode, self._prepare, data, info.input, info.preprocess, self._settings.max_image_pixels
+                self._decode, self._prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
             )
         except PermanentError:
             raise
