@@ -101,14 +101,14 @@ class InferencePipeline:
         models: ModelClient,
         gcs: GcsClient,
         decode_executor: Executor,
-        prepare: Callable[..., PreparedImage] = prepare_image,
+        prepare: Callable[..., PreparedImage] | None = None,
     ) -> None:
         self._settings = settings
         self._models = models
         self._gcs = gcs
         self._decode = decode_executor
         # prepare_image (CPU) or a GPU decoder with the same contract (serve.gpu_decode).
-        self._prepare_image = prepare
+        self._prepare_image = prepare or prepare_image
 
     async def process_many(
         self, requests: Sequence[InferenceRequest], deadline: float | None = None
