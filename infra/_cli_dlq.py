@@ -28,6 +28,13 @@ def _age(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _selected(letter: DeadLetter, args: argparse.Namespace) -> bool:
+    """``--from``: only dead letters of that source subscription (short name or full path)."""
+    if not args.source:
+        return True
+    return (letter.source_subscription or "").rsplit("/", 1)[-1] == args.source.rsplit("/", 1)[-1]
+
+
 def _wait_s(target: Target) -> float:
     return 0.0 if target.local else 10.0
 
@@ -42,7 +49,8 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     target = resolve_target(args)
     subscriber = target.subscriber_client()
     path = _subscription_path(target, subscriber, args)
-    letters = pull_dead_letters(subscriber, path, args.max, wait_s=_wait_s(target))
+    leased = pull_dead_letters(subscriber, path, args.max, wait_s=_wait_s(target))
+    letters = [x for x in leased if _selected(x, args)]
     try:
         now = datetime.now(UTC)
         if args.json:
@@ -50,7 +58,8 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
             return 0
         table = Table(
             title=f"{path}: {len(letters)} message(s)"
-            + (" (--max reached)" if len(letters) >= args.max else "")
+            + (f" from {args.source}" if args.source else "")
+            + (" (--max reached)" if len(leased) >= args.max else "")
         )
         for column in ("message id", "from subscription", "attempts", "age", "body"):
             table.add_column(column, overflow="fold" if column == "body" else "ellipsis")
@@ -65,7 +74,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         Console().print(table)
         return 0
     finally:
-        release(subscriber, path, letters)
+        release(subscriber, path, leased)
 
 
 class _TopicResolver:
@@ -115,19 +124,27 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     seen: set[str] = set()
     limit = args.max if args.max is not None else float("inf")
     handled = 0
-    while handled < limit:
-        letters = pull_dead_letters(
-            subscriber, path, int(min(_PAGE, limit - handled)), seen, wait_s=_wait_s(target)
-        )
-        if not letters:
-            break
-        report = replay(subscriber, publisher, path, letters, topic_for)
-        total.replayed.update(report.replayed)
-        total.failed.update(report.failed)
-        handled += len(letters)
-        if not report.replayed:
-            break  # nothing goes through: stop instead of pulling the same failures again
-    publisher.stop()
+    others: list[DeadLetter] = []  # from other subscriptions: kept leased, released at the end
+    try:
+        while handled < limit:
+            page = pull_dead_letters(
+                subscriber, path, int(min(_PAGE, limit - handled)), seen, wait_s=_wait_s(target)
+            )
+            if not page:
+                break
+            letters = [x for x in page if _selected(x, args)]
+            others += [x for x in page if not _selected(x, args)]
+            if not letters:
+                continue
+            report = replay(subscriber, publisher, path, letters, topic_for)
+            total.replayed.update(report.replayed)
+            total.failed.update(report.failed)
+            handled += len(letters)
+            if not report.replayed:
+                break  # nothing goes through: stop instead of pulling the same failures again
+    finally:
+        release(subscriber, path, others)
+        publisher.stop()
     if args.json:
         print(
             json.dumps({"subscription": path, "replayed": total.replayed, "failed": total.failed})

@@ -124,10 +124,12 @@ def _add_backfill_commands(sub, common: argparse.ArgumentParser) -> None:  # noq
     listing = dlq.add_parser("list", parents=[common, target], help="show dead letters without consuming them")
     listing.add_argument("--max", type=int, default=100, help="at most this many messages")
     listing.add_argument("--subscription", help="dead-letter subscription (default: the footprint's)")
+    listing.add_argument("--from", dest="source", metavar="SUBSCRIPTION", help="only dead letters of this subscription")
     listing.set_defaults(func=_lazy("infra._cli_dlq", "cmd_dlq_list"))
     again = dlq.add_parser("replay", parents=[common, target], help="republish dead letters to their original topics")
     again.add_argument("--max", type=int, default=None, help="at most this many messages (default: all)")
     again.add_argument("--subscription", help="dead-letter subscription (default: the footprint's)")
+    again.add_argument("--from", dest="source", metavar="SUBSCRIPTION", help="only dead letters of this subscription")
     again.set_defaults(func=_lazy("infra._cli_dlq", "cmd_dlq_replay"))
 
 

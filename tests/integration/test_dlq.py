@@ -20,6 +20,7 @@ from infra import _emulators
 from infra._processes import free_port, port_open, start_process, stop_group, wait_until
 from infra.backfill import result_name
 from infra.client import StackClient
+from infra.dlq import pull_dead_letters, release
 from infra.stack import REPO_ROOT, StackState
 from shared.uris import parse_gcs_uri
 from tests.integration.conftest import SAMPLES
@@ -108,13 +109,18 @@ def test_dead_letters_are_listed_and_replayed(
         }
         for body in bodies:
             publisher.publish(topic, body.encode(), origin="test").result(timeout=30)
+        # A dead letter from another subscription, which --from must leave alone.
+        decoy = publisher.publish(
+            publisher.topic_path(stack.project, stack.dead_letter_topic), b"{}",
+            CloudPubSubDeadLetterSourceSubscription=f"elsewhere-{tag}",
+        ).result(timeout=30)  # fmt: skip
 
         ours: list[dict] = []
         deadline = time.monotonic() + 60
         while len(ours) < 3 and time.monotonic() < deadline:
             time.sleep(1)
-            _, listed = dlq(state_dir, "list")
-            ours = [m for m in listed["messages"] if m["source_subscription"] == sub_name]
+            _, listed = dlq(state_dir, "list", "--from", sub_name)
+            ours = listed["messages"]
 
         assert {m["body"] for m in ours} == bodies
         assert all(m["delivery_attempts"] == MAX_ATTEMPTS for m in ours)
@@ -128,9 +134,9 @@ def test_dead_letters_are_listed_and_replayed(
             subscription=subscription,
             push_config={"push_endpoint": stack.request_function_url + path},
         )
-        code, replayed = dlq(state_dir, "replay")
-        assert {m["message_id"] for m in ours} <= set(replayed["replayed"]), replayed
-        assert not {m["message_id"] for m in ours} & set(replayed["failed"])
+        _, everything = dlq(state_dir, "list")
+        code, replayed = dlq(state_dir, "replay", "--from", sub_name)
+        assert code == 0 and set(replayed["replayed"]) == {m["message_id"] for m in ours}, replayed
 
         names = [result_name("mobilenet_v2", "1", parse_gcs_uri(u)) for u in uris]
         bucket = client.storage.bucket(stack.results_bucket)
@@ -142,6 +148,16 @@ def test_dead_letters_are_listed_and_replayed(
         assert {r["request_id"] for r in results} == {f"dlq-{tag}-{i}" for i in range(3)}
         _, after = dlq(state_dir, "list")
         assert not [m for m in after["messages"] if m["source_subscription"] == sub_name]
+        others = {m["message_id"] for m in everything["messages"]} - {m["message_id"] for m in ours}
+        assert decoy in others and others <= {m["message_id"] for m in after["messages"]}
     finally:
+        _, left = dlq(state_dir, "list", "--from", f"elsewhere-{tag}")
+        if left["messages"]:  # acknowledge the decoy so that it does not outlive the test
+            leased = pull_dead_letters(subscriber, left["subscription"], 1000)
+            mine = [x for x in leased if x.source_subscription == f"elsewhere-{tag}"]
+            subscriber.acknowledge(
+                subscription=left["subscription"], ack_ids=[x.ack_id for x in mine]
+            )
+            release(subscriber, left["subscription"], [x for x in leased if x not in mine])
         subscriber.delete_subscription(subscription=subscription)
         publisher.delete_topic(topic=topic)
