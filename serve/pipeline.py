@@ -65,10 +65,13 @@ class Processed:
     superseded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        if self.result is None or self.superseded:
+        if self.result is None:
             return {"request_id": self.request_id, "status": "superseded", "result_uri": self.result_uri}
         body = self.result.model_dump(mode="json", by_alias=True, exclude_none=True)
         body["result_uri"] = self.result_uri
+        if self.superseded:
+            # Computed and returned, but the stored result (a newer generation or version) was kept.
+            body["superseded"] = True
         return body
 
 

@@ -102,6 +102,7 @@ async def store_result(
     ours = rank(metadata)
     payload = result.to_json().encode()
     expected = 0  # first attempt: create only
+    replacing_equal = False
     for _ in range(_MAX_ATTEMPTS):
         try:
             await gcs.write(bucket, name, payload, metadata=metadata, if_generation_match=expected)
@@ -112,6 +113,10 @@ async def store_result(
             expected = 0  # deleted in between
             continue
         theirs = rank(current.metadata)
+        if theirs == ours and replacing_equal:
+            # A concurrent delivery of an equal-ranked result won the race: it says the same.
+            return StoredResult(uri, written=False)
+        replacing_equal = theirs == ours
         if theirs > ours:
             logger.info("kept %s: it outranks the new result", uri, extra={"kept": str(theirs), "offered": str(ours)})
             return StoredResult(uri, written=False, superseded=True)

@@ -42,7 +42,7 @@ def test_bucket_upload_writes_a_cat_result(client: StackClient) -> None:
     assert result["source"] == {"uri": str(uri), "generation": generation}
     assert result["model"] == {"name": "mobilenet_v2", "version": "1"}
     assert result["result_uri"] == (
-        f"gs://{client.state.results_bucket}/mobilenet_v2/1/{client.state.images_bucket}/{name}.json"
+        f"gs://{client.state.results_bucket}/mobilenet_v2/{client.state.images_bucket}/{name}.json"
     )
 
 
@@ -94,7 +94,7 @@ def test_duplicate_deliveries_leave_exactly_one_result(client: StackClient) -> N
     assert statuses == [200, 200, 200]
     results_bucket = client.storage.bucket(client.state.results_bucket)
     stored = [b.name for b in client.storage.list_blobs(results_bucket) if b.name.endswith(f"/{name}.json")]
-    assert stored == [f"mobilenet_v2/1/{client.state.images_bucket}/{name}.json"]
+    assert stored == [f"mobilenet_v2/{client.state.images_bucket}/{name}.json"]
     assert json.loads(results_bucket.blob(stored[0]).download_as_bytes())["status"] == "ok"
 
 

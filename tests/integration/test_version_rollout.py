@@ -13,6 +13,7 @@ import yaml
 
 from infra._emulators import upload_tree
 from infra.client import StackClient
+from serve.ingress import DEFAULT_VERSION_TTL_S
 from infra.stack import DEFAULT_MODEL_REPOSITORY
 from tests.integration.conftest import SAMPLES
 
@@ -55,6 +56,7 @@ def test_new_version_is_promoted_only_once_warm(client: StackClient, tmp_path) -
 
     assert stats["default_version"] == "2", stats
     assert statuses and set(statuses) == {200}, statuses
+    time.sleep(DEFAULT_VERSION_TTL_S)  # the ingress asks for the default version again after this
     newest = client.infer(str(uri))["results"][0]
     pinned = client.infer(str(uri), version="1")["results"][0]
     assert (newest["model"]["version"], len(newest["labels"])) == ("2", 3)
