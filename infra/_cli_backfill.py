@@ -127,7 +127,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     target = resolve_target(args)
     # A process manager's SIGTERM stops a backfill as cleanly as Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = Console(stderr=True, soft_wrap=True)
     sink = _RichSink(console, quiet=args.json)
 
@@ -144,6 +144,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         summary = run_backfill(target, options, sink, on_plan=on_plan)
     finally:
         sink.stop()
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps(summary.to_dict()), flush=True)
     elif not summary.dry_run:
