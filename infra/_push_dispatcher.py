@@ -1,7 +1,7 @@
 """Push delivery for the local stack, as Cloud Pub/Sub does it.
 
-The Pub/Sub emulator pushes to an endpoint with about two requests in flight
-and implements neither retry backoff nor dead-letter policies. Cloud Pub/Sub
+The Pub/Sub emulator pushes to an endpoint with about two requests in flight,
+and its redelivery timing ignores the subscription's retry policy. Cloud Pub/Sub
 pushes with as much concurrency as the endpoint sustains, backs off failed
 deliveries between the subscription's minimum and maximum backoff, and after
 ``max_delivery_attempts`` forwards the message to the dead-letter topic.
@@ -9,8 +9,9 @@ deliveries between the subscription's minimum and maximum backoff, and after
 This process gives the local stack that behaviour: the stack's subscriptions are
 pull subscriptions, and this dispatcher streams messages from each, POSTs them
 to the function in the push envelope (``message``, ``subscription``,
-``deliveryAttempt``), acknowledges on 2xx, and otherwise delays the redelivery
-by the retry policy's backoff (``modify_ack_deadline``) or, on the last allowed
+``deliveryAttempt``), acknowledges on 2xx, and otherwise holds the message for
+the retry policy's backoff before nacking it (while held it occupies one of the
+route's ``--concurrency`` slots) or, on the last allowed
 attempt, publishes the message to the dead-letter topic with the attributes the
 service sets (``CloudPubSubDeadLetterSource*``) and then acknowledges it.
 
@@ -169,7 +170,12 @@ class Dispatcher:
             "delivery %d of message %s to %s failed (%s); redelivery in %ds",
             attempt, message.message_id, route.endpoint, detail, delay,
         )  # fmt: skip
-        message.modify_ack_deadline(max(delay, 0))
+        # The streaming-pull client keeps extending a message's lease until it is acked
+        # or nacked, so a shorter ack deadline would never expire: hold the message for
+        # the backoff, then nack it for immediate redelivery.
+        timer = threading.Timer(delay, message.nack)
+        timer.daemon = True
+        timer.start()
 
     def _dead_letter_message(self, route: Route, subscription_path: str, message, attempt: int, detail: str) -> None:  # noqa: ANN001
         attributes = dict(message.attributes)

@@ -1,0 +1,154 @@
+"""The local push dispatcher against the real Pub/Sub emulator: concurrent delivery in
+the push envelope, backoff and attempt counting on failure, dead-lettering with the
+service's attributes after ``max_delivery_attempts``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from infra import _emulators
+from infra._processes import free_port, port_open, start_process, stop_group, wait_until
+from infra._push_dispatcher import Dispatcher, Route
+
+pytestmark = pytest.mark.integration
+PROJECT = "dispatcher-test"
+
+
+class Endpoint:
+    """A push endpoint that records envelopes, sleeps, and answers a fixed status."""
+
+    def __init__(self, status: int, delay_s: float) -> None:
+        self.status, self.delay_s = status, delay_s
+        self.envelopes: list[dict] = []
+        self.in_flight = self.peak = 0
+        self._lock = threading.Lock()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with endpoint._lock:
+                    endpoint.envelopes.append(body)
+                    endpoint.in_flight += 1
+                    endpoint.peak = max(endpoint.peak, endpoint.in_flight)
+                time.sleep(endpoint.delay_s)
+                with endpoint._lock:
+                    endpoint.in_flight -= 1
+                self.send_response(endpoint.status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/projects/{PROJECT}/topics/t"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    process = start_process("pubsub", _emulators.pubsub_argv(port), tmp_path_factory.mktemp("ps"), dict(os.environ), Path.cwd())
+    try:
+        wait_until(lambda: port_open(port), 90, "the Pub/Sub emulator", process)
+        saved = os.environ.get("PUBSUB_EMULATOR_HOST")
+        os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}"
+        if saved is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = saved
+    finally:
+        stop_group(process.pid, grace_s=5)
+
+
+def _setup(tag: str) -> tuple[str, str, str]:
+    from google.cloud import pubsub_v1
+
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(PROJECT, f"t-{tag}")
+    dead = publisher.topic_path(PROJECT, f"dead-{tag}")
+    for name in (topic, dead):
+        publisher.create_topic(name=name)
+    subscriber.create_subscription(name=subscriber.subscription_path(PROJECT, f"s-{tag}"), topic=topic)
+    subscriber.create_subscription(name=subscriber.subscription_path(PROJECT, f"dead-{tag}"), topic=dead)
+    return topic, f"s-{tag}", f"dead-{tag}"
+
+
+def _publish(topic: str, count: int) -> set[bytes]:
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    bodies = {f"message-{i}".encode() for i in range(count)}
+    for future in [publisher.publish(topic, body, origin="test") for body in bodies]:
+        future.result(timeout=30)
+    return bodies
+
+
+def test_deliveries_run_concurrently_and_are_acknowledged(emulator: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    topic, sub, _ = _setup(tag)
+    endpoint = Endpoint(204, delay_s=0.2)
+    dispatcher = Dispatcher(PROJECT, f"dead-{tag}", [Route(sub, endpoint.url, 5, 1, 2)], concurrency=16)
+    dispatcher.start()
+    try:
+        bodies = _publish(topic, 48)
+        deadline = time.monotonic() + 30
+        while len(endpoint.envelopes) < 48 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # acknowledged messages are not delivered again
+    finally:
+        dispatcher.stop()
+        endpoint.server.shutdown()
+    delivered = [base64.b64decode(e["message"]["data"]) for e in endpoint.envelopes]
+    assert sorted(delivered) == sorted(bodies)  # each exactly once
+    assert endpoint.peak > 4, endpoint.peak  # the emulator's own push keeps about two in flight
+    first = endpoint.envelopes[0]
+    assert first["deliveryAttempt"] == 1 and first["subscription"].endswith(f"/subscriptions/{sub}")
+    assert first["message"]["attributes"] == {"origin": "test"} and first["message"]["messageId"]
+
+
+def test_failed_deliveries_back_off_and_end_on_the_dead_letter_topic(emulator: str) -> None:
+    from google.cloud import pubsub_v1
+
+    tag = uuid.uuid4().hex[:8]
+    topic, sub, dead_sub = _setup(tag)
+    endpoint = Endpoint(500, delay_s=0.0)
+    dispatcher = Dispatcher(PROJECT, f"dead-{tag}", [Route(sub, endpoint.url, 3, 1, 2)], concurrency=4)
+    dispatcher.start()
+    subscriber = pubsub_v1.SubscriberClient()
+    dead: list = []
+    try:
+        started = time.monotonic()
+        _publish(topic, 2)
+        while len(dead) < 2 and time.monotonic() - started < 40:
+            response = subscriber.pull(
+                subscription=subscriber.subscription_path(PROJECT, dead_sub), max_messages=10, timeout=5
+            )
+            dead += [m.message for m in response.received_messages]
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=subscriber.subscription_path(PROJECT, dead_sub),
+                    ack_ids=[m.ack_id for m in response.received_messages],
+                )
+        elapsed = time.monotonic() - started
+    finally:
+        dispatcher.stop()
+        endpoint.server.shutdown()
+    assert len(dead) == 2
+    assert all(m.attributes["CloudPubSubDeadLetterSourceSubscription"] == sub for m in dead)
+    assert all(m.attributes["CloudPubSubDeadLetterSourceDeliveryCount"] == "3" for m in dead)
+    assert all(m.attributes["origin"] == "test" for m in dead)
+    attempts = sorted(e["deliveryAttempt"] for e in endpoint.envelopes)
+    assert attempts == [1, 1, 2, 2, 3, 3]
+    assert elapsed >= 1 + 2  # backoff of 1 s after the first failure, 2 s after the second
