@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from infra import _metrics_view
 from infra._processes import pid_alive, stop_group
 from infra.stack import DEFAULT_STATE_DIR, LocalStack, StackNotRunning, StackOptions, StackState
 
@@ -116,6 +117,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = {"status": "unreachable"}
     report = {"supervisor_pid": state.supervisor_pid, "components": components, "serve": health,
               "serve_url": state.serve_url, "pubsub": state.pubsub_host, "storage": state.storage_host}
+    models, metrics_error = {}, None
+    if state.metrics_url:
+        try:
+            models = _metrics_view.model_figures(state.metrics_url, _state_dir(), state.started_at)
+        except httpx.HTTPError as err:
+            metrics_error = f"metrics unreachable at {state.metrics_url}: {err}"
+    report.update(metrics_url=state.metrics_url, models=_metrics_view.as_json(models), metrics_error=metrics_error)
     if args.json:
         print(json.dumps(report))
     else:
@@ -123,4 +131,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{name:16} {'running' if alive else 'STOPPED'}")
         print(f"{'serve health':16} {health.get('status')} models={health.get('models')}")
         print(f"{'serve url':16} {state.serve_url}")
+        print(f"{'metrics url':16} {state.metrics_url or '-'}")
+        print(metrics_error or "\n".join(["", *_metrics_view.table(models)]))
     return 0 if all(components.values()) and health.get("status") == "ok" else 1

@@ -61,6 +61,8 @@ class StackState:
     supervisor_pid: int
     process_groups: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    # Prometheus text format: Ray's metrics and triggerfish's ray_triggerfish_* series.
+    metrics_url: str = ""
 
     def client_env(self) -> dict[str, str]:
         """Environment for clients of this stack (emulator hosts, project)."""
@@ -128,6 +130,7 @@ class LocalStack:
             )
         ps_port, gcs_port = free_port(), free_port()
         serve_port = opts.serve_port or free_port()
+        metrics_port = free_port()
         req_port, up_port = free_port(), free_port()
         pubsub_host, storage_host = f"127.0.0.1:{ps_port}", f"http://127.0.0.1:{gcs_port}"
         env = {
@@ -161,7 +164,9 @@ class LocalStack:
 
         progress("starting Ray Serve (loads and warms up every model)")
         serve = self._spawn(
-            "serve", [sys.executable, "-m", "infra.serve_host", "--port", str(serve_port)], env
+            "serve",
+            [sys.executable, "-m", "infra.serve_host", "--port", str(serve_port), "--metrics-port", str(metrics_port)],
+            env,
         )
         fn_argv = _emulators.function_argv
         req_fn = self._spawn("fn-on-request", fn_argv("on_request", req_port), env)
@@ -182,6 +187,7 @@ class LocalStack:
             pubsub_host=pubsub_host,
             storage_host=storage_host,
             serve_url=f"http://127.0.0.1:{serve_port}",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             request_function_url=f"http://127.0.0.1:{req_port}",
             upload_function_url=f"http://127.0.0.1:{up_port}",
             images_bucket=fp.images_bucket,

@@ -120,7 +120,10 @@ def load_version(
 
 
 def warm_up(loaded: LoadedVersion) -> None:
-    """Run each engine batch size once so the first real request pays no lazy init."""
+    """Run each engine batch size once so the first real request pays no lazy init.
+
+    Also records the engine's output dtypes and shapes (``loaded.output_specs``).
+    """
     cfg = loaded.config
     for size in cfg.batching.engine_batch_sizes:
         pixels = np.zeros((size, cfg.input.height, cfg.input.width, cfg.input.channels), np.uint8)
@@ -128,3 +131,6 @@ def warm_up(loaded: LoadedVersion) -> None:
         missing = [n for n in loaded.postprocess.output_names if n not in outputs]
         if missing:
             raise ConfigError(f"{loaded.model}/{loaded.version} warm-up produced no outputs {missing}")
+        loaded.output_specs = {
+            name: (str(np.asarray(value).dtype), tuple(np.asarray(value).shape[1:])) for name, value in outputs.items()
+        }

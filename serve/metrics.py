@@ -31,6 +31,11 @@ Ray exports a histogram's observations at the midpoints of their buckets, so the
 buckets and ``_count`` are exact but ``_sum`` is an approximation; the average batch
 size comes exactly from the two counters.
 
+Ray drops a gauge series that its process has not set for a few report intervals,
+so the gauges' current values are set again every :data:`GAUGE_REFRESH_S` by a
+daemon thread of the process (started with the first gauge); a version that was
+unloaded is set to 0 once and then left to age out.
+
 Instruments are created on first use in each process (Serve replicas are separate
 processes), never at import. Recording never raises into the serving path: a metric
 that cannot be recorded is logged once and dropped.
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -70,6 +76,8 @@ BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 # Label values for answers that do not carry their own.
 UNATTRIBUTED = "*"
+# Shorter than the time after which Ray forgets a gauge that was not set again.
+GAUGE_REFRESH_S = 5.0
 
 
 class _Counter(Protocol):
@@ -177,6 +185,10 @@ _lock = threading.Lock()
 _factory: MetricFactory = RayMetricFactory()
 _instruments: _Instruments | None = None
 _loaded: dict[str, dict[str, str]] = {}  # model -> version -> backend reported as loaded
+_gauges: dict[
+    tuple[str, tuple[tuple[str, str], ...]], float
+] = {}  # (gauge, labels) -> value to keep
+_refresher: threading.Thread | None = None
 _failed_once = False
 
 
@@ -186,6 +198,7 @@ def use_factory(factory: MetricFactory) -> None:
     with _lock:
         _factory, _instruments = factory, None
         _loaded.clear()
+        _gauges.clear()
 
 
 def _get() -> _Instruments:
@@ -206,6 +219,39 @@ def _safely(record) -> None:  # noqa: ANN001 - a callable taking the instruments
         if not _failed_once:
             _failed_once = True
             logger.exception("recording a metric failed; later failures are not logged")
+
+
+def _set_gauge(
+    m: _Instruments, gauge: str, value: float, tags: dict[str, str], keep: bool = True
+) -> None:
+    """Set ``gauge`` now, and keep setting it (``keep``) until it is set to something else."""
+    global _refresher
+    getattr(m, gauge).set(value, tags)
+    key = (gauge, tuple(sorted(tags.items())))
+    with _lock:
+        if keep:
+            _gauges[key] = value
+        else:
+            _gauges.pop(key, None)
+        if _refresher is None:
+            _refresher = threading.Thread(
+                target=_refresh_forever, name="metrics-gauges", daemon=True
+            )
+            _refresher.start()
+
+
+def refresh_gauges() -> None:
+    """Set every kept gauge value again (the refresher thread's work)."""
+    with _lock:
+        kept = list(_gauges.items())
+    for (gauge, tags), value in kept:
+        _safely(lambda m, g=gauge, t=tags, v=value: getattr(m, g).set(v, dict(t)))
+
+
+def _refresh_forever() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        refresh_gauges()
 
 
 # -- the ingress ---------------------------------------------------------------------------
@@ -279,7 +325,7 @@ def record_batch(
         m.compute_duration.observe(max(compute_s, 0.0), tags)
         for wait in queue_waits_s:
             m.queue_duration.observe(max(wait, 0.0), tags)
-        m.queue_depth.set(queue_depth, {"model": model})
+        _set_gauge(m, "queue_depth", queue_depth, {"model": model})
 
     if size > 0:
         _safely(record)
@@ -300,9 +346,17 @@ def record_loaded(model: str, backends: Mapping[str, str]) -> None:
         before = _loaded.get(model, {})
         for version, backend in before.items():
             if backends.get(version) != backend:
-                m.model_loaded.set(0, {"model": model, "version": version, "backend": backend})
+                _set_gauge(
+                    m,
+                    "model_loaded",
+                    0,
+                    {"model": model, "version": version, "backend": backend},
+                    keep=False,
+                )
         for version, backend in backends.items():
-            m.model_loaded.set(1, {"model": model, "version": version, "backend": backend})
+            _set_gauge(
+                m, "model_loaded", 1, {"model": model, "version": version, "backend": backend}
+            )
         _loaded[model] = dict(backends)
 
     _safely(record)
@@ -321,5 +375,6 @@ __all__ = [
     "record_outcomes",
     "record_result",
     "record_shed",
+    "refresh_gauges",
     "use_factory",
 ]

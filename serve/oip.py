@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import TriggerfishError
 from shared.messages import parse_json_bounded
@@ -227,6 +227,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def _first_line(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:3])
     return str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
 
 

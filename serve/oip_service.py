@@ -224,10 +224,10 @@ class OipService:
         started = time.monotonic()
         sig: ModelSignature | None = None
         try:
+            sig = await self._signature(model, version)
             body = await read_body(http, MAX_BODY_BYTES)
             payload = oip.decompress(body, http.headers.get("content-encoding"), MAX_BODY_BYTES)
             request = oip.parse_infer_request(payload, http.headers.get(oip.HEADER_LENGTH))
-            sig = await self._signature(model, version)
             images = _check_inputs(sig, request)
             _check_outputs(sig, request)
         except oip.ProtocolError as err:

@@ -139,3 +139,17 @@ def test_a_failing_metrics_backend_never_fails_the_caller(caplog: pytest.LogCapt
     finally:
         metrics.use_factory(metrics.RayMetricFactory())
     assert "recording a metric failed" in caplog.text
+
+
+def test_kept_gauges_are_set_again_and_unloaded_versions_are_not(recorder: Recorder) -> None:
+    metrics.record_loaded("m", {"1": "cpu"})
+    metrics.record_loaded("m", {"2": "cpu"})
+    metrics.record_batch("m", "2", 1, 0.01, [0.0], queue_depth=3)
+    recorder.values["triggerfish_model_loaded"].clear()
+    recorder.values["triggerfish_queue_depth"].clear()
+
+    metrics.refresh_gauges()
+
+    assert recorder.get("triggerfish_model_loaded", model="m", version="2", backend="cpu") == 1
+    assert recorder.get("triggerfish_model_loaded", model="m", version="1", backend="cpu") is None
+    assert recorder.get("triggerfish_queue_depth", model="m") == 3

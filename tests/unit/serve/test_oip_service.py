@@ -360,3 +360,9 @@ def test_an_oversized_body_is_a_413() -> None:
     )
 
     assert status == 413 and "limit" in json.loads(response.body)["error"]
+
+
+def test_an_unknown_model_is_a_404_whatever_the_body() -> None:
+    status, response = _infer(_service(FakeModels()), "nope", b"{not even json")
+
+    assert status == 404 and "unknown model 'nope'" in json.loads(response.body)["error"]
