@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from serve import metrics
 from serve._cpus import replica_cpus
 from serve.batch import BatchItem, ItemOutcome
+from serve.coalescer import CallCoalescer
 from serve.metered import MeteredPipeline
 from serve.model_server import Rejection, Retry, VersionInfo
 from serve.oip_service import HandleOipClient, InferCall, OipService
@@ -58,6 +59,9 @@ MAX_INFLIGHT_ENV = "TRIGGERFISH_MAX_INFLIGHT"
 DEFAULT_MAX_INFLIGHT = 1024
 # Deployment-handle calls that take longer than this fail (and the input retries).
 HANDLE_TIMEOUT_S = 120.0
+# Calls per model in flight from one ingress replica; concurrent requests beyond
+# this are merged into the next call (serve/coalescer.py).
+MAX_CALLS_IN_FLIGHT = 2
 
 
 class HandleModelClient:
@@ -72,6 +76,7 @@ class HandleModelClient:
         self._handles = handles
         self._described: dict[tuple[str, str], VersionInfo] = {}
         self._defaults: dict[str, tuple[float, VersionInfo]] = {}
+        self._coalescers: dict[str, CallCoalescer[BatchItem, ItemOutcome | Rejection | Retry]] = {}
         self._clock = clock
 
     def models(self) -> list[str]:
@@ -95,6 +100,15 @@ class HandleModelClient:
         return answer
 
     async def infer_many(
+        self, model: str, items: list[BatchItem], deadline: float | None
+    ) -> list[ItemOutcome | Rejection | Retry]:
+        if model not in self._coalescers:
+            self._coalescers[model] = CallCoalescer(
+                lambda merged, latest, model=model: self._send(model, merged, latest), MAX_CALLS_IN_FLIGHT
+            )
+        return await self._coalescers[model].call(items, deadline)
+
+    async def _send(
         self, model: str, items: list[BatchItem], deadline: float | None
     ) -> list[ItemOutcome | Rejection | Retry]:
         timeout = HANDLE_TIMEOUT_S if deadline is None else max(0.1, deadline - time.time())
