@@ -63,6 +63,20 @@ def wait_for(url: str, done: Callable[[Scrape], bool], timeout: float = 60) -> S
         time.sleep(1)
 
 
+def settled_scrape(url: str, timeout: float = 30) -> Scrape:
+    """A scrape that no earlier request still adds to: Ray exports every ~2 s, so earlier
+    tests' answers can arrive late; wait until two scrapes 3 s apart agree."""
+    deadline = time.monotonic() + timeout
+    previous = scrape(url)
+    while True:
+        time.sleep(3)
+        current = scrape(url)
+        counters = lambda s: sorted((n, sorted(l.items()), v) for n, l, v in s if n.endswith("_total"))  # noqa: E731
+        if counters(current) == counters(previous) or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
 def _oip_images(stack: StackState, body: list[bytes]) -> httpx.Response:
     payload = {
         "inputs": [
@@ -108,7 +122,7 @@ def test_the_endpoint_exports_every_metric_with_the_documented_labels(
 def test_counts_match_the_requests_sent(stack: StackState, client: StackClient) -> None:
     http = {"model": "mobilenet_v2", "entry_path": "http"}
     oip = {"model": "mobilenet_v2", "entry_path": "oip"}
-    before = scrape(stack.metrics_url)
+    before = settled_scrape(stack.metrics_url)
     ok_before = total(before, "ray_triggerfish_requests_total", **http, status="ok")
     err_before = total(before, "ray_triggerfish_requests_total", **http, status="error")
     oip_before = total(before, "ray_triggerfish_requests_total", **oip, status="ok")
