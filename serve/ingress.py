@@ -62,6 +62,8 @@ HANDLE_TIMEOUT_S = 120.0
 # Calls per model in flight from one ingress replica; concurrent requests beyond
 # this are merged into the next call (serve/coalescer.py).
 MAX_CALLS_IN_FLIGHT = 2
+# A JSON request names at most 100 inputs of at most a few KB each.
+MAX_JSON_BODY_BYTES = 1 << 20
 
 
 class HandleModelClient:
@@ -160,6 +162,20 @@ def _decoder() -> tuple[Any, int]:
     return prepare_image, replica_cpus()
 
 
+async def _read_bounded(request: Request, limit: int) -> bytes | None:
+    """The body, or ``None`` as soon as it is known to exceed ``limit`` (never buffered whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _deadline(request: Request, default_s: float) -> float:
     """The caller's deadline (epoch seconds) from its header, else ``default_s`` from now."""
     raw = request.headers.get(DEADLINE_HEADER)
@@ -198,8 +214,14 @@ class Ingress:
         deadline = _deadline(request, self._settings.request_timeout_s)
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             return await self._admitted(1, self._infer_bytes(request, deadline))
+        raw = await _read_bounded(request, MAX_JSON_BODY_BYTES)
+        if raw is None:
+            return JSONResponse(
+                {"error": "body_too_large", "message": f"a request body is at most {MAX_JSON_BODY_BYTES} bytes"},
+                status_code=413,
+            )
         try:
-            body = parse_json_bounded(await request.body())
+            body = parse_json_bounded(raw)
             if isinstance(body, dict) and "requests" in body:
                 await self._authorize_internal(request)
             requests = parse_infer_body(body)
@@ -235,20 +257,11 @@ class Ingress:
 
     async def _infer_bytes(self, request: Request, deadline: float) -> JSONResponse:
         limit = self._settings.max_image_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        raw = await _read_bounded(request, limit)
+        if raw is None:
             return JSONResponse(
-                {"error": "image_too_large", "message": f"body is {declared} bytes, limit {limit}"}, status_code=413
+                {"error": "image_too_large", "message": f"body is over the limit of {limit} bytes"}, status_code=413
             )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return JSONResponse(
-                    {"error": "image_too_large", "message": f"body is over the limit of {limit} bytes"}, status_code=413
-                )
-            chunks.append(chunk)
-        raw = b"".join(chunks)
         if not raw:
             return JSONResponse({"error": "bad_request", "message": "empty body"}, status_code=400)
         params = request.query_params

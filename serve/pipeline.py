@@ -195,6 +195,10 @@ class InferencePipeline:
         except SupersededError:
             return Processed(request.request_id, None, None, superseded=True)
         except PermanentError as err:
+            if err.reason is ErrorReason.OBJECT_MISSING:
+                # A generation no read confirmed (a deleted one, or one that never
+                # existed) must not rank the error above later uploads' results.
+                request = request.model_copy(update={"generation": None})
             return await self._record_failure(request, model, version, err, source)
 
     async def _decode_one(
