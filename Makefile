@@ -10,7 +10,7 @@ MODEL_STAMP := $(MODEL_REPO)/.stamp
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: help install model demo test test-unit test-integration lint bench gpu-check functions-zip lock clean
+.PHONY: help install model demo test test-unit test-integration lint bench gpu-check reliability functions-zip lock clean
 
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
@@ -62,6 +62,11 @@ bench: $(MODEL_STAMP) $(BENCH_STAMP)
 # The GPU engine and GPU JPEG decoding against the CPU path; skips without an NVIDIA GPU.
 gpu-check: $(MODEL_STAMP)
 	$(PY) -m infra.gpu_check
+
+# Chaos (2,000 Pub/Sub messages while the model replica is SIGKILLed three times) and
+# model versions (a broken newest version, a promotion) on a stack of its own (about 5 min).
+reliability: $(MODEL_STAMP)
+	$(PY) -m infra.reliability
 
 test: $(MODEL_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
