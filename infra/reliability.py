@@ -316,6 +316,13 @@ def push_request(state: StackState, message_id: str, body: dict) -> int:
     return post(url, envelope)[0]
 
 
+def _quarantined(versions: dict[str, str] | None) -> str:
+    """``/v1/stats`` ``quarantined_versions`` in a table cell: each version, its error type, the cause's end."""
+    return "; ".join(
+        f"{v}: {why.split(':', 1)[0]} ...{why[-60:]}" for v, why in (versions or {}).items()
+    )
+
+
 def run_versions(state: StackState, broken: str) -> VersionsReport:
     client, serve, report = StackClient(state), Serve(state), VersionsReport()
     name = "versions/cat.jpg"
@@ -335,7 +342,7 @@ def run_versions(state: StackState, broken: str) -> VersionsReport:
     report.check(
         "running replica quarantines broken version 2",
         seen,
-        str((seen or {}).get("quarantined_versions")),
+        _quarantined((seen or {}).get("quarantined_versions")),
     )
     try:
         pid, recovery = serve.kill_model(timeout_s=120)
@@ -351,7 +358,7 @@ def run_versions(state: StackState, broken: str) -> VersionsReport:
     report.check(
         "refusal in /v1/stats",
         "2" in stats.get("quarantined_versions", {}),
-        str(stats.get("quarantined_versions")),
+        _quarantined(stats.get("quarantined_versions")),
     )
     refused = _count_lines(state, "serve", f"version {MODEL}/2 refused and quarantined")
     report.check("refusal logged", refused > 0, f"{refused} ERROR lines")
