@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """An unused TCP port on 127.0.0.1, other than those in ``avoid``."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -37,6 +37,9 @@ DEFAULT_STATE_DIR = Path(os.environ.get("TRIGGERFISH_STATE_DIR", ".triggerfish")
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "build" / "model-repository"
 
 
+RAY_FIXED_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366})
+
+
 class StackNotRunning(RuntimeError):
     """Client commands need a running stack."""
 
@@ -130,7 +133,8 @@ class LocalStack:
             )
         ps_port, gcs_port = free_port(), free_port()
         serve_port = opts.serve_port or free_port()
-        metrics_port = free_port()
+        # Ray binds some fixed ports of its own (the dashboard agent's 52365 among them).
+        metrics_port = free_port(avoid=RAY_FIXED_PORTS)
         req_port, up_port = free_port(), free_port()
         pubsub_host, storage_host = f"127.0.0.1:{ps_port}", f"http://127.0.0.1:{gcs_port}"
         env = {

@@ -40,7 +40,7 @@ from serve.model_config import InputSpec, PreprocessSpec
 from serve.repository import ModelRepository
 from serve.signature import ModelSignature, signature_of
 from shared.config import load_settings
-from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError, TriggerfishError
+from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 from shared.logging import configure_json_logging
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class ModelServer:
                 continue
             try:
                 loaded = self._load(version)
-            except (TriggerfishError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - any version that fails to load is quarantined
                 self._quarantine(version, err)
                 continue
             self._versions[version] = loaded
@@ -221,7 +221,7 @@ class ModelServer:
                 async with self._load_lock:
                     try:
                         loaded = await asyncio.to_thread(self._load, newest)
-                    except (TriggerfishError, OSError) as err:
+                    except Exception as err:  # noqa: BLE001 - a bad upload must not take serving down
                         self._quarantine(newest, err)
                         continue
                     self._versions[newest] = loaded
