@@ -37,7 +37,12 @@ def get_settings() -> Settings:
 @functools.cache
 def get_http_client() -> httpx.Client:
     """One pooled HTTP client per function instance."""
-    return httpx.Client(timeout=httpx.Timeout(get_settings().request_timeout_s, connect=5.0))
+    # Idle connections are dropped before Serve's proxy closes them (5 s keep-alive), so a
+    # POST never goes out on a connection the server is closing.
+    return httpx.Client(
+        timeout=httpx.Timeout(get_settings().request_timeout_s, connect=5.0),
+        limits=httpx.Limits(keepalive_expiry=2.0),
+    )
 
 
 @functools.cache

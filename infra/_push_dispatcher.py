@@ -115,7 +115,9 @@ class Dispatcher:
         self._dead_letter = self._publisher.topic_path(project, dead_letter_topic)
         self._http = httpx.Client(
             timeout=httpx.Timeout(600.0, connect=5.0),
-            limits=httpx.Limits(max_connections=concurrency * len(routes)),
+            # Below gunicorn's 2 s keep-alive: a connection the function already closed
+            # would reset the next POST on it, which is not retried.
+            limits=httpx.Limits(max_connections=concurrency * len(routes), keepalive_expiry=1.0),
         )
         self._attempts = Attempts()
         self._futures: list = []
