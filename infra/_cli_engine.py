@@ -7,8 +7,11 @@ shared ``gs://`` level) and loads it instead of building it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from infra.stack import DEFAULT_MODEL_REPOSITORY
@@ -19,6 +22,22 @@ from serve.model_config import Backend, Precision
 from serve.postprocess.factory import make_postprocessor
 from serve.repository import ModelRepository
 from serve.validation import calibration_set, validation_set
+
+
+@contextlib.contextmanager
+def _progress(what: str, quiet: bool) -> Iterator[None]:
+    """A spinner with the elapsed time on stderr while a lookup or build runs (TensorRT
+    builds take minutes); nothing in ``--json`` mode or when stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        progress.add_task(f"looking up or building the engine for {what}", total=None)
+        yield
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
@@ -34,15 +53,16 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     spec = engine_spec(mv, make_postprocessor(mv.config.postprocess).output_names)
     cache = EngineCache.from_settings(str(cache_dir), cache_uri)
     reduced = backend is Backend.TENSORRT and precision is not Precision.FP32
-    report = build_engine(
-        spec,
-        backend,
-        precision,
-        cache,
-        calibration=calibration_set(mv, cache_dir) if precision is Precision.INT8 else None,
-        validation=validation_set(mv) if reduced else None,
-        timing_cache_path=cache_dir / "timing" / "tensorrt.timing-cache",
-    )
+    with _progress(f"{mv.name}:{mv.version} on {backend.value} ({precision.value})", quiet=args.json):
+        report = build_engine(
+            spec,
+            backend,
+            precision,
+            cache,
+            calibration=calibration_set(mv, cache_dir) if precision is Precision.INT8 else None,
+            validation=validation_set(mv) if reduced else None,
+            timing_cache_path=cache_dir / "timing" / "tensorrt.timing-cache",
+        )
     data = report.to_dict()
     if args.json:
         print(json.dumps(data))
