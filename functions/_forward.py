@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from functions._merge import CallMerger
 from shared.auth import AuthConfig, TokenSource
 from shared.config import Settings, load_settings
 from shared.errors import ErrorReason, PermanentError, TransientError
@@ -102,9 +103,42 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
         valid.append(request)
     if not valid:
         return []
-    body = {"requests": [r.model_dump(mode="json", exclude_none=True) for r in valid]}
+    answers = get_merger().submit(valid, time.time() + settings.request_timeout_s)
+    results: list[dict] = []
+    for request, answer in zip(valid, answers, strict=True):
+        if isinstance(answer, _Rejected):
+            # Serve's own validation refused a request we validated: retrying cannot help.
+            record_failure(
+                request, PermanentError(ErrorReason.MALFORMED_MESSAGE, str(answer)), parse_gcs_uri(request.uri)
+            )
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            results.append(answer)
+    return results
+
+
+class _Rejected(Exception):
+    """Serve refused the request body itself (400 ``bad_request``)."""
+
+
+@functools.cache
+def get_merger() -> CallMerger[InferenceRequest, dict]:
+    """One merger per function instance: concurrent invocations share Serve calls."""
+    return CallMerger(_post, max_in_flight=2, max_items=100)
+
+
+def _post(requests: list[InferenceRequest], deadline: float) -> list[dict | BaseException]:
+    """One call to Serve for ``requests``; per request its result or its failure.
+
+    Raises:
+        TransientError: for every request (Serve unreachable, no ID token, an answer
+            without per-request results).
+    """
+    settings = get_settings()
+    body = {"requests": [r.model_dump(mode="json", exclude_none=True) for r in requests]}
     # Serve stops working on these inputs when this function has given up on them.
-    headers = {DEADLINE_HEADER: f"{time.time() + settings.request_timeout_s:.3f}"}
+    headers = {DEADLINE_HEADER: f"{deadline:.3f}"}
     tokens = get_token_source()
     try:
         if tokens is not None:
@@ -117,20 +151,19 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
         raise TransientError(f"Serve at {settings.serve_url} unreachable: {err!r}") from err
     if response.status_code == 200:
         return response.json().get("results", [])
-    if response.status_code != 400 or _error_code(response) != "bad_request":
-        # Overload (429), a proxy's 404 during a redeploy, 5xx: all retryable.
-        raise TransientError(f"Serve answered {response.status_code}: {response.text[:300]}")
-    # Serve's own validation refused a request we validated: retrying cannot help, so record it.
-    for request in valid:
-        record_failure(
-            request,
-            PermanentError(
-                ErrorReason.MALFORMED_MESSAGE,
-                f"Serve rejected the request ({response.status_code}): {response.text[:300]}",
-            ),
-            parse_gcs_uri(request.uri),
-        )
-    return []
+    if response.status_code == 400 and _error_code(response) == "bad_request":
+        rejected = _Rejected(f"Serve rejected the request (400): {response.text[:300]}")
+        return [rejected] * len(requests)
+    # Overload (429), a proxy's 404 during a redeploy, 5xx: all retryable; where Serve
+    # says which inputs are done, only the others are retried.
+    transient = TransientError(f"Serve answered {response.status_code}: {response.text[:300]}")
+    try:
+        per_request = response.json().get("results")
+    except ValueError:
+        per_request = None
+    if not isinstance(per_request, list) or len(per_request) != len(requests):
+        raise transient
+    return [transient if r.get("status") == "retry" else r for r in per_request]
 
 
 def _error_code(response: httpx.Response) -> str | None:

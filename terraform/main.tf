@@ -245,6 +245,9 @@ module "functions" {
       # A function must answer before Pub/Sub stops waiting for it.
       timeout_seconds    = sub.ack_deadline_seconds - local.function_timeout_margin_s
       max_instance_count = var.function_max_instances
+      # Concurrent events in one instance share Serve calls (functions/_merge.py), as the
+      # gunicorn threads of the local stack do; one vCPU runs the thin handlers.
+      max_instance_request_concurrency = var.function_concurrency
     }
   }
 

@@ -91,6 +91,17 @@ variable "function_source_archive" {
   default     = ""
 }
 
+variable "function_concurrency" {
+  type        = number
+  default     = 16
+  description = "Events one function instance handles at once; concurrent events are merged into shared calls to Serve."
+
+  validation {
+    condition     = var.function_concurrency >= 1 && var.function_concurrency <= 1000
+    error_message = "function_concurrency must be between 1 and 1000 (the Cloud Functions gen2 limit)."
+  }
+}
+
 variable "function_max_instances" {
   type        = number
   description = "Upper bound of instances per function; it also bounds the concurrent load the functions put on Serve."

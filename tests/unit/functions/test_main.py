@@ -25,7 +25,7 @@ from functions_framework import create_app
 
 import functions._forward as forward_module
 from shared.errors import ErrorReason, TransientError
-from shared.messages import DEADLINE_HEADER, EntryPath
+from shared.messages import DEADLINE_HEADER, EntryPath, InferenceRequest
 from shared.result_store import STATUS_METADATA_KEY
 from shared.results import InferenceResult, Status
 from tests.fakes.fake_gcs import InMemoryGcs
@@ -640,3 +640,17 @@ def test_on_upload_ignores_an_unexpected_event_type(
     assert _eventarc(apps, **{"ce-type": event_type}) == 200
 
     assert serve.posts == [] and stored == []
+
+
+def test_a_429_fails_only_the_inputs_serve_marks_for_retry(serve: FakeServe, stored: StoredResults) -> None:
+    done = {"request_id": "job/0", "status": "ok", "result_uri": "gs://r/0.json"}
+    retry = {"status": "retry", "error": {"message": "batch queue full"}}
+    serve.status, serve.body = 429, json.dumps({"error": "overloaded", "results": [done, retry]}).encode()
+    ok_request = InferenceRequest(uri="gs://triggerfish-images/a.jpg", request_id="job/0", entry_path=EntryPath.PUBSUB)
+    shed = InferenceRequest(uri="gs://triggerfish-images/b.jpg", request_id="job/1", entry_path=EntryPath.PUBSUB)
+
+    answers = forward_module._post([ok_request, shed], deadline=time.time() + 60)
+
+    assert answers[0] == done
+    assert isinstance(answers[1], TransientError) and "429" in str(answers[1])
+    assert stored == []
