@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", required=True)
     parser.add_argument("--dead-letter-topic", required=True)
     parser.add_argument("--route", type=Route.parse, action="append", required=True)
-    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("TRIGGERFISH_PUSH_CONCURRENCY", "32")))
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("TRIGGERFISH_PUSH_CONCURRENCY", "64")))
     args = parser.parse_args(argv)
     from shared.logging import configure_json_logging
 

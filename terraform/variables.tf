@@ -93,7 +93,7 @@ variable "function_source_archive" {
 
 variable "function_concurrency" {
   type        = number
-  default     = 16
+  default     = 64
   description = "Events one function instance handles at once; concurrent events are merged into shared calls to Serve."
 
   validation {
