@@ -214,11 +214,3 @@ def _failed(loaded: LoadedVersion, item: BatchItem, started: float, message: str
         error_reason=ErrorReason.INFERENCE_FAILED,
         error_message=message,
     )
-
-
-def group_by_version(items: Sequence[BatchItem]) -> dict[str, list[int]]:
-    """Indices of ``items`` per model version, preserving order within each version."""
-    groups: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(item.version, []).append(i)
-    return groups

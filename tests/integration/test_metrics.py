@@ -66,12 +66,14 @@ def wait_for(url: str, done: Callable[[Scrape], bool], timeout: float = 60) -> S
 def settled_scrape(url: str, timeout: float = 30) -> Scrape:
     """A scrape that no earlier request still adds to: Ray exports every ~2 s, so earlier
     tests' answers can arrive late; wait until two scrapes 3 s apart agree."""
+    def counters(samples: Scrape) -> list:
+        return sorted((n, sorted(labels.items()), v) for n, labels, v in samples if n.endswith("_total"))
+
     deadline = time.monotonic() + timeout
     previous = scrape(url)
     while True:
         time.sleep(3)
         current = scrape(url)
-        counters = lambda s: sorted((n, sorted(l.items()), v) for n, l, v in s if n.endswith("_total"))  # noqa: E731
         if counters(current) == counters(previous) or time.monotonic() > deadline:
             return current
         previous = current

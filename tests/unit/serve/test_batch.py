@@ -11,7 +11,6 @@ from serve.batch import (
     BatchItem,
     EngineFailure,
     LoadedVersion,
-    group_by_version,
     run_batch,
     validate_item,
 )
@@ -248,16 +247,6 @@ def test_validate_item_rejects_a_tensor_that_cannot_join_the_batch(
     assert info.value.reason is ErrorReason.INFERENCE_FAILED
     assert shown in info.value.message
     assert "uint8[4, 4, 3]" in info.value.message
-
-
-def test_group_by_version_preserves_order_within_each_version() -> None:
-    items = [_item(0, version=v) for v in ("1", "2", "1", "3", "2", "1")]
-
-    groups = group_by_version(items)
-
-    assert groups == {"1": [0, 2, 5], "2": [1, 4], "3": [3]}
-    assert list(groups) == ["1", "2", "3"]
-    assert group_by_version([]) == {}
 
 
 def test_an_engine_fault_fails_the_batch_as_an_engine_failure_without_blaming_items() -> None:
