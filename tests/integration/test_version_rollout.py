@@ -13,8 +13,8 @@ import yaml
 
 from infra._emulators import upload_tree
 from infra.client import StackClient
-from serve.ingress import DEFAULT_VERSION_TTL_S
 from infra.stack import DEFAULT_MODEL_REPOSITORY
+from serve.ingress import DEFAULT_VERSION_TTL_S
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration
