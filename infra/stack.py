@@ -67,6 +67,8 @@ class StackState:
     started_at: float = field(default_factory=time.time)
     # Prometheus text format: Ray's metrics and triggerfish's ray_triggerfish_* series.
     metrics_url: str = ""
+    # The same application behind Serve's proxy actor (one more process hop than serve_url).
+    serve_proxy_url: str = ""
 
     def client_env(self) -> dict[str, str]:
         """Environment for clients of this stack (emulator hosts, project)."""
@@ -136,6 +138,7 @@ class LocalStack:
         serve_port = opts.serve_port or free_port()
         # Ray binds some fixed ports of its own (the dashboard agent's 52365 among them).
         metrics_port = free_port(avoid=RAY_FIXED_PORTS)
+        proxy_port = free_port(avoid=RAY_FIXED_PORTS)
         req_port, up_port = free_port(), free_port()
         pubsub_host, storage_host = f"127.0.0.1:{ps_port}", f"http://127.0.0.1:{gcs_port}"
         env = {
@@ -170,7 +173,8 @@ class LocalStack:
         progress("starting Ray Serve (loads and warms up every model)")
         serve = self._spawn(
             "serve",
-            [sys.executable, "-m", "infra.serve_host", "--port", str(serve_port), "--metrics-port", str(metrics_port)],
+            [sys.executable, "-m", "infra.serve_host", "--port", str(serve_port), "--metrics-port", str(metrics_port),
+             "--proxy-port", str(proxy_port)],  # fmt: skip
             env,
         )
         fn_argv = _emulators.function_argv
@@ -195,6 +199,7 @@ class LocalStack:
             pubsub_host=pubsub_host,
             storage_host=storage_host,
             serve_url=f"http://127.0.0.1:{serve_port}",
+            serve_proxy_url=f"http://127.0.0.1:{proxy_port}",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             request_function_url=f"http://127.0.0.1:{req_port}",
             upload_function_url=f"http://127.0.0.1:{up_port}",

