@@ -32,12 +32,18 @@ class PreparedImage:
 
 
 def decode_image(data: bytes, target: tuple[int, int], max_pixels: int) -> Image.Image:
-    """Decode ``data`` to RGB, letting libjpeg downscale while keeping at least ``target`` (h, w).
+    """Decode ``data`` to upright RGB, letting libjpeg downscale while keeping at least ``target`` (h, w).
 
     Raises:
         PermanentError: ``not_an_image`` for undecodable bytes, ``image_too_large``
             when the header declares more than ``max_pixels`` pixels.
     """
+    return _decode(data, target, max_pixels)[0]
+
+
+def _decode(data: bytes, target: tuple[int, int], max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The upright RGB image (at reduced scale where libjpeg can) and the upright
+    photo's full-resolution (width, height)."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x raises) on decompression bombs; we check ourselves.
@@ -49,12 +55,18 @@ def decode_image(data: bytes, target: tuple[int, int], max_pixels: int) -> Image
                     ErrorReason.IMAGE_TOO_LARGE,
                     f"image is {width}x{height} = {width * height} pixels, limit {max_pixels}",
                 )
+            # Phone cameras store pixels sideways plus an EXIF orientation tag;
+            # the model and the result coordinates must see the photo upright.
+            # Orientations 5-8 are 90 degree rotations: the upright photo's axes swap.
+            if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
             # draft() only changes JPEG decoding: it picks the largest DCT scale
             # (1/2, 1/4, 1/8) whose result is still at least the requested size.
             image.draft("RGB", (target[1], target[0]))
-            # Phone cameras store pixels sideways plus an EXIF orientation tag;
-            # the model and the result coordinates must see the photo upright.
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            # In place: without a rotation to apply, exif_transpose would copy the image.
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
     except PermanentError:
         raise
     except Image.DecompressionBombError as err:
@@ -62,7 +74,7 @@ def decode_image(data: bytes, target: tuple[int, int], max_pixels: int) -> Image
         raise PermanentError(ErrorReason.IMAGE_TOO_LARGE, f"image too large: {err}") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err}") from err
-    return image
+    return image, (width, height)
 
 
 def prepare_image(
@@ -74,10 +86,7 @@ def prepare_image(
         inner = (int(out_h / pre.crop_ratio), int(out_w / pre.crop_ratio))
     else:
         inner = (out_h, out_w)
-    image = decode_image(data, inner, max_pixels)
-    orig_w, orig_h = _original_size(data, image)
-
-
+    image, (orig_w, orig_h) = _decode(data, inner, max_pixels)
     if pre.resize == "stretch":
         pixels = np.asarray(image.resize((out_w, out_h), Image.Resampling.BILINEAR))
         geometry = ImageGeometry(orig_h, orig_w, out_h, out_w, out_h / orig_h, out_w / orig_w)
@@ -90,27 +99,19 @@ def prepare_image(
     return PreparedImage(pixels=np.ascontiguousarray(pixels, dtype=np.uint8), geometry=geometry)
 
 
-def _original_size(data: bytes, decoded: Image.Image) -> tuple[int, int]:
-    """(width, height) of the upright photo at full resolution.
-
-    draft() changed ``decoded.size``; the header still knows the real size, and
-    EXIF orientations 5-8 (90 degree rotations) swap its axes.
-    """
-    with Image.open(io.BytesIO(data)) as header:
-        width, height = header.size
-        orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def _center_crop(
     image: Image.Image, out_h: int, out_w: int, crop_ratio: float, orig_h: int, orig_w: int
 ) -> tuple[np.ndarray, ImageGeometry]:
     short = min(orig_h, orig_w)
     scale = min(out_h, out_w) / crop_ratio / short  # input px per original px
     rh, rw = max(out_h, round(orig_h * scale)), max(out_w, round(orig_w * scale))
-    resized = image.resize((rw, rh), Image.Resampling.BILINEAR)
     top, left = (rh - out_h) // 2, (rw - out_w) // 2
-    pixels = np.asarray(resized)[top : top + out_h, left : left + out_w]
+    # Resample only the window that survives the crop: the same pixels as resizing
+    # the whole image to (rw, rh) and cropping (the filter still reads the source
+    # beyond the window's edges), for a fraction of the work.
+    sx, sy = image.width / rw, image.height / rh
+    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+    pixels = np.asarray(image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
     geometry = ImageGeometry(
         orig_h, orig_w, out_h, out_w, rh / orig_h, rw / orig_w, float(-top), float(-left)
     )

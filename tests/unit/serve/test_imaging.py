@@ -328,3 +328,19 @@ def test_exif_orientation_is_applied_before_the_model_sees_the_photo() -> None:
     # Upright, the dark half is on top and the bright half at the bottom.
     assert prepared.pixels[:24].mean() < 40
     assert prepared.pixels[-24:].mean() > 215
+
+
+@pytest.mark.parametrize("sample", ["cat.jpg", "coffee.jpg", "text.jpg", "astronaut.jpg", "rocket.jpg"])
+def test_center_crop_matches_resizing_the_whole_photo_then_cropping(sample: str) -> None:
+    # The crop is resampled alone; the pixels must be those of the textbook two-step way.
+    prepared = prepare_image(_sample(sample), SPEC, PreprocessSpec(resize="center_crop"), BIG)
+    photo = decode_image(_sample(sample), (256, 256), BIG)  # at the same reduced DCT scale
+    g = prepared.geometry
+    size = (round(g.original_width * g.scale_x), round(g.original_height * g.scale_y))
+    resized = np.asarray(photo.resize(size, Image.Resampling.BILINEAR))
+    top, left = int(-g.offset_y), int(-g.offset_x)
+    expected = resized[top : top + 224, left : left + 224]
+
+    difference = np.abs(prepared.pixels.astype(int) - expected.astype(int))
+    assert difference.max() <= 1  # float rounding only
+    assert difference.mean() < 0.05
