@@ -26,7 +26,7 @@ from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError
 from shared.gcs import GcsClient
 from shared.messages import EntryPath, InferenceRequest
-from shared.result_store import StoredResult, store_result
+from shared.result_store import RecentWrites, StoredResult, store_result
 from shared.results import InferenceResult, ModelRef, SourceRef, Status, Timings
 from shared.uris import GcsUri, check_allowed, parse_gcs_uri
 
@@ -112,6 +112,8 @@ class InferencePipeline:
         self._decode = decode_executor
         # prepare_image (CPU) or a GPU decoder with the same contract (serve.gpu_decode).
         self._prepare_image = prepare or prepare_image
+        # Redeliveries and repeated images rewrite a result in one request.
+        self._recent = RecentWrites()
 
     async def process_many(
         self, requests: Sequence[InferenceRequest], deadline: float | None = None
@@ -261,7 +263,9 @@ class InferencePipeline:
         return await self._store(result, source)
 
     async def _store(self, result: InferenceResult, source: GcsUri | None) -> Processed:
-        stored: StoredResult = await store_result(self._gcs, self._settings.results_bucket, result, source)
+        stored: StoredResult = await store_result(
+            self._gcs, self._settings.results_bucket, result, source, self._recent
+        )
         return Processed(result.request_id, result, stored.uri, superseded=stored.superseded)
 
 

@@ -13,11 +13,18 @@ outranks the new one:
 
 An equal rank (a redelivery, a repeated request) replaces the stored result, so
 the object names the latest request that produced it; its content is the same.
+
+A :class:`RecentWrites` remembers the generation and rank of the results a
+process wrote lately. A rewrite of one of them (a redelivery, the same image
+posted again) then starts with a write conditioned on that generation: one
+request instead of create, read and write. Wherever the memory is stale, the
+condition fails and the store falls back to reading the object.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -88,8 +95,41 @@ class StoredResult:
     superseded: bool = False
 
 
+class RecentWrites:
+    """The generation and rank of the last ``capacity`` results this process wrote or read.
+
+    Only a hint for the first attempt of :func:`store_result`: every write stays
+    conditioned on a generation, so a stale entry costs one failed request.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+        self._capacity = capacity
+        self._known: OrderedDict[str, tuple[int, Rank]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def get(self, uri: str) -> tuple[int, Rank] | None:
+        known = self._known.get(uri)
+        if known is not None:
+            self._known.move_to_end(uri)
+        return known
+
+    def put(self, uri: str, generation: int, ranked: Rank) -> None:
+        self._known[uri] = (generation, ranked)
+        self._known.move_to_end(uri)
+        while len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+
+
 async def store_result(
-    gcs: GcsClient, bucket: str, result: InferenceResult, source: GcsUri | None
+    gcs: GcsClient,
+    bucket: str,
+    result: InferenceResult,
+    source: GcsUri | None,
+    recent: RecentWrites | None = None,
 ) -> StoredResult:
     """Write ``result`` unless a higher-ranked result is stored already.
 
@@ -103,16 +143,26 @@ async def store_result(
     payload = result.to_json().encode()
     expected = 0  # first attempt: create only
     replacing_equal = False
+    known = recent.get(uri) if recent is not None else None
+    if known is not None and known[1] <= ours:
+        # Stored by this process lately, and ours would replace it: write over that generation.
+        # (A remembered higher rank is checked by reading: the object may have been deleted.)
+        expected, replacing_equal = known[0], known[1] == ours
     for _ in range(_MAX_ATTEMPTS):
         try:
-            await gcs.write(bucket, name, payload, metadata=metadata, if_generation_match=expected)
-            return StoredResult(uri, written=True)
+            written = await gcs.write(bucket, name, payload, metadata=metadata, if_generation_match=expected)
         except PreconditionFailed:
             current = await gcs.info(bucket, name)
+        else:
+            if recent is not None:
+                recent.put(uri, written.generation, ours)
+            return StoredResult(uri, written=True)
         if current is None:
             expected = 0  # deleted in between
             continue
         theirs = rank(current.metadata)
+        if recent is not None:
+            recent.put(uri, current.generation, theirs)
         if theirs == ours and replacing_equal:
             # A concurrent delivery of an equal-ranked result won the race: it says the same.
             return StoredResult(uri, written=False)

@@ -19,6 +19,7 @@ from shared.result_store import (
     GENERATION_METADATA_KEY,
     STATUS_METADATA_KEY,
     VERSION_METADATA_KEY,
+    RecentWrites,
     StoredResult,
     rank,
     result_metadata,
@@ -60,9 +61,12 @@ def _error(
 
 
 def _store(
-    gcs: InMemoryGcs, result: InferenceResult, source: GcsUri | None = SOURCE
+    gcs: InMemoryGcs,
+    result: InferenceResult,
+    source: GcsUri | None = SOURCE,
+    recent: RecentWrites | None = None,
 ) -> StoredResult:
-    return asyncio.run(store_result(gcs, BUCKET, result, source))  # type: ignore[arg-type]
+    return asyncio.run(store_result(gcs, BUCKET, result, source, recent))  # type: ignore[arg-type]
 
 
 def _stored_body(gcs: InMemoryGcs, name: str = NAME) -> dict:
@@ -320,3 +324,78 @@ def test_concurrent_stores_keep_the_newest_generation() -> None:
     assert _stored_body(gcs)["request_id"] == "g50"
     assert any(s.written for s in stored) and all(s.uri == URI for s in stored)
     assert gcs.get(BUCKET, NAME).metadata[GENERATION_METADATA_KEY] == "50"  # type: ignore[union-attr]
+
+
+# --- remembered writes ------------------------------------------------------------------
+def test_a_remembered_result_is_rewritten_in_one_conditional_request() -> None:
+    gcs, recent = InMemoryGcs(), RecentWrites()
+    _store(gcs, _ok(request_id="first"), recent=recent)
+    generation = gcs.get(BUCKET, NAME).generation  # type: ignore[union-attr]
+
+    again = _store(gcs, _ok(request_id="redelivered"), recent=recent)
+
+    assert again == StoredResult(URI, written=True, superseded=False)
+    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [(0, True), (generation, True)]
+    assert gcs.infos == []
+    assert _stored_body(gcs)["request_id"] == "redelivered"
+
+
+def test_a_higher_rank_over_a_remembered_result_needs_no_read() -> None:
+    gcs, recent = InMemoryGcs(), RecentWrites()
+    _store(gcs, _ok("5", "1"), recent=recent)
+
+    stored = _store(gcs, _ok("6", "1"), recent=recent)
+
+    assert stored == StoredResult(URI, written=True, superseded=False)
+    assert gcs.infos == []
+    assert gcs.get(BUCKET, NAME).metadata == _meta("6", "1", "ok")  # type: ignore[union-attr]
+
+
+def test_a_stale_memory_falls_back_to_reading_and_never_regresses() -> None:
+    gcs, recent = InMemoryGcs(), RecentWrites()
+    _store(gcs, _ok("5", "1"), recent=recent)
+    _store(gcs, _ok("9", "1"))  # another replica stores a newer upload's result
+    reads = len(gcs.infos)
+
+    stored = _store(gcs, _ok("5", "1", request_id="late"), recent=recent)
+
+    assert stored == StoredResult(URI, written=False, superseded=True)
+    assert len(gcs.infos) == reads + 1
+    assert gcs.get(BUCKET, NAME).metadata == _meta("9", "1", "ok")  # type: ignore[union-attr]
+    # What the read showed is remembered: the next late delivery is dropped after one read too.
+    assert recent.get(URI) == (gcs.get(BUCKET, NAME).generation, rank(_meta("9", "1", "ok")))  # type: ignore[union-attr]
+
+
+def test_a_remembered_result_that_was_deleted_is_written_again() -> None:
+    gcs, recent = InMemoryGcs(), RecentWrites()
+    _store(gcs, _ok(request_id="first"), recent=recent)
+    del gcs.objects[(BUCKET, NAME)]
+
+    stored = _store(gcs, _ok(request_id="again"), recent=recent)
+
+    assert stored == StoredResult(URI, written=True, superseded=False)
+    assert _stored_body(gcs)["request_id"] == "again"
+
+
+def test_a_remembered_higher_rank_is_checked_not_trusted() -> None:
+    # The stored result may have been deleted since (to recompute it): a lower rank is then written.
+    gcs, recent = InMemoryGcs(), RecentWrites()
+    _store(gcs, _ok("9", "1"), recent=recent)
+    del gcs.objects[(BUCKET, NAME)]
+
+    stored = _store(gcs, _ok("5", "1"), recent=recent)
+
+    assert stored == StoredResult(URI, written=True, superseded=False)
+    assert gcs.get(BUCKET, NAME).metadata == _meta("5", "1", "ok")  # type: ignore[union-attr]
+
+
+def test_recent_writes_forget_the_least_recently_used() -> None:
+    recent = RecentWrites(capacity=2)
+    recent.put("a", 1, rank({}))
+    recent.put("b", 2, rank({}))
+    recent.get("a")
+    recent.put("c", 3, rank({}))
+
+    assert (recent.get("a"), recent.get("b"), len(recent)) == ((1, rank({})), None, 2)
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        RecentWrites(capacity=0)
