@@ -7,13 +7,19 @@ deliveries between the subscription's minimum and maximum backoff, and after
 ``max_delivery_attempts`` forwards the message to the dead-letter topic.
 
 This process gives the local stack that behaviour: the stack's subscriptions are
-pull subscriptions, and this dispatcher streams messages from each, POSTs them
-to the function in the push envelope (``message``, ``subscription``,
-``deliveryAttempt``), acknowledges on 2xx, and otherwise holds the message for
-the retry policy's backoff before nacking it (while held it occupies one of the
-route's ``--concurrency`` slots) or, on the last allowed
-attempt, publishes the message to the dead-letter topic with the attributes the
-service sets (``CloudPubSubDeadLetterSource*``) and then acknowledges it.
+pull subscriptions, and this dispatcher pulls from each (unary gRPC pulls, long
+polling, never more messages than free delivery slots), POSTs them to
+the function in the push envelope (``message``, ``subscription``,
+``deliveryAttempt``), and acknowledges on 2xx (acknowledgements are sent in
+batches). A failed delivery gets the retry policy's backoff as its new ack
+deadline, so the emulator redelivers it when the backoff is over; on the last
+allowed attempt the message is published to the dead-letter topic with the
+attributes the service sets (``CloudPubSubDeadLetterSource*``) and then
+acknowledged. Like a push endpoint's, a delivery's time is bounded by the
+subscription's ack deadline: past it the emulator delivers the message again.
+
+One asyncio loop does all of it: delivering a message costs a few hundred
+microseconds of CPU, which on a small machine is CPU the stack it feeds keeps.
 
     python -m infra._push_dispatcher --project P --dead-letter-topic T \\
         --route SUBSCRIPTION=URL:MAX_ATTEMPTS:MIN_BACKOFF:MAX_BACKOFF ...
@@ -22,6 +28,7 @@ service sets (``CloudPubSubDeadLetterSource*``) and then acknowledges it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import logging
@@ -30,13 +37,28 @@ import signal
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
-import httpx
+import aiohttp
+from google.api_core import exceptions as api_exceptions
 
 logger = logging.getLogger("infra.push_dispatcher")
 
 # Messages whose attempts are remembered (a bounded map: ids of acked messages age out).
 _REMEMBERED = 100_000
+# How long acknowledgements gather before one request sends them all.
+_ACK_BATCH_S = 0.02
+# A delivery (one POST to the function) takes at most this long, as a push does.
+_DELIVERY_TIMEOUT_S = 600.0
+# Below gunicorn's 2 s keep-alive: a connection the function already closed would
+# fail the next POST on it.
+_KEEPALIVE_S = 1.0
+# A pull waits this long for messages before it is sent again.
+_PULL_WAIT_S = 60.0
+# Calls to the emulator other than pulls.
+_CALL_TIMEOUT_S = 30.0
+# What the emulator may answer when it is away or busy: the call is tried again later.
+_EMULATOR_ERRORS = (api_exceptions.GoogleAPIError, TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,138 +89,262 @@ class Route:
 
 
 class Attempts:
-    """Delivery attempts per message id (thread-safe, bounded)."""
+    """Delivery attempts per message id (bounded: the oldest ids are forgotten)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = _REMEMBERED) -> None:
         self._counts: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
+        self._capacity = capacity
 
     def next(self, message_id: str) -> int:
-        with self._lock:
-            count = self._counts.pop(message_id, 0) + 1
-            self._counts[message_id] = count
-            while len(self._counts) > _REMEMBERED:
-                self._counts.popitem(last=False)
-            return count
+        count = self._counts.pop(message_id, 0) + 1
+        self._counts[message_id] = count
+        while len(self._counts) > self._capacity:
+            self._counts.popitem(last=False)
+        return count
 
     def forget(self, message_id: str) -> None:
-        with self._lock:
-            self._counts.pop(message_id, None)
+        self._counts.pop(message_id, None)
 
 
-def envelope(message, subscription_path: str, attempt: int) -> dict:  # noqa: ANN001 - pubsub Message
-    """The JSON body Cloud Pub/Sub POSTs to a push endpoint."""
+def as_json(message: Any) -> dict[str, Any]:  # noqa: ANN401 - a pubsub_v1 PubsubMessage
+    """A pulled message in the REST API's JSON form (data in base64)."""
+    return {
+        "data": base64.b64encode(message.data).decode(),
+        "attributes": dict(message.attributes),
+        "messageId": message.message_id,
+        "publishTime": message.publish_time.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def envelope(message: dict[str, Any], subscription_path: str, attempt: int) -> dict[str, Any]:
+    """The JSON body Cloud Pub/Sub POSTs to a push endpoint, for a message in :func:`as_json` form."""
     return {
         "message": {
-            "data": base64.b64encode(message.data).decode(),
-            "attributes": dict(message.attributes),
-            "messageId": message.message_id,
-            "message_id": message.message_id,
-            "publishTime": message.publish_time.isoformat().replace("+00:00", "Z"),
+            "data": message.get("data", ""),
+            "attributes": message.get("attributes", {}),
+            "messageId": message["messageId"],
+            "message_id": message["messageId"],
+            "publishTime": message["publishTime"],
         },
         "subscription": subscription_path,
         "deliveryAttempt": attempt,
     }
 
 
+class _Acks:
+    """Acknowledgements of one subscription, sent in batches."""
+
+    def __init__(self, dispatcher: Dispatcher, subscription_path: str) -> None:
+        self._dispatcher = dispatcher
+        self._path = subscription_path
+        self._pending: list[str] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    def add(self, ack_id: str) -> None:
+        self._pending.append(ack_id)
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_task(self._send_after(_ACK_BATCH_S))
+
+    async def _send_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.send()
+
+    async def send(self) -> None:
+        ack_ids, self._pending = self._pending, []
+        if not ack_ids:
+            return
+        try:
+            await self._dispatcher.subscriber.acknowledge(
+                subscription=self._path, ack_ids=ack_ids, timeout=_CALL_TIMEOUT_S
+            )
+        except _EMULATOR_ERRORS as err:
+            # Not lost: unacknowledged messages are delivered again after their ack deadline.
+            logger.warning("could not acknowledge %d messages on %s: %r", len(ack_ids), self._path, err)
+
+
 class Dispatcher:
-    """Streams every route's subscription and pushes each message to its endpoint."""
+    """Pulls every route's subscription and pushes each message to its endpoint.
 
-    def __init__(self, project: str, dead_letter_topic: str, routes: list[Route], concurrency: int) -> None:
-        from google.cloud import pubsub_v1
+    Runs its own asyncio loop in a background thread between :meth:`start` and
+    :meth:`stop`. ``emulator_host`` defaults to ``PUBSUB_EMULATOR_HOST``.
+    """
 
+    def __init__(
+        self,
+        project: str,
+        dead_letter_topic: str,
+        routes: list[Route],
+        concurrency: int,
+        emulator_host: str | None = None,
+    ) -> None:
+        host = emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST", "")
+        if not host:
+            raise ValueError("the push dispatcher needs the Pub/Sub emulator: set PUBSUB_EMULATOR_HOST")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+        self._host = host
         self._project = project
+        self._dead_letter = f"projects/{project}/topics/{dead_letter_topic}"
         self._routes = routes
         self._concurrency = concurrency
-        self._subscriber = pubsub_v1.SubscriberClient()
-        self._publisher = pubsub_v1.PublisherClient()
-        self._dead_letter = self._publisher.topic_path(project, dead_letter_topic)
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(600.0, connect=5.0),
-            # Below gunicorn's 2 s keep-alive: a connection the function already closed
-            # would reset the next POST on it, which is not retried.
-            limits=httpx.Limits(max_connections=concurrency * len(routes), keepalive_expiry=1.0),
-        )
         self._attempts = Attempts()
-        self._futures: list = []
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.subscriber: Any = None
+        self._publisher: Any = None
+        self._ready = threading.Event()
+        self._acks: dict[str, _Acks] = {}
 
+    # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from google.cloud import pubsub_v1
-        from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
-
-        for route in self._routes:
-            path = self._subscriber.subscription_path(self._project, route.subscription)
-            scheduler = ThreadScheduler(ThreadPoolExecutor(self._concurrency, thread_name_prefix=route.subscription))
-            future = self._subscriber.subscribe(
-                path,
-                callback=lambda message, route=route, path=path: self._deliver(route, path, message),
-                flow_control=pubsub_v1.types.FlowControl(max_messages=self._concurrency),
-                scheduler=scheduler,
-            )
-            self._futures.append(future)
-            logger.info("delivering %s to %s", path, route.endpoint)
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
 
     def stop(self) -> None:
-        for future in self._futures:
-            future.cancel()
-        for future in self._futures:
-            with contextlib.suppress(Exception):  # cancelled on purpose
-                future.result(timeout=10)
-        self._http.close()
+        if self._thread is None:
+            return
+        if self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(timeout=30)
+        self._thread = None
 
-    def _deliver(self, route: Route, subscription_path: str, message) -> None:  # noqa: ANN001
-        attempt = self._attempts.next(message.message_id)
+    async def _run(self) -> None:
+        import grpc
+        from google.pubsub_v1.services.publisher.async_client import PublisherAsyncClient
+        from google.pubsub_v1.services.publisher.transports.grpc_asyncio import (
+            PublisherGrpcAsyncIOTransport,
+        )
+        from google.pubsub_v1.services.subscriber.async_client import SubscriberAsyncClient
+        from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import (
+            SubscriberGrpcAsyncIOTransport,
+        )
+
+        self._stopping = asyncio.Event()
+        # The emulator speaks plain gRPC; its REST gateway costs it far more CPU per message.
+        channel = grpc.aio.insecure_channel(self._host)
+        self.subscriber = SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=channel))
+        self._publisher = PublisherAsyncClient(transport=PublisherGrpcAsyncIOTransport(channel=channel))
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
+        # No netrc or proxy lookups per request.
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        deliveries: set[asyncio.Task[None]] = set()
+        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in self._routes]
+        for route in self._routes:
+            logger.info("delivering %s to %s", self._subscription_path(route), route.endpoint)
+        self._ready.set()
         try:
-            response = self._http.post(
+            await self._stopping.wait()
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if deliveries:  # let what is being delivered finish (or be redelivered later)
+                await asyncio.wait(deliveries, timeout=10)
+            await asyncio.gather(*(acks.send() for acks in self._acks.values()))
+            await self._session.close()
+            await channel.close()
+
+    def _subscription_path(self, route: Route) -> str:
+        return f"projects/{self._project}/subscriptions/{route.subscription}"
+
+    # -- delivery -----------------------------------------------------------------------------
+    async def _pump(self, route: Route, deliveries: set[asyncio.Task[None]]) -> None:
+        """Pull as many messages as there are free slots, deliver each, repeat."""
+        path = self._subscription_path(route)
+        acks = self._acks.setdefault(path, _Acks(self, path))
+        slots = asyncio.Semaphore(self._concurrency)
+        while True:
+            await slots.acquire()
+            free = 1
+            while not slots.locked() and free < self._concurrency:
+                await slots.acquire()
+                free += 1
+            try:
+                # Long polling: the emulator answers as soon as messages are there.
+                answer = await self.subscriber.pull(
+                    subscription=path, max_messages=free, retry=None, timeout=_PULL_WAIT_S
+                )
+                received = [(m.ack_id, as_json(m.message)) for m in answer.received_messages]
+            except api_exceptions.DeadlineExceeded:
+                received = []
+            except _EMULATOR_ERRORS as err:
+                logger.warning("pulling %s failed: %r; trying again in 1 s", path, err)
+                received = []
+                await asyncio.sleep(1.0)
+            for _ in range(free - len(received)):
+                slots.release()
+            for ack_id, message in received:
+                task = asyncio.create_task(self._deliver(route, path, ack_id, message, acks))
+                deliveries.add(task)
+                task.add_done_callback(lambda t: (deliveries.discard(t), slots.release()))
+
+    async def _deliver(self, route: Route, path: str, ack_id: str, message: dict[str, Any], acks: _Acks) -> None:
+        assert self._session is not None
+        attempt = self._attempts.next(message["messageId"])
+        try:
+            async with self._session.post(
                 route.endpoint,
-                json=envelope(message, subscription_path, attempt),
-                headers={"content-type": "application/json"},
-            )
-            ok = 200 <= response.status_code < 300 or response.status_code == 102
-            detail = f"HTTP {response.status_code}"
-        except httpx.HTTPError as err:
+                json=envelope(message, path, attempt),
+                timeout=aiohttp.ClientTimeout(total=_DELIVERY_TIMEOUT_S, sock_connect=5),
+            ) as response:
+                await response.read()
+                ok = 200 <= response.status < 300 or response.status == 102
+                detail = f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as err:
             ok, detail = False, repr(err)
         if ok:
-            self._attempts.forget(message.message_id)
-            message.ack()
+            self._attempts.forget(message["messageId"])
+            acks.add(ack_id)
             return
         if attempt >= route.max_attempts:
-            self._dead_letter_message(route, subscription_path, message, attempt, detail)
+            await self._dead_letter_message(route, path, message, ack_id, attempt, detail, acks)
             return
         delay = route.backoff_s(attempt)
         logger.warning(
             "delivery %d of message %s to %s failed (%s); redelivery in %ds",
-            attempt, message.message_id, route.endpoint, detail, delay,
+            attempt, message["messageId"], route.endpoint, detail, delay,
         )  # fmt: skip
-        # The streaming-pull client keeps extending a message's lease until it is acked
-        # or nacked, so a shorter ack deadline would never expire: hold the message for
-        # the backoff, then nack it for immediate redelivery.
-        timer = threading.Timer(delay, message.nack)
-        timer.daemon = True
-        timer.start()
+        await self._redeliver_after(path, ack_id, delay)
 
-    def _dead_letter_message(self, route: Route, subscription_path: str, message, attempt: int, detail: str) -> None:  # noqa: ANN001
-        attributes = dict(message.attributes)
+    async def _redeliver_after(self, path: str, ack_id: str, delay_s: int) -> None:
+        """The message's ack deadline becomes ``delay_s``: then the emulator delivers it again."""
+        try:
+            await self.subscriber.modify_ack_deadline(
+                subscription=path, ack_ids=[ack_id], ack_deadline_seconds=delay_s, timeout=_CALL_TIMEOUT_S
+            )
+        except _EMULATOR_ERRORS as err:
+            logger.warning("could not set the backoff of %s: %r; redelivered after its ack deadline", ack_id, err)
+
+    async def _dead_letter_message(
+        self, route: Route, path: str, message: dict[str, Any], ack_id: str, attempt: int, detail: str, acks: _Acks
+    ) -> None:
+        attributes = dict(message.get("attributes", {}))
         attributes.update({
             "CloudPubSubDeadLetterSourceSubscription": route.subscription,
             "CloudPubSubDeadLetterSourceSubscriptionProject": self._project,
             "CloudPubSubDeadLetterSourceDeliveryCount": str(attempt),
-            "CloudPubSubDeadLetterSourceTopicPublishTime": message.publish_time.isoformat(),
+            "CloudPubSubDeadLetterSourceTopicPublishTime": message["publishTime"],
         })  # fmt: skip
         try:
-            self._publisher.publish(self._dead_letter, message.data, **attributes).result(timeout=30)
-        except Exception:  # noqa: BLE001 - keep the message; it is redelivered and tried again
-            logger.exception("could not dead-letter message %s; it stays on %s", message.message_id, subscription_path)
-            message.nack()
+            await self._publisher.publish(
+                topic=self._dead_letter,
+                messages=[{"data": base64.b64decode(message.get("data", "")), "attributes": attributes}],
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except _EMULATOR_ERRORS:
+            # Keep the message: it is delivered again, and dead-lettering is tried again then.
+            logger.exception("could not dead-letter message %s; it stays on %s", message["messageId"], path)
+            await self._redeliver_after(path, ack_id, 0)
             return
         logger.error(
-            "message %s dead-lettered after %d attempts (%s)", message.message_id, attempt, detail,
+            "message %s dead-lettered after %d attempts (%s)", message["messageId"], attempt, detail,
             extra={"subscription": route.subscription},
         )  # fmt: skip
-        self._attempts.forget(message.message_id)
-        message.ack()
+        self._attempts.forget(message["messageId"])
+        acks.add(ack_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher = Dispatcher(args.project, args.dead_letter_topic, args.route, args.concurrency)
     dispatcher.start()
     stop.wait()
-    dispatcher.stop()
+    with contextlib.suppress(Exception):
+        dispatcher.stop()
     return 0
 
 
