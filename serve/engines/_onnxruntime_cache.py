@@ -22,7 +22,12 @@ from pathlib import Path
 from serve.engines._onnx_info import inspect_model
 from serve.engines.base import EngineSpec
 from serve.engines.cache import EngineCache, EngineCacheKey, IncompatibleEngineError
-from serve.engines.onnxruntime import OnnxRuntimeEngine, provider_list, session_options
+from serve.engines.onnxruntime import (
+    OnnxRuntimeEngine,
+    cpu_parallelism,
+    provider_list,
+    session_options,
+)
 from shared.errors import ConfigError
 
 logger = logging.getLogger("serve.engines.onnxruntime")
@@ -163,7 +168,8 @@ def session_engine(
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-    options = _session_options(intra_op_threads)
+    parallelism = cpu_parallelism(providers[0], intra_op_threads)
+    options = _session_options(parallelism.threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done offline
     try:
         session = ort.InferenceSession(
@@ -194,7 +200,7 @@ def session_engine(
     provider = session.get_providers()[0]
     if provider != providers[0]:
         logger.warning("ONNX Runtime fell back from %s to %s", providers[0], provider)
-    return OnnxRuntimeEngine(spec, session, provider)
+    return OnnxRuntimeEngine(spec, session, provider, parallelism if provider == providers[0] else None)
 
 
 def load_onnxruntime_cached(

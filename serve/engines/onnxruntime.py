@@ -6,6 +6,16 @@ fallback to CPU shows up in every result's ``backend`` field
 (``onnxruntime:CUDAExecutionProvider`` / ``onnxruntime:CPUExecutionProvider``).
 ONNX Runtime's own TensorRT execution provider is used only when asked for by
 name: it needs TensorRT's libraries, and triggerfish has its own TensorRT backend.
+
+On the CPU, a batch runs as small chunks on parallel single-threaded *lanes*
+(one per CPU the replica has) rather than whole on one session run that splits
+each operator across threads: convolution networks like MobileNetV2 keep a
+chunk's activations in cache and skip the per-operator thread synchronization.
+Measured with MobileNetV2 on a 2-vCPU machine: 461 images/s at 4.25 CPU-ms per
+image (2 lanes, chunks of 2) against 353 images/s at 5.1 CPU-ms per image (one
+run of 16 on 2 intra-op threads). ``TRIGGERFISH_ORT_THREADS`` selects the other
+way (that many intra-op threads, one lane); ``TRIGGERFISH_ORT_CHUNK`` sets the
+chunk size.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +44,45 @@ _STICKY_CUDA = re.compile(
 
 # Preference order when the caller does not name providers.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+THREADS_ENV = "TRIGGERFISH_ORT_THREADS"
+CHUNK_ENV = "TRIGGERFISH_ORT_CHUNK"
+# Images per lane run on the CPU: the cheapest per image for MobileNetV2 (1: 4.32,
+# 2: 4.25, 4: 4.67, 16: 5.52 CPU-ms per image on one thread).
+DEFAULT_CPU_CHUNK = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CpuParallelism:
+    """How a session uses the CPUs: intra-op threads per run, runs in parallel, images per run."""
+
+    threads: int | None
+    lanes: int = 1
+    chunk: int = DEFAULT_CPU_CHUNK
+
+
+def _positive_env(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def cpu_parallelism(
+    provider: str, intra_op_threads: int | None = None, env: Mapping[str, str] | None = None
+) -> CpuParallelism:
+    """Lanes of single-threaded runs on the CPU provider, unless intra-op threads are asked for.
+
+    Other providers (CUDA) keep ONNX Runtime's defaults and one lane.
+    """
+    env = os.environ if env is None else env
+    threads = intra_op_threads or _positive_env(env, THREADS_ENV)
+    if provider != "CPUExecutionProvider" or threads:
+        return CpuParallelism(threads)
+    from serve._cpus import replica_cpus
+
+    return CpuParallelism(1, replica_cpus(), _positive_env(env, CHUNK_ENV) or DEFAULT_CPU_CHUNK)
 
 
 def provider_list(providers: Sequence[str], device: int) -> list[object]:
@@ -54,7 +105,7 @@ def session_options(intra_op_threads: int | None = None):  # noqa: ANN201 - ort.
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    threads = intra_op_threads or int(os.environ.get("TRIGGERFISH_ORT_THREADS", "0") or 0)
+    threads = intra_op_threads or _positive_env(os.environ, THREADS_ENV)
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -65,14 +116,24 @@ def session_options(intra_op_threads: int | None = None):  # noqa: ANN201 - ort.
 class OnnxRuntimeEngine:
     """An ``onnxruntime.InferenceSession`` behind the :class:`~serve.engines.base.Engine` protocol.
 
-    ``InferenceSession.run`` is thread-safe, so one session serves every worker.
+    ``InferenceSession.run`` is thread-safe, so one session serves every worker,
+    and a batch larger than ``parallelism.chunk`` runs as chunks on
+    ``parallelism.lanes`` threads at once.
     """
 
-    def __init__(self, spec: EngineSpec, session: object, provider: str) -> None:
+    def __init__(
+        self, spec: EngineSpec, session: object, provider: str, parallelism: CpuParallelism | None = None
+    ) -> None:
         self._spec = spec
         self._session = session
         self._provider = provider
         self._fault: str | None = None
+        self._parallelism = parallelism or CpuParallelism(None)
+        self._lanes = (
+            ThreadPoolExecutor(self._parallelism.lanes, thread_name_prefix="ort-lane")
+            if self._parallelism.lanes > 1
+            else None
+        )
 
     @classmethod
     def load(
@@ -96,7 +157,8 @@ class OnnxRuntimeEngine:
                 f"ONNX Runtime providers {missing} are not available (have {available}); "
                 "install onnxruntime-gpu for CUDA/TensorRT providers"
             )
-        options = session_options(intra_op_threads)
+        parallelism = cpu_parallelism(wanted[0] if wanted else "", intra_op_threads)
+        options = session_options(parallelism.threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(
             str(spec.onnx_path),
@@ -117,7 +179,7 @@ class OnnxRuntimeEngine:
         provider = session.get_providers()[0]
         if wanted and provider != wanted[0]:
             logger.warning("ONNX Runtime fell back from %s to %s", wanted[0], provider)
-        return cls(spec, session, provider)
+        return cls(spec, session, provider, parallelism if provider == wanted[0] else None)
 
     @property
     def backend_name(self) -> str:
@@ -140,6 +202,14 @@ class OnnxRuntimeEngine:
         """
         if self._fault is not None:
             raise EngineFault(f"{self.backend_name} engine is broken: {self._fault}")
+        if self._lanes is None or len(batch) == 1:
+            return self._run(batch)
+        # Small batches are spread over every lane; larger ones go in chunks.
+        chunk = min(self._parallelism.chunk, -(-len(batch) // self._parallelism.lanes))
+        parts = list(self._lanes.map(self._run, [batch[i : i + chunk] for i in range(0, len(batch), chunk)]))
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         names = list(self._spec.output_names) or None
         try:
             values = self._session.run(names, {self._spec.input_name: batch})  # type: ignore[attr-defined]
@@ -157,4 +227,6 @@ class OnnxRuntimeEngine:
         return dict(zip(names, values, strict=True))
 
     def close(self) -> None:
+        if self._lanes is not None:
+            self._lanes.shutdown(wait=True)
         self._session = None
