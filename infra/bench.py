@@ -32,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import httpx
 import numpy as np
 from PIL import Image
@@ -40,12 +42,19 @@ from PIL import Image
 from infra._bench_cpu import CpuMeter
 from infra.client import StackClient
 from infra.stack import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, LocalStack, StackOptions, StackState
+from shared.gcs import GcsClient
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "text.jpg")
 PHONE_SIZE = (4032, 3024)  # 12 MP, a typical phone camera frame
 STAGING_BUCKET = "triggerfish-bench-staging"  # readable by Serve, not notified
 MODEL = "mobilenet_v2"
+# Uploads in flight from the benchmark's client.
+UPLOAD_CONCURRENCY = 8
+# How often the results bucket is listed while a path runs.
+RESULT_POLL_S = 1.0
+# One image at a time, this many times: the p50 of a warm series (noisy on small machines).
+SINGLE_IMAGE_REPEATS = 120
 BEAM_PYTHON = REPO_ROOT / ".venv-bench" / "bin" / "python"
 
 
@@ -92,7 +101,7 @@ def ceilings(images: list[bytes], total: int) -> dict[str, Any]:
         engine.infer(batch)
     engine_s = time.perf_counter() - started
     single = []
-    for _ in range(30):
+    for _ in range(SINGLE_IMAGE_REPEATS):
         t = time.perf_counter()
         engine.infer(one)
         single.append((time.perf_counter() - t) * 1000)
@@ -123,27 +132,79 @@ class Bench:
         self.in_flight = in_flight
 
     # -- staging and waiting -------------------------------------------------------------
+    def upload(self, bucket: str, prefix: str, images: list[bytes]) -> dict[str, float]:
+        """Write ``count`` objects (the images, round robin); returns when each upload started.
+
+        The machine that uploads is the one being measured, so uploads go through
+        the lean asyncio JSON-API client (:mod:`shared.gcs`): the client's own CPU
+        stays small next to the stack's.
+        """
+        times: dict[str, float] = {}
+
+        async def run() -> None:
+            gcs = GcsClient(self.state.storage_host)
+            slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+            async def put(i: int) -> None:
+                async with slots:
+                    times[f"{i:05d}.jpg"] = time.time()
+                    await gcs.write(bucket, f"{prefix}/{i:05d}.jpg", images[i % len(images)], content_type="image/jpeg")
+
+            try:
+                await asyncio.gather(*(put(i) for i in range(self.count)))
+            finally:
+                await gcs.close()
+
+        asyncio.run(run())
+        return times
+
     def stage(self, bucket: str, prefix: str, images: list[bytes]) -> list[str]:
         """Write ``count`` objects (the images, round robin); returns their URIs."""
-        names = [f"{prefix}/{i:05d}.jpg" for i in range(self.count)]
-        target = self.client.storage.bucket(bucket)
-
-        def put(i: int) -> None:
-            target.blob(names[i]).upload_from_string(images[i % len(images)], content_type="image/jpeg")
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(put, range(self.count)))
-        return [f"gs://{bucket}/{n}" for n in names]
+        self.upload(bucket, prefix, images)
+        return [f"gs://{bucket}/{prefix}/{i:05d}.jpg" for i in range(self.count)]
 
     def wait_results(self, marker: str, expected: int, timeout: float) -> list[Any]:
-        """Poll the results bucket until ``expected`` results whose name holds ``marker`` exist."""
+        """Poll the results bucket until ``expected`` results under ``marker`` exist.
+
+        ``marker`` is ``/<bucket>/<prefix>/``: results live at ``<model>/<bucket>/<name>.json``.
+        A path's time ends at its last result's own ``updated`` time, not at the poll
+        that sees it, so polls are sparse: listing costs the emulator CPU.
+        """
         bucket = self.client.storage.bucket(self.state.results_bucket)
         deadline = time.monotonic() + timeout
         while True:
-            found = [b for b in self.client.storage.list_blobs(bucket, prefix=f"{MODEL}/") if marker in b.name]
+            found = list(self.client.storage.list_blobs(bucket, prefix=f"{MODEL}{marker}"))
             if len(found) >= expected or time.monotonic() > deadline:
                 return found
-            time.sleep(0.5)
+            time.sleep(RESULT_POLL_S)
+
+    def clear(self, marker: str) -> None:
+        """Delete one path's objects and results, so that every path meets buckets of the same size.
+
+        fake-gcs-server lists and looks up objects in time that grows with the bucket:
+        left in place, each path's objects would slow down the paths measured after it.
+        """
+        source_bucket, prefix = marker.strip("/").split("/", 1)
+        self.delete([(self.state.results_bucket, f"{MODEL}{marker}"), (source_bucket, f"{prefix}/")])
+
+    def delete(self, prefixes: list[tuple[str, str]]) -> None:
+        """Delete every object under each (bucket, prefix)."""
+        doomed = [(bucket, b.name) for bucket, prefix in prefixes
+                  for b in self.client.storage.list_blobs(bucket, prefix=prefix)]  # fmt: skip
+
+        async def run() -> None:
+            slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+            async with aiohttp.ClientSession() as http:
+
+                async def delete(bucket: str, name: str) -> None:
+                    url = f"{self.state.storage_host}/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}"
+                    async with slots, http.delete(url) as resp:
+                        if resp.status not in (204, 200, 404):
+                            raise RuntimeError(f"deleting gs://{bucket}/{name}: HTTP {resp.status}")
+
+                await asyncio.gather(*(delete(b, n) for b, n in doomed))
+
+        asyncio.run(run())
 
     def _stats(self) -> Counter[int]:
         stats = httpx.get(f"{self.state.serve_url}/v1/stats", timeout=30).json()[MODEL]
@@ -182,18 +243,7 @@ class Bench:
         prefix = f"bench-{tag}-upload"
 
         def submit() -> dict[str, float]:
-            times: dict[str, float] = {}
-            target = self.client.storage.bucket(self.state.images_bucket)
-
-            def put(i: int) -> None:
-                times[f"{i:05d}.jpg"] = time.time()
-                target.blob(f"{prefix}/{i:05d}.jpg").upload_from_string(
-                    images[i % len(images)], content_type="image/jpeg"
-                )
-
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(put, range(self.count)))
-            return times
+            return self.upload(self.state.images_bucket, prefix, images)
 
         return self.measure("upload", f"/{self.state.images_bucket}/{prefix}/", submit)
 
@@ -273,8 +323,10 @@ class Bench:
             "cores_busy": used / figures["seconds"],
         }  # fmt: skip
 
-    def single_image_ms(self, data: bytes, repeats: int = 40) -> float:
-        url = f"{self.state.serve_url}/v1/infer"
+    def single_image_ms(self, data: bytes, repeats: int = SINGLE_IMAGE_REPEATS, via_proxy: bool = False) -> float:
+        """p50 of one raw-body image at a time; ``via_proxy``: through Serve's proxy actor."""
+        base = self.state.serve_proxy_url if via_proxy else self.state.serve_url
+        url = f"{base}/v1/infer"
         latencies = []
         with httpx.Client(timeout=60) as http:
             for _ in range(repeats):
@@ -287,17 +339,22 @@ class Bench:
 
 def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> list[dict[str, Any]]:
     rows = [bench.upload_path(images, tag)]
+    bench.clear(f"/{bench.state.images_bucket}/bench-{tag}-upload/")
     for per_message in (1, bench.per_message):
-        uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-pubsub{per_message}", images)
-        rows.append(bench.pubsub_path(uris, per_message, f"/{STAGING_BUCKET}/bench-{tag}-pubsub{per_message}/"))
+        marker = f"/{STAGING_BUCKET}/bench-{tag}-pubsub{per_message}/"
+        uris = bench.stage(STAGING_BUCKET, marker.split("/")[2], images)
+        rows.append(bench.pubsub_path(uris, per_message, marker))
+        bench.clear(marker)
     uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-http", images)
     rows.append(bench.http_path(uris, f"/{STAGING_BUCKET}/bench-{tag}-http/"))
+    bench.clear(f"/{STAGING_BUCKET}/bench-{tag}-http/")
     if with_beam:
         uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-beam", images)
         for reduced in (False, True):
             row = bench.beam_path(uris, reduced, tag)
             if row is not None:
                 rows.append(row)
+        bench.delete([(bench.state.results_bucket, f"beam-{tag}-"), (STAGING_BUCKET, f"bench-{tag}-beam/")])
     return rows
 
 
@@ -320,9 +377,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         warm = bench.stage(STAGING_BUCKET, "warm", small[:1])[:1]
         bench.client.publish(warm)
         bench.single_image_ms(small[0], repeats=3)
+        bench.single_image_ms(small[0], repeats=3, via_proxy=True)
         progress("small JPEGs")
         report["small"] = run_suite(bench, small, "small", not args.no_beam)
         report["single_image_http_ms_p50"] = bench.single_image_ms(small[0])
+        if state.serve_proxy_url:
+            report["single_image_proxy_ms_p50"] = bench.single_image_ms(small[0], via_proxy=True)
         if not args.small_only:
             progress("12 MP JPEGs")
             bench.count = args.large_images
@@ -367,6 +427,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"\nsingle image over HTTP (raw body) p50 {r['single_image_http_ms_p50']:.1f} ms; "
                  f"engine batch 1 p50 {c['engine_batch1_ms_p50']:.1f} ms "
                  f"(+{r['single_image_http_ms_p50'] - c['engine_batch1_ms_p50']:.1f} ms)")  # fmt: skip
+    if "single_image_proxy_ms_p50" in r:
+        lines.append(f"  the same through Serve's proxy actor: p50 {r['single_image_proxy_ms_p50']:.1f} ms")
     return "\n".join(lines)
 
 

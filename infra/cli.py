@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_lazy("infra.demo", "cmd_demo"))
 
     bench = sub.add_parser("bench", parents=[common], help="every entry path vs a Beam RunInference peer")
-    bench.add_argument("--images", type=int, default=300, help="small JPEGs per path")
+    bench.add_argument("--images", type=int, default=1000, help="small JPEGs per path (enough for seconds of steady state)")
     bench.add_argument("--large-images", type=int, default=120, help="12 MP JPEGs per path")
     bench.add_argument("--per-message", type=int, default=16, help="URIs per message / per HTTP call")
     bench.add_argument("--http-in-flight", type=int, default=4, help="HTTP calls in flight")
