@@ -11,11 +11,11 @@ pull subscriptions, and this dispatcher pulls from each (unary gRPC pulls, long
 polling, never more messages than free delivery slots), POSTs them to
 the function in the push envelope (``message``, ``subscription``,
 ``deliveryAttempt``), and acknowledges on 2xx (acknowledgements are sent in
-batches). A failed delivery gets the retry policy's backoff as its new ack
-deadline, so the emulator redelivers it when the backoff is over; on the last
-allowed attempt the message is published to the dead-letter topic with the
-attributes the service sets (``CloudPubSubDeadLetterSource*``) and then
-acknowledged. Like a push endpoint's, a delivery's time is bounded by the
+batches). A failed delivery is held for the retry policy's backoff (while held
+it occupies one of the route's ``--concurrency`` slots) and then released for
+immediate redelivery; on the last allowed attempt the message is published to
+the dead-letter topic with the attributes the service sets
+(``CloudPubSubDeadLetterSource*``) and then acknowledged. Like a push endpoint's, a delivery's time is bounded by the
 subscription's ack deadline: past it the emulator delivers the message again.
 
 One asyncio loop does all of it: delivering a message costs a few hundred
@@ -270,7 +270,8 @@ class Dispatcher:
                 received = [(m.ack_id, as_json(m.message)) for m in answer.received_messages]
             except api_exceptions.DeadlineExceeded:
                 received = []
-            except _EMULATOR_ERRORS as err:
+            except Exception as err:  # noqa: BLE001 - the pump must outlive any one pull
+                # Messages a failed pull took are delivered again after their ack deadline.
                 logger.warning("pulling %s failed: %r; trying again in 1 s", path, err)
                 received = []
                 await asyncio.sleep(1.0)
@@ -307,10 +308,14 @@ class Dispatcher:
             "delivery %d of message %s to %s failed (%s); redelivery in %ds",
             attempt, message["messageId"], route.endpoint, detail, delay,
         )  # fmt: skip
-        await self._redeliver_after(path, ack_id, delay)
+        # Held for the backoff, then released: the emulator hands a released message to the
+        # waiting pull at once, while one whose ack deadline is set to the backoff comes back
+        # late or, under load, not until much later.
+        await asyncio.sleep(delay)
+        await self._redeliver_after(path, ack_id, 0)
 
     async def _redeliver_after(self, path: str, ack_id: str, delay_s: int) -> None:
-        """The message's ack deadline becomes ``delay_s``: then the emulator delivers it again."""
+        """The message's ack deadline becomes ``delay_s`` (0: a nack): then the emulator delivers it again."""
         try:
             await self.subscriber.modify_ack_deadline(
                 subscription=path, ack_ids=[ack_id], ack_deadline_seconds=delay_s, timeout=_CALL_TIMEOUT_S

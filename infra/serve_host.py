@@ -55,6 +55,9 @@ def direct_data_plane_env(http_port: int, grpc_port: int) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
+        # The throughput-optimized mode would send replicas' stdout/stderr, and with them
+        # triggerfish's own JSON log lines, only to Serve's log files inside the node.
+        "RAY_SERVE_LOG_TO_STDERR": "1",
     }
 
 

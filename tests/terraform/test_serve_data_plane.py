@@ -16,6 +16,7 @@ DATA_PLANE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "268435456",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
 }
 
 #: What one merged Ingress -> Model call carries at most: 256 images of 224x224x3 uint8.
