@@ -15,7 +15,7 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
 	@echo "make test   - install and run the whole test suite (unit, integration, terraform checks)"
-	@echo "make bench  - every entry path vs a Beam RunInference peer, CPU per image (about 10 min)"
+	@echo "make bench  - every entry path vs a Beam RunInference peer, CPU per image (about 2 min)"
 	@echo "make model  - build the local model repository in $(MODEL_REPO)"
 
 $(PY):
