@@ -28,13 +28,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import aiohttp
 import httpx
 import numpy as np
 from PIL import Image
@@ -132,36 +131,45 @@ class Bench:
         self.in_flight = in_flight
 
     # -- staging and waiting -------------------------------------------------------------
-    def upload(self, bucket: str, prefix: str, images: list[bytes]) -> dict[str, float]:
-        """Write ``count`` objects (the images, round robin); returns when each upload started.
+    def _with_gcs(self, items: list[Any], work: Callable[[GcsClient, Any], Awaitable[None]]) -> None:
+        """Run ``work(gcs, item)`` for every item, ``UPLOAD_CONCURRENCY`` at a time.
 
-        The machine that uploads is the one being measured, so uploads go through
-        the lean asyncio JSON-API client (:mod:`shared.gcs`): the client's own CPU
-        stays small next to the stack's.
+        The machine that uploads is the one being measured, so the benchmark's own
+        object traffic goes through the lean asyncio JSON-API client (:mod:`shared.gcs`).
         """
-        times: dict[str, float] = {}
 
         async def run() -> None:
             gcs = GcsClient(self.state.storage_host)
             slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
 
-            async def put(i: int) -> None:
+            async def one(item: Any) -> None:  # noqa: ANN401 - whatever ``work`` takes
                 async with slots:
-                    times[f"{i:05d}.jpg"] = time.time()
-                    await gcs.write(bucket, f"{prefix}/{i:05d}.jpg", images[i % len(images)], content_type="image/jpeg")
+                    await work(gcs, item)
 
             try:
-                await asyncio.gather(*(put(i) for i in range(self.count)))
+                await asyncio.gather(*(one(item) for item in items))
             finally:
                 await gcs.close()
 
         asyncio.run(run())
+
+    def upload(self, bucket: str, prefix: str, images: list[bytes], count: int | None = None) -> dict[str, float]:
+        """Write ``count`` objects (default: the run's count; the images, round robin);
+        returns when each upload started."""
+        times: dict[str, float] = {}
+
+        async def put(gcs: GcsClient, i: int) -> None:
+            times[f"{i:05d}.jpg"] = time.time()
+            await gcs.write(bucket, f"{prefix}/{i:05d}.jpg", images[i % len(images)], content_type="image/jpeg")
+
+        self._with_gcs(list(range(self.count if count is None else count)), put)
         return times
 
-    def stage(self, bucket: str, prefix: str, images: list[bytes]) -> list[str]:
-        """Write ``count`` objects (the images, round robin); returns their URIs."""
-        self.upload(bucket, prefix, images)
-        return [f"gs://{bucket}/{prefix}/{i:05d}.jpg" for i in range(self.count)]
+    def stage(self, bucket: str, prefix: str, images: list[bytes], count: int | None = None) -> list[str]:
+        """Write ``count`` objects (default: the run's count; the images, round robin); their URIs."""
+        count = self.count if count is None else count
+        self.upload(bucket, prefix, images, count)
+        return [f"gs://{bucket}/{prefix}/{i:05d}.jpg" for i in range(count)]
 
     def wait_results(self, marker: str, expected: int, timeout: float) -> list[Any]:
         """Poll the results bucket until ``expected`` results under ``marker`` exist.
@@ -192,19 +200,10 @@ class Bench:
         doomed = [(bucket, b.name) for bucket, prefix in prefixes
                   for b in self.client.storage.list_blobs(bucket, prefix=prefix)]  # fmt: skip
 
-        async def run() -> None:
-            slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-            async with aiohttp.ClientSession() as http:
+        async def delete(gcs: GcsClient, where: tuple[str, str]) -> None:
+            await gcs.delete(*where)
 
-                async def delete(bucket: str, name: str) -> None:
-                    url = f"{self.state.storage_host}/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}"
-                    async with slots, http.delete(url) as resp:
-                        if resp.status not in (204, 200, 404):
-                            raise RuntimeError(f"deleting gs://{bucket}/{name}: HTTP {resp.status}")
-
-                await asyncio.gather(*(delete(b, n) for b, n in doomed))
-
-        asyncio.run(run())
+        self._with_gcs(doomed, delete)
 
     def _stats(self) -> Counter[int]:
         stats = httpx.get(f"{self.state.serve_url}/v1/stats", timeout=30).json()[MODEL]
@@ -359,9 +358,12 @@ def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> l
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    small, large = bench_images(False), bench_images(True)
+    small = bench_images(False)
+    large = [] if args.small_only else bench_images(True)
     report: dict[str, Any] = {"started_at": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count()}
-    report["ceilings"] = {"small": ceilings(small, 256), "large": ceilings(large, 64)}
+    report["ceilings"] = {"small": ceilings(small, 256)}
+    if large:
+        report["ceilings"]["large"] = ceilings(large, 64)
     state_dir = Path(tempfile.mkdtemp(prefix="triggerfish-bench-"))
     stack = LocalStack(StackOptions(
         state_dir=state_dir,
@@ -374,7 +376,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         roots = {p.name: p.pid for p in stack.processes}
         bench = Bench(state, roots, args.images, args.per_message, args.http_in_flight)
         # Warm every path once so that no figure includes a first-call cost.
-        warm = bench.stage(STAGING_BUCKET, "warm", small[:1])[:1]
+        warm = bench.stage(STAGING_BUCKET, "warm", small[:1], count=1)
         bench.client.publish(warm)
         bench.single_image_ms(small[0], repeats=3)
         bench.single_image_ms(small[0], repeats=3, via_proxy=True)

@@ -42,9 +42,9 @@ def direct_data_plane_env(http_port: int, grpc_port: int) -> dict[str, str]:
     """Environment for Ray (set before it starts) that selects the direct data plane.
 
     The ingress replica's ports are pinned to the stack's: one replica per node
-    locally, so each port range (``[MIN, MAX)``) is a single port. A replaced ingress replica takes
-    the same port again at once (no quarantine, a short drain): locally no load
-    balancer holds on to the old one.
+    locally, so each port range (``[MIN, MAX)``) is a single port. A replaced
+    ingress replica takes the same port again at once (no quarantine, a short
+    drain): locally no load balancer holds on to the old one.
     """
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",

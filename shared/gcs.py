@@ -178,6 +178,24 @@ class GcsClient:
             raise TransientError(f"Cloud Storage unreachable reading gs://{bucket}/{name}: {err!r}") from err
         return _object_info(json.loads(body))
 
+    async def delete(self, bucket: str, name: str) -> bool:
+        """Delete the object's live generation; ``False`` when there was none.
+
+        Raises:
+            TransientError: Cloud Storage failed or was unreachable.
+        """
+        url = self._endpoint + _object_path(bucket, name)
+        try:
+            async with self._http().delete(url, headers=await self._headers()) as resp:
+                if resp.status == 404:
+                    return False
+                if resp.status not in (200, 204):
+                    body = await _text(resp)
+                    raise TransientError(f"Cloud Storage answered {resp.status} deleting gs://{bucket}/{name}: {body[:200]}")
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise TransientError(f"Cloud Storage unreachable deleting gs://{bucket}/{name}: {err!r}") from err
+        return True
+
     # -- writes --------------------------------------------------------------------------
     async def write(
         self,

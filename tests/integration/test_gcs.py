@@ -168,6 +168,17 @@ def test_metadata_round_trips_through_info(server: FakeGcs, bucket: str) -> None
     assert missing is None
 
 
+def test_delete_removes_the_object_and_says_whether_there_was_one(server: FakeGcs, bucket: str) -> None:
+    async def work(gcs: GcsClient) -> tuple[bool, ObjectInfo | None, bool]:
+        await gcs.write(bucket, "gone.json", b"{}")
+        deleted = await gcs.delete(bucket, "gone.json")
+        return deleted, await gcs.info(bucket, "gone.json"), await gcs.delete(bucket, "gone.json")
+
+    deleted, after, again = _with_client(server, work)
+
+    assert (deleted, after, again) == (True, None, False)
+
+
 def test_from_environment_uses_the_emulator_without_credentials(
     server: FakeGcs, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
