@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,9 +15,41 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# Ports the kernel never hands out on its own (below the ephemeral range) are where
+# free_port looks first.
+_RESERVABLE_SPAN = 10_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _binds(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port(avoid: frozenset[int] = frozenset()) -> int:
-    """An unused TCP port on 127.0.0.1, other than those in ``avoid``."""
+    """An unused TCP port on 127.0.0.1, other than those in ``avoid``.
+
+    A port is chosen and bound later by another process. Taken from the ephemeral
+    range, it could meanwhile go to any of the sockets that Ray's processes open
+    on port 0 while the stack starts; below that range only an explicit bind
+    takes it, so it is picked from there when one is free.
+    """
+    low = _ephemeral_low()
+    first = max(1024, low - _RESERVABLE_SPAN)
+    for _ in range(100):
+        port = random.randrange(first, low)
+        if port not in avoid and _binds(port):
+            return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
