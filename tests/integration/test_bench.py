@@ -6,6 +6,7 @@ Only the report's shape and counts are checked: timing belongs in the benchmark,
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -20,7 +21,16 @@ def test_a_small_bench_run_reports_every_path_with_its_costs() -> None:
         json=True, out=None,
     )  # fmt: skip
 
-    report = run_bench(args)
+    # The bench's stack client points PUBSUB_EMULATOR_HOST at its own emulator, which stops
+    # with it: afterwards the other tests' clients must find the session stack's again.
+    saved = os.environ.get("PUBSUB_EMULATOR_HOST")
+    try:
+        report = run_bench(args)
+    finally:
+        if saved is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = saved
 
     paths = [row["path"] for row in report["small"]]
     assert paths == ["upload", "pubsub, 1 URI/message", "pubsub, 4 URIs/message", "HTTP, 4 URIs/call, 2 in flight"]
