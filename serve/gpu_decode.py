@@ -140,17 +140,16 @@ def _decode_jpegs(
         return decoded
 
 
-def decode_batch_gpu(
-    datas: Sequence[bytes], *, max_pixels: int, device: int = 0
-) -> list[np.ndarray | PermanentError]:
-    """Decode images to full-resolution, upright RGB ``uint8`` HWC arrays on the host.
+def _split(
+    datas: Sequence[bytes], max_pixels: int, on_cpu: Callable[[bytes], Any]
+) -> tuple[list[Any], dict[int, int]]:
+    """Per input: its header error, or ``on_cpu(data)`` unless it is a JPEG for nvJPEG.
 
-    JPEGs go to nvJPEG in one batch; other formats, JPEGs nvJPEG refuses and every image
-    on a machine without GPU decoding go through Pillow. Each position holds the array or
-    the ``PermanentError`` (``not_an_image``, ``image_too_large``) of that input.
+    Returns the results so far and the positions left for the GPU, with their EXIF
+    orientation.
     """
     results: list[Any] = [None] * len(datas)
-    on_gpu: dict[int, int] = {}  # position -> EXIF orientation
+    on_gpu: dict[int, int] = {}
     for i, data in enumerate(datas):
         try:
             fmt, _, _, orientation = _header(data, max_pixels)
@@ -160,7 +159,20 @@ def decode_batch_gpu(
         if fmt == "JPEG" and gpu_decode_available():
             on_gpu[i] = orientation
         else:
-            results[i] = _cpu_full_decode(data, max_pixels)
+            results[i] = on_cpu(data)
+    return results, on_gpu
+
+
+def decode_batch_gpu(
+    datas: Sequence[bytes], *, max_pixels: int, device: int = 0
+) -> list[np.ndarray | PermanentError]:
+    """Decode images to full-resolution, upright RGB ``uint8`` HWC arrays on the host.
+
+    JPEGs go to nvJPEG in one batch; other formats, JPEGs nvJPEG refuses and every image
+    on a machine without GPU decoding go through Pillow. Each position holds the array or
+    the ``PermanentError`` (``not_an_image``, ``image_too_large``) of that input.
+    """
+    results, on_gpu = _split(datas, max_pixels, lambda data: _cpu_full_decode(data, max_pixels))
     if on_gpu:
         decoded = _decode_jpegs(datas, list(on_gpu), device)
         for i, orientation in on_gpu.items():
@@ -196,18 +208,7 @@ def prepare_batch_gpu(
     channel order, with its geometry) or the input's ``PermanentError``. Without GPU
     decoding every image goes through ``prepare_image`` on the CPU.
     """
-    results: list[Any] = [None] * len(datas)
-    on_gpu: dict[int, int] = {}
-    for i, data in enumerate(datas):
-        try:
-            fmt, _, _, orientation = _header(data, max_pixels)
-        except PermanentError as err:
-            results[i] = err
-            continue
-        if fmt == "JPEG" and gpu_decode_available():
-            on_gpu[i] = orientation
-        else:
-            results[i] = _cpu_prepare(data, spec, pre, max_pixels)
+    results, on_gpu = _split(datas, max_pixels, lambda data: _cpu_prepare(data, spec, pre, max_pixels))
     if not on_gpu:
         return results
     decoded = _decode_jpegs(datas, list(on_gpu), device)
