@@ -46,7 +46,7 @@ $(TOOLS_STAMP):
 	touch $@
 
 demo: $(MODEL_STAMP)
-	$(PY) -m infra.cli demo
+	$(PY) -m infra.cli.main demo
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -57,16 +57,16 @@ $(BENCH_STAMP): pyproject.toml
 	touch $@
 
 bench: $(MODEL_STAMP) $(BENCH_STAMP)
-	$(PY) -m infra.cli bench
+	$(PY) -m infra.cli.main bench
 
 # The GPU engine and GPU JPEG decoding against the CPU path; skips without an NVIDIA GPU.
 gpu-check: $(MODEL_STAMP)
-	$(PY) -m infra.gpu_check
+	$(PY) -m infra.bench.gpu_check
 
 # Chaos (2,000 Pub/Sub messages while the model replica is SIGKILLed three times) and
 # model versions (a broken newest version, a promotion) on a stack of its own (about 5 min).
 reliability: $(MODEL_STAMP)
-	$(PY) -m infra.reliability
+	$(PY) -m infra.bench.reliability
 
 test: $(MODEL_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -79,7 +79,7 @@ lint: $(INSTALLED)
 	terraform fmt -check -recursive terraform
 
 functions-zip: $(INSTALLED)
-	$(PY) -m infra.package_functions --out build/functions-source.zip
+	$(PY) -m infra.packaging.package_functions --out build/functions-source.zip
 
 # Regenerate requirements/serve-gpu.lock, the GPU image's hash-pinned
 # dependencies, after a change to pyproject.toml's dependencies or `gpu` extra,

@@ -16,9 +16,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve.ingress import Ingress
-from serve.model_server import ModelServer
-from serve.repository import ModelRepository
+from serve.http.ingress import Ingress
+from serve.model.model_server import ModelServer
+from serve.model.repository import ModelRepository
 from shared.config import load_settings
 from shared.errors import ConfigError
 

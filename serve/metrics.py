@@ -332,7 +332,7 @@ def record_batch(
 
 
 def record_outcomes(model: str, version: str, outcomes: Iterable[Any], queue_depth: int) -> None:
-    """:func:`record_batch` from the :class:`serve.batch.ItemOutcome` list of one execution."""
+    """:func:`record_batch` from the :class:`serve.model.batch.ItemOutcome` list of one execution."""
     outcomes = list(outcomes)
     compute_ms = max((o.inference_ms for o in outcomes), default=0.0)
     waits = [o.queue_wait_ms / 1000 for o in outcomes]

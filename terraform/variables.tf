@@ -87,7 +87,7 @@ variable "request_timeout_s" {
 
 variable "function_source_archive" {
   type        = string
-  description = "Path of the functions' source zip; empty means build/functions-source.zip in the repository (python -m infra.package_functions --out build/functions-source.zip)."
+  description = "Path of the functions' source zip; empty means build/functions-source.zip in the repository (python -m infra.packaging.package_functions --out build/functions-source.zip)."
   default     = ""
 }
 

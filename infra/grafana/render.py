@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         url = args.metrics_url
         if not url:
-            from infra.stack import DEFAULT_STATE_DIR, StackState
+            from infra.local.stack import DEFAULT_STATE_DIR, StackState
 
             url = StackState.load(DEFAULT_STATE_DIR).metrics_url
         sys.stdout.write(prometheus_config(url))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from infra.client import StackClient
-from infra.stack import DEFAULT_STATE_DIR, StackState
+from infra.local.client import StackClient
+from infra.local.stack import DEFAULT_STATE_DIR, StackState
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PHOTOS = ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg")

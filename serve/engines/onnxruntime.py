@@ -80,7 +80,7 @@ def cpu_parallelism(
     threads = intra_op_threads or _positive_env(env, THREADS_ENV)
     if provider != "CPUExecutionProvider" or threads:
         return CpuParallelism(threads)
-    from serve._cpus import replica_cpus
+    from serve.cpus import replica_cpus
 
     return CpuParallelism(1, replica_cpus(), _positive_env(env, CHUNK_ENV) or DEFAULT_CPU_CHUNK)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from infra._processes import pid_alive
-from infra.client import StackClient
-from infra.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
+from infra.local.client import StackClient
+from infra.local.processes import pid_alive
+from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
 
 SAMPLES = Path(__file__).resolve().parents[2] / "infra" / "samples"
 # Small enough that a test can exceed it quickly, large enough for every sample photo.

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.backfill import common_prefix, result_name
-from infra.client import StackClient
-from infra.stack import REPO_ROOT, StackState
+from infra.local.client import StackClient
+from infra.local.stack import REPO_ROOT, StackState
+from infra.ops.backfill import common_prefix, result_name
 from shared.messages import MODEL_METADATA_KEY
 from shared.result_store import STATUS_METADATA_KEY
 from shared.uris import parse_gcs_uri
@@ -39,7 +39,7 @@ def state_dir(stack: StackState, tmp_path: Path) -> Path:
 
 
 def _cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "infra.cli", *args]
+    return [sys.executable, "-m", "infra.cli.main", *args]
 
 
 def _env(state_dir: Path) -> dict[str, str]:

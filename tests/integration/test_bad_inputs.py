@@ -13,10 +13,10 @@ import httpx
 import numpy as np
 import pytest
 
-from infra._emulators import function_argv
-from infra._processes import free_port, port_open, stop_group, wait_until
-from infra.client import StackClient
-from infra.stack import REPO_ROOT, StackState
+from infra.local.client import StackClient
+from infra.local.emulators import function_argv
+from infra.local.processes import free_port, port_open, stop_group, wait_until
+from infra.local.stack import REPO_ROOT, StackState
 from shared.results import invalid_source_object_name
 from tests.integration.conftest import MAX_IMAGE_BYTES, SAMPLES
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from infra.bench import format_report, run_bench
+from infra.bench.entry_paths import format_report, run_bench
 
 pytestmark = pytest.mark.integration
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from infra import _emulators
-from infra._processes import free_port, port_open, start_process, stop_group, wait_until
-from infra.backfill import result_name
-from infra.client import StackClient
-from infra.dlq import pull_dead_letters, release
-from infra.stack import REPO_ROOT, StackState
+from infra.local import emulators as _emulators
+from infra.local.client import StackClient
+from infra.local.processes import free_port, port_open, start_process, stop_group, wait_until
+from infra.local.stack import REPO_ROOT, StackState
+from infra.ops.backfill import result_name
+from infra.ops.dlq import pull_dead_letters, release
 from shared.uris import parse_gcs_uri
 from tests.integration.conftest import SAMPLES
 
@@ -60,7 +60,7 @@ def broken_function(stack: StackState, tmp_path: Path) -> Iterator[str]:
 
 def dlq(state_dir: Path, *args: str) -> tuple[int, dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "dlq", *args, "--json"],
+        [sys.executable, "-m", "infra.cli.main", "dlq", *args, "--json"],
         env={**os.environ, "TRIGGERFISH_STATE_DIR": str(state_dir)},
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from infra.client import StackClient
+from infra.local.client import StackClient
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration

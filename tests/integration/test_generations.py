@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 
-from infra.client import StackClient
+from infra.local.client import StackClient
 from shared.gcs import GcsClient
 from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import StoredResult, store_result

@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.client import StackClient
-from infra.stack import StackState
+from infra.local.client import StackClient
+from infra.local.stack import StackState
 from shared.messages import MODEL_METADATA_KEY
 from shared.results import invalid_source_object_name
 from tests.data.hostile_images import IMAGES, noise

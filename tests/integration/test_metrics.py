@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.client import StackClient
-from infra.stack import StackState
+from infra.local.client import StackClient
+from infra.local.stack import StackState
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration

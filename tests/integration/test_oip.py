@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from infra.client import StackClient
-from infra.stack import DEFAULT_MODEL_REPOSITORY, StackState
-from serve.imaging import prepare_image, to_model_input
+from infra.local.client import StackClient
+from infra.local.stack import DEFAULT_MODEL_REPOSITORY, StackState
+from serve.imaging.cpu_decode import prepare_image, to_model_input
 from serve.model_config import load_model_config
 from tests.integration.conftest import SAMPLES
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra._processes import pid_alive
-from infra.client import StackClient
-from infra.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
+from infra.local.client import StackClient
+from infra.local.processes import pid_alive
+from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration

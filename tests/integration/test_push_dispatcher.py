@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from infra import _emulators
-from infra._processes import free_port, port_open, start_process, stop_group, wait_until
-from infra._push_dispatcher import Dispatcher, Route
+from infra.local import emulators as _emulators
+from infra.local.processes import free_port, port_open, start_process, stop_group, wait_until
+from infra.local.push_dispatcher import Dispatcher, Route
 
 pytestmark = pytest.mark.integration
 PROJECT = "dispatcher-test"

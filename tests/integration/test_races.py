@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from infra.client import StackClient
-from infra.stack import StackState
+from infra.local.client import StackClient
+from infra.local.stack import StackState
 from shared.messages import VERSION_METADATA_KEY
 from tests.integration.conftest import SAMPLES
 

@@ -31,7 +31,7 @@ from infra.modelprep.text_detector import (
 )
 from serve.engines.base import EngineSpec
 from serve.engines.onnxruntime import OnnxRuntimeEngine
-from serve.imaging import prepare_image, to_model_input
+from serve.imaging.cpu_decode import prepare_image, to_model_input
 from serve.model_config import InputSpec, ModelConfig, Task, load_model_config
 from serve.postprocess.detection import MaskDetections
 from serve.postprocess.factory import make_postprocessor

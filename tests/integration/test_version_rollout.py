@@ -11,10 +11,10 @@ import httpx
 import pytest
 import yaml
 
-from infra._emulators import upload_tree
-from infra.client import StackClient
-from infra.stack import DEFAULT_MODEL_REPOSITORY
-from serve.ingress import DEFAULT_VERSION_TTL_S
+from infra.local.client import StackClient
+from infra.local.emulators import upload_tree
+from infra.local.stack import DEFAULT_MODEL_REPOSITORY
+from serve.http.ingress import DEFAULT_VERSION_TTL_S
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration

@@ -165,7 +165,7 @@ def test_source_zip_is_named_by_content_hash():
         '${local.source_exists ? filesha256(var.source_archive_path) : "missing"}'
     )
     assert (
-        "python -m infra.package_functions"
+        "python -m infra.packaging.package_functions"
         in source["lifecycle"][0]["precondition"][0]["error_message"]
     )
     assert (

@@ -11,7 +11,7 @@
  * @functions_framework.cloud_event, so the framework converts the raw push
  * body into a google.cloud.pubsub.topic.v1.messagePublished CloudEvent.
  *
- * Source: the zip built by infra/package_functions.py (deterministic, so the
+ * Source: the zip built by infra/packaging/package_functions.py (deterministic, so the
  * same tree gives the same bytes). It is uploaded under a name that contains
  * its sha256: a change of code or requirements changes the object name,
  * which changes the function's build source and redeploys it.
@@ -31,7 +31,7 @@ resource "google_storage_bucket_object" "source" {
   lifecycle {
     precondition {
       condition     = local.source_exists
-      error_message = "Function source zip not found at ${var.source_archive_path}. Build it first: python -m infra.package_functions --out build/functions-source.zip"
+      error_message = "Function source zip not found at ${var.source_archive_path}. Build it first: python -m infra.packaging.package_functions --out build/functions-source.zip"
     }
   }
 }

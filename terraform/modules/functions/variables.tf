@@ -41,7 +41,7 @@ variable "runtime" {
 
 variable "source_archive_path" {
   type        = string
-  description = "Local path of the source zip built by `python -m infra.package_functions --out build/functions-source.zip`."
+  description = "Local path of the source zip built by `python -m infra.packaging.package_functions --out build/functions-source.zip`."
 }
 
 variable "source_bucket" {

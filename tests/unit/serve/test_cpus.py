@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import serve._cpus as cpus
-from serve._cpus import THREADS_ENV, replica_cpus
+import serve.cpus as cpus
+from serve.cpus import THREADS_ENV, replica_cpus
 from shared.errors import ConfigError
 
 CGROUP_V2 = "/sys/fs/cgroup/cpu.max"

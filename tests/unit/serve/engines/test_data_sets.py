@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 from serve.engines.base import EngineCompatibility, HardwareCompatibility
-from serve.loader import engine_spec
+from serve.model.loader import engine_spec
+from serve.model.repository import ModelVersion
+from serve.model.validation import calibration_set, validation_images
 from serve.model_config import load_model_config, parse_model_config
-from serve.repository import ModelVersion
-from serve.validation import calibration_set, validation_images
 
 MODELS = Path(__file__).resolve().parents[4] / "infra" / "models"
 

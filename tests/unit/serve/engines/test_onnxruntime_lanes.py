@@ -62,14 +62,14 @@ def test_lanes_give_the_same_logits_as_one_run(onnx_path, spec) -> None:  # noqa
 
 
 def test_the_cpu_provider_gets_single_threaded_lanes_one_per_cpu(monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr("serve._cpus.replica_cpus", lambda env=None: 3)
+    monkeypatch.setattr("serve.cpus.replica_cpus", lambda env=None: 3)
 
     assert cpu_parallelism("CPUExecutionProvider", env={}) == CpuParallelism(1, 3, 2)
     assert cpu_parallelism("CPUExecutionProvider", env={"TRIGGERFISH_ORT_CHUNK": "4"}) == CpuParallelism(1, 3, 4)
 
 
 def test_asking_for_intra_op_threads_means_one_lane(monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr("serve._cpus.replica_cpus", lambda env=None: 3)
+    monkeypatch.setattr("serve.cpus.replica_cpus", lambda env=None: 3)
 
     assert cpu_parallelism("CPUExecutionProvider", env={"TRIGGERFISH_ORT_THREADS": "2"}) == CpuParallelism(2)
     assert cpu_parallelism("CPUExecutionProvider", intra_op_threads=4, env={}) == CpuParallelism(4)

@@ -221,7 +221,7 @@ def test_yolo_end_to_end_from_image_bytes_through_a_letterbox(tmp_path: Path) ->
 
     from PIL import Image
 
-    from serve.imaging import prepare_image, to_model_input
+    from serve.imaging.cpu_decode import prepare_image, to_model_input
     from serve.model_config import InputSpec, PreprocessSpec
 
     buffer = io.BytesIO()

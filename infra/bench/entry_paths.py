@@ -1,0 +1,451 @@
+"""``triggerfish bench``: every entry path against a Beam RunInference peer, in one run.
+
+On one local stack started for the run (emulators, Ray Serve, ONNX Runtime),
+for small JPEGs (the sample photos) and for 12 MP phone-sized JPEGs, it times
+from the first upload/publish/POST until the last result JSON is stored:
+
+* upload: objects written to the images bucket (bucket notification path),
+* Pub/Sub with one URI per message and with ``--per-message`` URIs per message,
+* HTTP: ``--per-message`` URIs per call, ``--http-in-flight`` calls in flight,
+* the peer: an Apache Beam RunInference pipeline (``infra/bench/beam_peer.py``, in
+  the ``bench`` extra's environment) reading and writing the same emulator,
+  once with a full decode and once with reduced-scale decode,
+
+and reports the engine-only and decode-only ceilings, CPU-ms per image summed
+over every process of the stack, cores busy, the batch sizes formed, p50/p95 end
+to end, and one image over HTTP (raw body) next to the engine's batch-1 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from infra.bench.cpu import CpuMeter
+from infra.local.client import StackClient
+from infra.local.stack import (
+    DEFAULT_MODEL_REPOSITORY,
+    REPO_ROOT,
+    LocalStack,
+    StackOptions,
+    StackState,
+)
+from shared.gcs import GcsClient
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "text.jpg")
+PHONE_SIZE = (4032, 3024)  # 12 MP, a typical phone camera frame
+STAGING_BUCKET = "triggerfish-bench-staging"  # readable by Serve, not notified
+MODEL = "mobilenet_v2"
+# Uploads in flight from the benchmark's client.
+UPLOAD_CONCURRENCY = 8
+# How often the results bucket is listed while a path runs.
+RESULT_POLL_S = 1.0
+# One image at a time, this many times: the p50 of a warm series (noisy on small machines).
+SINGLE_IMAGE_REPEATS = 120
+BEAM_PYTHON = REPO_ROOT / ".venv-bench" / "bin" / "python"
+
+
+def bench_images(large: bool) -> list[bytes]:
+    """The sample photos, or 12 MP JPEG versions of them (upscaled, quality 90)."""
+    images = []
+    for name in PHOTOS:
+        data = (SAMPLES / name).read_bytes()
+        if large:
+            with Image.open(io.BytesIO(data)) as im:
+                big = im.convert("RGB").resize(PHONE_SIZE, Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            big.save(buffer, "JPEG", quality=90)
+            data = buffer.getvalue()
+        images.append(data)
+    return images
+
+
+def _load_engine():  # noqa: ANN202
+    from serve.engines.base import load_engine
+    from serve.model.loader import engine_spec
+    from serve.model.repository import ModelRepository
+    from serve.model_config import Backend
+    from serve.postprocess.factory import make_postprocessor
+
+    mv = ModelRepository(str(DEFAULT_MODEL_REPOSITORY), Path("/tmp")).resolve(MODEL)
+    spec = engine_spec(mv, make_postprocessor(mv.config.postprocess).output_names)
+    return mv.config, load_engine(spec, Backend.ONNXRUNTIME)
+
+
+def ceilings(images: list[bytes], total: int) -> dict[str, Any]:
+    """Engine-only images/s at the max batch size, engine batch-1 latency, decode-only images/s."""
+    from serve.imaging.cpu_decode import prepare_image, to_model_input
+
+    cfg, engine = _load_engine()
+    pixels = [prepare_image(d, cfg.input, cfg.preprocess, 10**9).pixels for d in images]
+    size = cfg.batching.max_batch_size
+    batch = to_model_input(np.stack([pixels[i % len(pixels)] for i in range(size)]), cfg.input, cfg.preprocess)
+    one = to_model_input(pixels[0][None], cfg.input, cfg.preprocess)
+    engine.infer(batch)
+    batches = max(1, total // size)
+    started = time.perf_counter()
+    for _ in range(batches):
+        engine.infer(batch)
+    engine_s = time.perf_counter() - started
+    single = []
+    for _ in range(SINGLE_IMAGE_REPEATS):
+        t = time.perf_counter()
+        engine.infer(one)
+        single.append((time.perf_counter() - t) * 1000)
+    backend = engine.backend_name
+    engine.close()
+    workers = os.cpu_count() or 2
+    work = [images[i % len(images)] for i in range(max(len(images), total // 4))]
+    with ThreadPoolExecutor(workers) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda d: prepare_image(d, cfg.input, cfg.preprocess, 10**9), work))
+        decode_s = time.perf_counter() - started
+    return {
+        "engine_images_per_s": batches * size / engine_s, "engine_batch_size": size, "backend": backend,
+        "engine_batch1_ms_p50": float(np.median(single)),
+        "decode_images_per_s": len(work) / decode_s, "decode_threads": workers,
+    }  # fmt: skip
+
+
+class Bench:
+    """Runs the entry paths against one stack and collects their figures."""
+
+    def __init__(self, state: StackState, roots: dict[str, int], count: int, per_message: int, in_flight: int):
+        self.state = state
+        self.client = StackClient(state)
+        self.meter = CpuMeter(roots)
+        self.count = count
+        self.per_message = per_message
+        self.in_flight = in_flight
+
+    # -- staging and waiting -------------------------------------------------------------
+    def _with_gcs(self, items: list[Any], work: Callable[[GcsClient, Any], Awaitable[None]]) -> None:
+        """Run ``work(gcs, item)`` for every item, ``UPLOAD_CONCURRENCY`` at a time.
+
+        The machine that uploads is the one being measured, so the benchmark's own
+        object traffic goes through the lean asyncio JSON-API client (:mod:`shared.gcs`).
+        """
+
+        async def run() -> None:
+            gcs = GcsClient(self.state.storage_host)
+            slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+            async def one(item: Any) -> None:  # noqa: ANN401 - whatever ``work`` takes
+                async with slots:
+                    await work(gcs, item)
+
+            try:
+                await asyncio.gather(*(one(item) for item in items))
+            finally:
+                await gcs.close()
+
+        asyncio.run(run())
+
+    def upload(self, bucket: str, prefix: str, images: list[bytes], count: int | None = None) -> dict[str, float]:
+        """Write ``count`` objects (default: the run's count; the images, round robin);
+        returns when each upload started."""
+        times: dict[str, float] = {}
+
+        async def put(gcs: GcsClient, i: int) -> None:
+            times[f"{i:05d}.jpg"] = time.time()
+            await gcs.write(bucket, f"{prefix}/{i:05d}.jpg", images[i % len(images)], content_type="image/jpeg")
+
+        self._with_gcs(list(range(self.count if count is None else count)), put)
+        return times
+
+    def stage(self, bucket: str, prefix: str, images: list[bytes], count: int | None = None) -> list[str]:
+        """Write ``count`` objects (default: the run's count; the images, round robin); their URIs."""
+        count = self.count if count is None else count
+        self.upload(bucket, prefix, images, count)
+        return [f"gs://{bucket}/{prefix}/{i:05d}.jpg" for i in range(count)]
+
+    def wait_results(self, marker: str, expected: int, timeout: float) -> list[Any]:
+        """Poll the results bucket until ``expected`` results under ``marker`` exist.
+
+        ``marker`` is ``/<bucket>/<prefix>/``: results live at ``<model>/<bucket>/<name>.json``.
+        A path's time ends at its last result's own ``updated`` time, not at the poll
+        that sees it, so polls are sparse: listing costs the emulator CPU.
+        """
+        bucket = self.client.storage.bucket(self.state.results_bucket)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(self.client.storage.list_blobs(bucket, prefix=f"{MODEL}{marker}"))
+            if len(found) >= expected or time.monotonic() > deadline:
+                return found
+            time.sleep(RESULT_POLL_S)
+
+    def clear(self, marker: str) -> None:
+        """Delete one path's objects and results, so that every path meets buckets of the same size.
+
+        fake-gcs-server lists and looks up objects in time that grows with the bucket:
+        left in place, each path's objects would slow down the paths measured after it.
+        """
+        source_bucket, prefix = marker.strip("/").split("/", 1)
+        self.delete([(self.state.results_bucket, f"{MODEL}{marker}"), (source_bucket, f"{prefix}/")])
+
+    def delete(self, prefixes: list[tuple[str, str]]) -> None:
+        """Delete every object under each (bucket, prefix)."""
+        doomed = [(bucket, b.name) for bucket, prefix in prefixes
+                  for b in self.client.storage.list_blobs(bucket, prefix=prefix)]  # fmt: skip
+
+        async def delete(gcs: GcsClient, where: tuple[str, str]) -> None:
+            await gcs.delete(*where)
+
+        self._with_gcs(doomed, delete)
+
+    def _stats(self) -> Counter[int]:
+        stats = httpx.get(f"{self.state.serve_url}/v1/stats", timeout=30).json()[MODEL]
+        return Counter({int(k): v for k, v in stats["batch_sizes"].items()})
+
+    def measure(self, name: str, marker: str, submit) -> dict[str, Any]:  # noqa: ANN001
+        """Run ``submit(started_at)``, wait for the results, and summarize the run."""
+        sizes_before = self._stats()
+        self.meter.start()
+        started = time.time()
+        submit_times = submit()
+        found = self.wait_results(marker, self.count, timeout=60 + self.count)
+        stored = [b.updated.timestamp() for b in found]
+        ended = max(stored) if stored else time.time()
+        cpu = self.meter.stop()
+        formed = self._stats()
+        formed.subtract(sizes_before)
+        seconds = ended - started
+        latencies = [
+            (b.updated.timestamp() - submit_times.get(b.name.rsplit("/", 1)[-1].removesuffix(".json"), started)) * 1000
+            for b in found
+        ]
+        return {
+            "path": name, "images": self.count, "results": len(found), "seconds": seconds,
+            "images_per_s": len(found) / seconds if seconds > 0 else 0.0,
+            "cpu_ms_per_image": sum(cpu.values()) * 1000 / max(1, len(found)),
+            "cpu_ms_by_process": {k: round(v * 1000 / max(1, len(found)), 1) for k, v in cpu.items()},
+            "cores_busy": sum(cpu.values()) / seconds if seconds > 0 else 0.0,
+            "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
+            "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies else None,
+            "batches_formed": {str(k): v for k, v in sorted(formed.items()) if v > 0},
+        }  # fmt: skip
+
+    # -- the entry paths --------------------------------------------------------------
+    def upload_path(self, images: list[bytes], tag: str) -> dict[str, Any]:
+        prefix = f"bench-{tag}-upload"
+
+        def submit() -> dict[str, float]:
+            return self.upload(self.state.images_bucket, prefix, images)
+
+        return self.measure("upload", f"/{self.state.images_bucket}/{prefix}/", submit)
+
+    def pubsub_path(self, uris: list[str], per_message: int, marker: str) -> dict[str, Any]:
+        def submit() -> dict[str, float]:
+            times: dict[str, float] = {}
+            topic = self.client.publisher.topic_path(self.state.project, self.state.requests_topic)
+            futures = []
+            for i in range(0, len(uris), per_message):
+                chunk = uris[i : i + per_message]
+                body = {"uri": chunk[0]} if len(chunk) == 1 else {"uris": chunk}
+                now = time.time()
+                times.update({u.rsplit("/", 1)[-1]: now for u in chunk})
+                futures.append(self.client.publisher.publish(topic, json.dumps(body).encode()))
+            for f in futures:
+                f.result(timeout=60)
+            return times
+
+        name = "pubsub, 1 URI/message" if per_message == 1 else f"pubsub, {per_message} URIs/message"
+        return self.measure(name, marker, submit)
+
+    def http_path(self, uris: list[str], marker: str) -> dict[str, Any]:
+        chunks = [uris[i : i + self.per_message] for i in range(0, len(uris), self.per_message)]
+        url = f"{self.state.serve_url}/v1/infer"
+
+        def submit() -> dict[str, float]:
+            times: dict[str, float] = {}
+
+            async def run() -> None:
+                queue = list(reversed(chunks))
+                async with httpx.AsyncClient(timeout=300) as http:
+
+                    async def worker() -> None:
+                        while queue:
+                            chunk = queue.pop()
+                            now = time.time()
+                            times.update({u.rsplit("/", 1)[-1]: now for u in chunk})
+                            response = await http.post(url, json={"uris": chunk})
+                            response.raise_for_status()
+
+                    await asyncio.gather(*(worker() for _ in range(self.in_flight)))
+
+            asyncio.run(run())
+            return times
+
+        name = f"HTTP, {self.per_message} URIs/call, {self.in_flight} in flight"
+        return self.measure(name, marker, submit)
+
+    def beam_path(self, uris: list[str], reduced: bool, tag: str) -> dict[str, Any] | None:
+        if not BEAM_PYTHON.exists():
+            return None
+        prefix = f"beam-{tag}-{'reduced' if reduced else 'full'}"
+        model_dir = DEFAULT_MODEL_REPOSITORY / MODEL / "1"
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("\n".join(uris))
+        argv = [str(BEAM_PYTHON), str(REPO_ROOT / "infra" / "_bench_beam.py"),
+                "--model", str(model_dir / "model.onnx"), "--labels", str(model_dir / "labels.txt"),
+                "--uris", f.name, "--results-bucket", self.state.results_bucket, "--prefix", prefix]  # fmt: skip
+        if reduced:
+            argv.append("--reduced")
+        env = {**os.environ, **self.state.client_env()}
+        self.meter.start()
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+        cpu = self.meter.stop()
+        os.unlink(f.name)
+        if out.returncode != 0:
+            raise RuntimeError(f"the Beam pipeline failed: {out.stderr[-2000:]}")
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        # The pipeline's own CPU (its imports excluded) plus the emulator that serves it;
+        # the rest of the stack is idle meanwhile.
+        used = figures["cpu_seconds"] + cpu.get("fake-gcs-server", 0.0)
+        return {
+            "path": f"Beam RunInference, {'reduced-scale' if reduced else 'full'} decode",
+            "images": figures["images"], "results": figures["images"], "seconds": figures["seconds"],
+            "images_per_s": figures["images"] / figures["seconds"],
+            "cpu_ms_per_image": used * 1000 / figures["images"],
+            "cores_busy": used / figures["seconds"],
+        }  # fmt: skip
+
+    def single_image_ms(self, data: bytes, repeats: int = SINGLE_IMAGE_REPEATS, via_proxy: bool = False) -> float:
+        """p50 of one raw-body image at a time; ``via_proxy``: through Serve's proxy actor."""
+        base = self.state.serve_proxy_url if via_proxy else self.state.serve_url
+        url = f"{base}/v1/infer"
+        latencies = []
+        with httpx.Client(timeout=60) as http:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                r = http.post(url, content=data, headers={"content-type": "image/jpeg"})
+                r.raise_for_status()
+                latencies.append((time.perf_counter() - started) * 1000)
+        return float(np.median(latencies[len(latencies) // 4 :]))
+
+
+def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> list[dict[str, Any]]:
+    rows = [bench.upload_path(images, tag)]
+    bench.clear(f"/{bench.state.images_bucket}/bench-{tag}-upload/")
+    for per_message in (1, bench.per_message):
+        marker = f"/{STAGING_BUCKET}/bench-{tag}-pubsub{per_message}/"
+        uris = bench.stage(STAGING_BUCKET, marker.split("/")[2], images)
+        rows.append(bench.pubsub_path(uris, per_message, marker))
+        bench.clear(marker)
+    uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-http", images)
+    rows.append(bench.http_path(uris, f"/{STAGING_BUCKET}/bench-{tag}-http/"))
+    bench.clear(f"/{STAGING_BUCKET}/bench-{tag}-http/")
+    if with_beam:
+        uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-beam", images)
+        for reduced in (False, True):
+            row = bench.beam_path(uris, reduced, tag)
+            if row is not None:
+                rows.append(row)
+        bench.delete([(bench.state.results_bucket, f"beam-{tag}-"), (STAGING_BUCKET, f"bench-{tag}-beam/")])
+    return rows
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    small = bench_images(False)
+    large = [] if args.small_only else bench_images(True)
+    report: dict[str, Any] = {"started_at": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count()}
+    report["ceilings"] = {"small": ceilings(small, 256)}
+    if large:
+        report["ceilings"]["large"] = ceilings(large, 64)
+    state_dir = Path(tempfile.mkdtemp(prefix="triggerfish-bench-"))
+    stack = LocalStack(StackOptions(
+        state_dir=state_dir,
+        extra_env={"TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{STAGING_BUCKET}"},
+    ))  # fmt: skip
+    progress = (lambda m: None) if args.json else (lambda m: print(f"... {m}", file=sys.stderr, flush=True))
+    state = stack.start(progress=progress)
+    try:
+        StackClient(state).storage.create_bucket(STAGING_BUCKET)
+        roots = {p.name: p.pid for p in stack.processes}
+        bench = Bench(state, roots, args.images, args.per_message, args.http_in_flight)
+        # Warm every path once so that no figure includes a first-call cost.
+        warm = bench.stage(STAGING_BUCKET, "warm", small[:1], count=1)
+        bench.client.publish(warm)
+        bench.single_image_ms(small[0], repeats=3)
+        bench.single_image_ms(small[0], repeats=3, via_proxy=True)
+        progress("small JPEGs")
+        report["small"] = run_suite(bench, small, "small", not args.no_beam)
+        report["single_image_http_ms_p50"] = bench.single_image_ms(small[0])
+        if state.serve_proxy_url:
+            report["single_image_proxy_ms_p50"] = bench.single_image_ms(small[0], via_proxy=True)
+        if not args.small_only:
+            progress("12 MP JPEGs")
+            bench.count = args.large_images
+            report["large"] = run_suite(bench, large, "large", not args.no_beam)
+    finally:
+        progress("stopping the local stack")
+        stack.stop()
+    return report
+
+
+def _row(r: dict[str, Any]) -> str:
+    lat = f"p50 {r['latency_ms_p50']:6.0f}  p95 {r['latency_ms_p95']:6.0f}" if r.get("latency_ms_p50") else " " * 23
+    return (f"  {r['path']:<42} {r['images_per_s']:7.1f}  {r['cpu_ms_per_image']:7.1f}  "
+            f"{r['cores_busy']:5.2f}  {lat}  {r.get('batches_formed', '')}")  # fmt: skip
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"triggerfish bench, {r['started_at']}, {r['cpus']} CPUs, model {MODEL}"]
+    for size in ("small", "large"):
+        if size not in r:
+            continue
+        c = r["ceilings"][size]
+        lines.append(f"\n{size} JPEGs ({r[size][0]['images']} objects)"
+                     f"   ceilings: engine {c['engine_images_per_s']:.1f} images/s (batch {c['engine_batch_size']}, "
+                     f"{c['backend']}), decode {c['decode_images_per_s']:.1f} images/s ({c['decode_threads']} threads)")
+        lines.append(f"  {'path':<42} {'img/s':>7}  {'CPU-ms':>7}  {'cores':>5}  {'end to end ms':<23}  batches formed")
+        lines += [_row(row) for row in r[size]]
+        by = {row["path"].split(",")[0] + ("" if "Beam" not in row["path"] else row["path"].split(",")[1]): row
+              for row in r[size]}  # fmt: skip
+        up = r[size][0]["images_per_s"]
+        ps1 = next(x for x in r[size] if x["path"] == "pubsub, 1 URI/message")["images_per_s"]
+        http = next(x for x in r[size] if x["path"].startswith("HTTP"))["images_per_s"]
+        ratios = [f"pubsub 1 URI / HTTP {ps1 / http:.2f}x"]
+        for key, label in ((" full decode", "full"), (" reduced-scale decode", "reduced")):
+            beam = by.get(f"Beam RunInference{key}")
+            if beam:
+                ratios.insert(0, f"upload / Beam {label} {up / beam['images_per_s']:.2f}x")
+        lines.append("  ratios: " + ", ".join(ratios))
+        top = max(r[size][:4], key=lambda x: x["cpu_ms_per_image"])
+        lines.append(f"  CPU-ms per image by process ({top['path']}): {top.get('cpu_ms_by_process')}")
+    c = r["ceilings"]["small"]
+    lines.append(f"\nsingle image over HTTP (raw body) p50 {r['single_image_http_ms_p50']:.1f} ms; "
+                 f"engine batch 1 p50 {c['engine_batch1_ms_p50']:.1f} ms "
+                 f"(+{r['single_image_http_ms_p50'] - c['engine_batch1_ms_p50']:.1f} ms)")  # fmt: skip
+    if "single_image_proxy_ms_p50" in r:
+        lines.append(f"  the same through Serve's proxy actor: p50 {r['single_image_proxy_ms_p50']:.1f} ms")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    report = run_bench(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report) if args.json else format_report(report))
+    incomplete = [row["path"] for s in ("small", "large") for row in report.get(s, []) if row["results"] < row["images"]]
+    if incomplete:
+        print(f"incomplete paths: {incomplete}", file=sys.stderr)
+    return 1 if incomplete else 0

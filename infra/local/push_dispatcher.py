@@ -1,0 +1,377 @@
+"""Push delivery for the local stack, as Cloud Pub/Sub does it.
+
+The Pub/Sub emulator pushes to an endpoint with about two requests in flight,
+and its redelivery timing ignores the subscription's retry policy. Cloud Pub/Sub
+pushes with as much concurrency as the endpoint sustains, backs off failed
+deliveries between the subscription's minimum and maximum backoff, and after
+``max_delivery_attempts`` forwards the message to the dead-letter topic.
+
+This process gives the local stack that behaviour: the stack's subscriptions are
+pull subscriptions, and this dispatcher pulls from each (unary gRPC pulls, long
+polling, never more messages than free delivery slots), POSTs them to
+the function in the push envelope (``message``, ``subscription``,
+``deliveryAttempt``), and acknowledges on 2xx (acknowledgements are sent in
+batches). A failed delivery is held for the retry policy's backoff (while held
+it occupies one of the route's ``--concurrency`` slots) and then released for
+immediate redelivery; on the last allowed attempt the message is published to
+the dead-letter topic with the attributes the service sets
+(``CloudPubSubDeadLetterSource*``) and then acknowledged. Like a push endpoint's, a delivery's time is bounded by the
+subscription's ack deadline: past it the emulator delivers the message again.
+
+One asyncio loop does all of it: delivering a message costs a few hundred
+microseconds of CPU, which on a small machine is CPU the stack it feeds keeps.
+
+    python -m infra.local.push_dispatcher --project P --dead-letter-topic T \\
+        --route SUBSCRIPTION=URL:MAX_ATTEMPTS:MIN_BACKOFF:MAX_BACKOFF ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from google.api_core import exceptions as api_exceptions
+
+logger = logging.getLogger("infra.push_dispatcher")
+
+# Messages whose attempts are remembered (a bounded map: ids of acked messages age out).
+_REMEMBERED = 100_000
+# How long acknowledgements gather before one request sends them all.
+_ACK_BATCH_S = 0.02
+# A delivery (one POST to the function) takes at most this long, as a push does.
+_DELIVERY_TIMEOUT_S = 600.0
+# Below gunicorn's 2 s keep-alive: a connection the function already closed would
+# fail the next POST on it.
+_KEEPALIVE_S = 1.0
+# A pull waits this long for messages before it is sent again.
+_PULL_WAIT_S = 60.0
+# Calls to the emulator other than pulls.
+_CALL_TIMEOUT_S = 30.0
+# What the emulator may answer when it is away or busy: the call is tried again later.
+_EMULATOR_ERRORS = (api_exceptions.GoogleAPIError, TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One subscription delivered to one endpoint, with its retry policy."""
+
+    subscription: str
+    endpoint: str
+    max_attempts: int
+    min_backoff_s: int
+    max_backoff_s: int
+
+    @classmethod
+    def parse(cls, text: str) -> Route:
+        """``SUBSCRIPTION=URL:MAX_ATTEMPTS:MIN_BACKOFF:MAX_BACKOFF``."""
+        try:
+            subscription, rest = text.split("=", 1)
+            endpoint, attempts, low, high = rest.rsplit(":", 3)
+            return cls(subscription, endpoint, int(attempts), int(low), int(high))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"a route is SUBSCRIPTION=URL:MAX_ATTEMPTS:MIN_BACKOFF:MAX_BACKOFF, got {text!r}"
+            ) from err
+
+    def backoff_s(self, attempt: int) -> int:
+        """Delay before redelivering after ``attempt`` failed (exponential, capped)."""
+        return min(self.max_backoff_s, self.min_backoff_s * 2 ** max(0, attempt - 1))
+
+
+class Attempts:
+    """Delivery attempts per message id (bounded: the oldest ids are forgotten)."""
+
+    def __init__(self, capacity: int = _REMEMBERED) -> None:
+        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._capacity = capacity
+
+    def next(self, message_id: str) -> int:
+        count = self._counts.pop(message_id, 0) + 1
+        self._counts[message_id] = count
+        while len(self._counts) > self._capacity:
+            self._counts.popitem(last=False)
+        return count
+
+    def forget(self, message_id: str) -> None:
+        self._counts.pop(message_id, None)
+
+
+def as_json(message: Any) -> dict[str, Any]:  # noqa: ANN401 - a pubsub_v1 PubsubMessage
+    """A pulled message in the REST API's JSON form (data in base64)."""
+    return {
+        "data": base64.b64encode(message.data).decode(),
+        "attributes": dict(message.attributes),
+        "messageId": message.message_id,
+        "publishTime": message.publish_time.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def envelope(message: dict[str, Any], subscription_path: str, attempt: int) -> dict[str, Any]:
+    """The JSON body Cloud Pub/Sub POSTs to a push endpoint, for a message in :func:`as_json` form."""
+    return {
+        "message": {
+            "data": message.get("data", ""),
+            "attributes": message.get("attributes", {}),
+            "messageId": message["messageId"],
+            "message_id": message["messageId"],
+            "publishTime": message["publishTime"],
+        },
+        "subscription": subscription_path,
+        "deliveryAttempt": attempt,
+    }
+
+
+class _Acks:
+    """Acknowledgements of one subscription, sent in batches."""
+
+    def __init__(self, dispatcher: Dispatcher, subscription_path: str) -> None:
+        self._dispatcher = dispatcher
+        self._path = subscription_path
+        self._pending: list[str] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    def add(self, ack_id: str) -> None:
+        self._pending.append(ack_id)
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_task(self._send_after(_ACK_BATCH_S))
+
+    async def _send_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.send()
+
+    async def send(self) -> None:
+        ack_ids, self._pending = self._pending, []
+        if not ack_ids:
+            return
+        try:
+            await self._dispatcher.subscriber.acknowledge(
+                subscription=self._path, ack_ids=ack_ids, timeout=_CALL_TIMEOUT_S
+            )
+        except _EMULATOR_ERRORS as err:
+            # Not lost: unacknowledged messages are delivered again after their ack deadline.
+            logger.warning("could not acknowledge %d messages on %s: %r", len(ack_ids), self._path, err)
+
+
+class Dispatcher:
+    """Pulls every route's subscription and pushes each message to its endpoint.
+
+    Runs its own asyncio loop in a background thread between :meth:`start` and
+    :meth:`stop`. ``emulator_host`` defaults to ``PUBSUB_EMULATOR_HOST``.
+    """
+
+    def __init__(
+        self,
+        project: str,
+        dead_letter_topic: str,
+        routes: list[Route],
+        concurrency: int,
+        emulator_host: str | None = None,
+    ) -> None:
+        host = emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST", "")
+        if not host:
+            raise ValueError("the push dispatcher needs the Pub/Sub emulator: set PUBSUB_EMULATOR_HOST")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+        self._host = host
+        self._project = project
+        self._dead_letter = f"projects/{project}/topics/{dead_letter_topic}"
+        self._routes = routes
+        self._concurrency = concurrency
+        self._attempts = Attempts()
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.subscriber: Any = None
+        self._publisher: Any = None
+        self._ready = threading.Event()
+        self._acks: dict[str, _Acks] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        if self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(timeout=30)
+        self._thread = None
+
+    async def _run(self) -> None:
+        import grpc
+        from google.pubsub_v1.services.publisher.async_client import PublisherAsyncClient
+        from google.pubsub_v1.services.publisher.transports.grpc_asyncio import (
+            PublisherGrpcAsyncIOTransport,
+        )
+        from google.pubsub_v1.services.subscriber.async_client import SubscriberAsyncClient
+        from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import (
+            SubscriberGrpcAsyncIOTransport,
+        )
+
+        self._stopping = asyncio.Event()
+        # The emulator speaks plain gRPC; its REST gateway costs it far more CPU per message.
+        channel = grpc.aio.insecure_channel(self._host)
+        self.subscriber = SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=channel))
+        self._publisher = PublisherAsyncClient(transport=PublisherGrpcAsyncIOTransport(channel=channel))
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
+        # No netrc or proxy lookups per request.
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        deliveries: set[asyncio.Task[None]] = set()
+        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in self._routes]
+        for route in self._routes:
+            logger.info("delivering %s to %s", self._subscription_path(route), route.endpoint)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if deliveries:  # let what is being delivered finish (or be redelivered later)
+                await asyncio.wait(deliveries, timeout=10)
+            await asyncio.gather(*(acks.send() for acks in self._acks.values()))
+            await self._session.close()
+            await channel.close()
+
+    def _subscription_path(self, route: Route) -> str:
+        return f"projects/{self._project}/subscriptions/{route.subscription}"
+
+    # -- delivery -----------------------------------------------------------------------------
+    async def _pump(self, route: Route, deliveries: set[asyncio.Task[None]]) -> None:
+        """Pull as many messages as there are free slots, deliver each, repeat."""
+        path = self._subscription_path(route)
+        acks = self._acks.setdefault(path, _Acks(self, path))
+        slots = asyncio.Semaphore(self._concurrency)
+        while True:
+            await slots.acquire()
+            free = 1
+            while not slots.locked() and free < self._concurrency:
+                await slots.acquire()
+                free += 1
+            try:
+                # Long polling: the emulator answers as soon as messages are there.
+                answer = await self.subscriber.pull(
+                    subscription=path, max_messages=free, retry=None, timeout=_PULL_WAIT_S
+                )
+                received = [(m.ack_id, as_json(m.message)) for m in answer.received_messages]
+            except api_exceptions.DeadlineExceeded:
+                received = []
+            except Exception as err:  # noqa: BLE001 - the pump must outlive any one pull
+                # Messages a failed pull took are delivered again after their ack deadline.
+                logger.warning("pulling %s failed: %r; trying again in 1 s", path, err)
+                received = []
+                await asyncio.sleep(1.0)
+            for _ in range(free - len(received)):
+                slots.release()
+            for ack_id, message in received:
+                task = asyncio.create_task(self._deliver(route, path, ack_id, message, acks))
+                deliveries.add(task)
+                task.add_done_callback(lambda t: (deliveries.discard(t), slots.release()))
+
+    async def _deliver(self, route: Route, path: str, ack_id: str, message: dict[str, Any], acks: _Acks) -> None:
+        assert self._session is not None
+        attempt = self._attempts.next(message["messageId"])
+        try:
+            async with self._session.post(
+                route.endpoint,
+                json=envelope(message, path, attempt),
+                timeout=aiohttp.ClientTimeout(total=_DELIVERY_TIMEOUT_S, sock_connect=5),
+            ) as response:
+                await response.read()
+                ok = 200 <= response.status < 300 or response.status == 102
+                detail = f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as err:
+            ok, detail = False, repr(err)
+        if ok:
+            self._attempts.forget(message["messageId"])
+            acks.add(ack_id)
+            return
+        if attempt >= route.max_attempts:
+            await self._dead_letter_message(route, path, message, ack_id, attempt, detail, acks)
+            return
+        delay = route.backoff_s(attempt)
+        logger.warning(
+            "delivery %d of message %s to %s failed (%s); redelivery in %ds",
+            attempt, message["messageId"], route.endpoint, detail, delay,
+        )  # fmt: skip
+        # Held for the backoff, then released: the emulator hands a released message to the
+        # waiting pull at once, while one whose ack deadline is set to the backoff comes back
+        # late or, under load, not until much later.
+        await asyncio.sleep(delay)
+        await self._redeliver_after(path, ack_id, 0)
+
+    async def _redeliver_after(self, path: str, ack_id: str, delay_s: int) -> None:
+        """The message's ack deadline becomes ``delay_s`` (0: a nack): then the emulator delivers it again."""
+        try:
+            await self.subscriber.modify_ack_deadline(
+                subscription=path, ack_ids=[ack_id], ack_deadline_seconds=delay_s, timeout=_CALL_TIMEOUT_S
+            )
+        except _EMULATOR_ERRORS as err:
+            logger.warning("could not set the backoff of %s: %r; redelivered after its ack deadline", ack_id, err)
+
+    async def _dead_letter_message(
+        self, route: Route, path: str, message: dict[str, Any], ack_id: str, attempt: int, detail: str, acks: _Acks
+    ) -> None:
+        attributes = dict(message.get("attributes", {}))
+        attributes.update({
+            "CloudPubSubDeadLetterSourceSubscription": route.subscription,
+            "CloudPubSubDeadLetterSourceSubscriptionProject": self._project,
+            "CloudPubSubDeadLetterSourceDeliveryCount": str(attempt),
+            "CloudPubSubDeadLetterSourceTopicPublishTime": message["publishTime"],
+        })  # fmt: skip
+        try:
+            await self._publisher.publish(
+                topic=self._dead_letter,
+                messages=[{"data": base64.b64decode(message.get("data", "")), "attributes": attributes}],
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except _EMULATOR_ERRORS:
+            # Keep the message: it is delivered again, and dead-lettering is tried again then.
+            logger.exception("could not dead-letter message %s; it stays on %s", message["messageId"], path)
+            await self._redeliver_after(path, ack_id, 0)
+            return
+        logger.error(
+            "message %s dead-lettered after %d attempts (%s)", message["messageId"], attempt, detail,
+            extra={"subscription": route.subscription},
+        )  # fmt: skip
+        self._attempts.forget(message["messageId"])
+        acks.add(ack_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", required=True)
+    parser.add_argument("--dead-letter-topic", required=True)
+    parser.add_argument("--route", type=Route.parse, action="append", required=True)
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("TRIGGERFISH_PUSH_CONCURRENCY", "64")))
+    args = parser.parse_args(argv)
+    from shared.logging import configure_json_logging
+
+    configure_json_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    dispatcher = Dispatcher(args.project, args.dead_letter_topic, args.route, args.concurrency)
+    dispatcher.start()
+    stop.wait()
+    with contextlib.suppress(Exception):
+        dispatcher.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,475 @@
+"""The Open Inference Protocol's calls on triggerfish's models.
+
+Health, server and model metadata, model readiness and inference. Plain asyncio
+code over an :class:`OipModelClient`, so it runs in tests without a Ray cluster;
+:class:`HandleOipClient` plugs in the Serve deployment handles.
+
+An inference call takes either a ``BYTES`` tensor of encoded images (input
+``image``, shape ``[N]`` or ``[N, 1]``), decoded and resized here exactly as on
+``/v1/infer``, or a tensor already in the model's input shape and dtype (FP32
+NCHW for ``mobilenet_v2``). Its images join the model replica's batch queue one
+by one, so they batch with every other caller's. Classifiers answer with their
+raw output tensor (top-k ``"score:index:label"`` strings on request), detectors
+with ``detection_boxes`` ``[N, D, 4]`` (ymin, xmin, ymax, xmax, relative to the
+image; to the input tensor for preprocessed inputs), ``detection_scores``
+``[N, D]``, ``detection_classes`` ``[N, D]`` and ``num_detections`` ``[N]``,
+padded with zeros to the most detections ``D`` of any image. Nothing is written to
+the results bucket: the caller gets the answer and keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from serve import metrics
+from serve.http import oip
+from serve.http.pipeline import unwrap
+from serve.imaging.cpu_decode import prepare_image
+from serve.model.batch import BatchItem, ItemOutcome, model_input_shape
+from serve.model.model_server import Rejection, Retry
+from serve.model.signature import ModelSignature, TensorInfo
+from serve.model_config import Task
+from serve.postprocess.base import ImageGeometry
+from shared.config import Settings
+from shared.errors import ErrorReason, PermanentError, TransientError
+
+IMAGE_INPUT = "image"
+ENTRY_PATH = "oip"
+MAX_IMAGES_PER_CALL = 100
+# Bodies above this are refused with 413: 100 preprocessed 224x224 FP32 images fit
+# (60 MB); larger batches of large inputs should be split by the caller.
+MAX_BODY_BYTES = 128 * 1024 * 1024
+SIGNATURE_TTL_S = 2.0
+EXTENSIONS = ("classification", "binary_tensor_data")
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+DETECTION_OUTPUTS = (
+    TensorInfo("detection_boxes", "float32", (-1, 4)),
+    TensorInfo("detection_scores", "float32", (-1,)),
+    TensorInfo("detection_classes", "int32", (-1,)),
+    TensorInfo("num_detections", "int32", ()),
+)
+
+
+class OipModelClient(Protocol):
+    """How the protocol's calls reach the model deployments."""
+
+    def models(self) -> list[str]: ...
+
+    async def signature(self, model: str, version: str | None) -> ModelSignature: ...
+
+    async def stats(self, model: str) -> dict[str, Any]: ...
+
+    async def infer_many(
+        self, model: str, items: list[BatchItem], deadline: float | None
+    ) -> list[ItemOutcome | Rejection | Retry]: ...
+
+
+class HandleOipClient:
+    """:class:`OipModelClient` over Serve deployment handles; signatures kept for a short while.
+
+    ``base`` is the ingress's :class:`serve.http.ingress.HandleModelClient` (for ``models``
+    and ``infer_many``).
+    """
+
+    def __init__(self, handles: Mapping[str, Any], base: Any, clock=time.monotonic) -> None:  # noqa: ANN001
+        self._handles = handles
+        self._base = base
+        self._signatures: dict[tuple[str, str | None], tuple[float, ModelSignature]] = {}
+        self._clock = clock
+
+    def models(self) -> list[str]:
+        return list(self._handles)
+
+    async def signature(self, model: str, version: str | None) -> ModelSignature:
+        cached = self._signatures.get((model, version))
+        if cached is not None and self._clock() - cached[0] < SIGNATURE_TTL_S:
+            return cached[1]
+        answer = await asyncio.wait_for(self._handles[model].signature.remote(version), 120)
+        if isinstance(answer, Rejection):
+            raise answer.to_error()
+        if isinstance(answer, Retry):
+            raise TransientError(answer.message)
+        self._signatures[(model, version)] = (self._clock(), answer)
+        return answer
+
+    async def stats(self, model: str) -> dict[str, Any]:
+        return await asyncio.wait_for(self._handles[model].stats.remote(), 10)
+
+    async def infer_many(
+        self, model: str, items: list[BatchItem], deadline: float | None
+    ) -> list[ItemOutcome | Rejection | Retry]:
+        return await self._base.infer_many(model, items, deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """An inference call that parsed and fits its model, waiting for admission."""
+
+    signature: ModelSignature
+    request: oip.InferRequest
+    images: int
+    started: float
+
+
+def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The protocol's error answer."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise oip.ProtocolError(f"body is {declared} bytes, limit {limit}", 413, "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise oip.ProtocolError(f"body is over the limit of {limit} bytes", 413, "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_of(err: oip.ProtocolError) -> JSONResponse:
+    headers = {"Retry-After": err.retry_after} if isinstance(err, _Unavailable) else None
+    return error(err.message, err.status, headers)
+
+
+class OipService:
+    """Answers the Open Inference Protocol's calls."""
+
+    def __init__(
+        self, settings: Settings, models: OipModelClient, decode_executor: Executor
+    ) -> None:
+        self._settings = settings
+        self._models = models
+        self._decode = decode_executor
+
+    # -- health and metadata -----------------------------------------------------------------
+    def live(self) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def ready(self) -> JSONResponse:
+        """Ready when every model has a loaded default version on a healthy replica."""
+        try:
+            stats = await asyncio.gather(*(self._models.stats(m) for m in self._models.models()))
+        except Exception:  # noqa: BLE001 - a model that does not answer is not ready
+            return JSONResponse({"ready": False}, status_code=400)
+        ready = all(s.get("default_version") and s.get("healthy", True) for s in stats)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+    def server_metadata(self) -> JSONResponse:
+        try:
+            version = metadata.version("triggerfish")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return JSONResponse(
+            {"name": "triggerfish", "version": version, "extensions": list(EXTENSIONS)}
+        )
+
+    async def model_metadata(self, model: str, version: str | None) -> JSONResponse:
+        try:
+            sig = await self._signature(model, version)
+        except oip.ProtocolError as err:
+            return _error_of(err)
+        return JSONResponse(
+            {
+                "name": sig.model,
+                "versions": list(sig.versions),
+                "platform": PLATFORMS.get(sig.backend.split(":")[0], sig.backend),
+                "inputs": [
+                    oip.tensor_metadata(IMAGE_INPUT, oip.BYTES, [-1]),
+                    oip.tensor_metadata(
+                        sig.input.name,
+                        oip.datatype_of(sig.input.dtype),
+                        [-1, *model_input_shape(sig.input)],
+                    ),
+                ],
+                "outputs": [
+                    oip.tensor_metadata(t.name, oip.datatype_of(t.dtype), [-1, *t.shape])
+                    for t in _outputs_of(sig)
+                ],
+            }
+        )
+
+    async def model_ready(self, model: str, version: str | None) -> JSONResponse:
+        if model not in self._models.models():
+            return error(_unknown_model(model, self._models.models()), 404)
+        try:
+            stats = await self._models.stats(model)
+        except Exception:  # noqa: BLE001 - a replica that does not answer is not ready
+            stats = {}
+        wanted = version or stats.get("default_version")
+        ready = (
+            bool(wanted)
+            and wanted in stats.get("loaded_versions", [])
+            and stats.get("healthy", True)
+        )
+        return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
+
+    # -- inference -----------------------------------------------------------------------------
+    async def prepare(
+        self, model: str, version: str | None, http: Request
+    ) -> InferCall | JSONResponse:
+        """Read and parse the call and check it against the model; an error answer if it does not fit."""
+        started = time.monotonic()
+        sig: ModelSignature | None = None
+        try:
+            sig = await self._signature(model, version)
+            body = await read_body(http, MAX_BODY_BYTES)
+            payload = oip.decompress(body, http.headers.get("content-encoding"), MAX_BODY_BYTES)
+            request = oip.parse_infer_request(payload, http.headers.get(oip.HEADER_LENGTH))
+            images = _check_inputs(sig, request)
+            _check_outputs(sig, request)
+        except oip.ProtocolError as err:
+            # Label values come from what is served, never from what a caller typed.
+            served = model if model in self._models.models() else metrics.UNATTRIBUTED
+            metrics.record_answer(
+                served,
+                sig.version if sig else None,
+                ENTRY_PATH,
+                time.monotonic() - started,
+                err.reason,
+            )
+            return _error_of(err)
+        return InferCall(sig, request, images, started)
+
+    async def run(self, call: InferCall, deadline: float | None) -> Response:
+        """Run an admitted call through the model's batch queue and encode the answer."""
+        sig = call.signature
+        try:
+            items = await self._items(call)
+            outcomes = await self._models.infer_many(sig.model, items, deadline)
+            outputs = _outputs(sig, call.request, outcomes)
+        except oip.ProtocolError as err:
+            metrics.record_answer(
+                sig.model, sig.version, ENTRY_PATH, time.monotonic() - call.started, err.reason
+            )
+            return _error_of(err)
+        except Exception as err:  # noqa: BLE001 - the model call itself failed: retry later
+            cause = unwrap(err)
+            metrics.record_answer(
+                sig.model, sig.version, ENTRY_PATH, time.monotonic() - call.started, "transient"
+            )
+            return error(
+                f"model {sig.model} unavailable: {cause!r}"[:1000], 503, {"Retry-After": "5"}
+            )
+        requested = call.request.outputs
+        binary = {o.name for o in requested if o.binary} if requested is not None else (
+            {o.name for o in outputs} if call.request.binary_output else set()
+        )  # fmt: skip
+        body, headers = oip.encode_infer_response(
+            sig.model, sig.version, call.request.id, outputs, binary
+        )
+        metrics.record_answer(sig.model, sig.version, ENTRY_PATH, time.monotonic() - call.started)
+        return Response(body, headers=headers)
+
+    async def _signature(self, model: str, version: str | None) -> ModelSignature:
+        if model not in self._models.models():
+            raise oip.ProtocolError(
+                _unknown_model(model, self._models.models()), 404, ErrorReason.UNKNOWN_MODEL.value
+            )
+        try:
+            return await self._models.signature(model, version)
+        except PermanentError as err:
+            status = (
+                404
+                if err.reason in (ErrorReason.UNKNOWN_MODEL, ErrorReason.UNKNOWN_VERSION)
+                else 400
+            )
+            raise oip.ProtocolError(err.message, status, err.reason.value) from err
+        except Exception as err:  # noqa: BLE001 - transient: the caller retries
+            raise _Unavailable(f"model {model} unavailable: {unwrap(err)}", "5") from err
+
+    async def _items(self, call: InferCall) -> list[BatchItem]:
+        sig, [tensor] = call.signature, call.request.inputs
+        raw = sig.task is Task.CLASSIFICATION
+        if tensor.datatype != oip.BYTES:
+            h, w = sig.input.height, sig.input.width
+            identity = ImageGeometry(h, w, h, w, 1.0, 1.0)
+            return [
+                BatchItem(
+                    np.ascontiguousarray(tensor.value[i]),
+                    identity,
+                    sig.version,
+                    preprocessed=True,
+                    raw=raw,
+                )
+                for i in range(call.images)
+            ]
+        loop = asyncio.get_running_loop()
+
+        async def decode(i: int, data: bytes) -> BatchItem:
+            if len(data) > self._settings.max_image_bytes:
+                raise oip.ProtocolError(
+                    f"input {IMAGE_INPUT!r} element {i}: {len(data)} bytes, limit {self._settings.max_image_bytes}",
+                    400, ErrorReason.IMAGE_TOO_LARGE.value,
+                )  # fmt: skip
+            t = time.monotonic()
+            try:
+                image = await loop.run_in_executor(
+                    self._decode,
+                    prepare_image,
+                    data,
+                    sig.input,
+                    sig.preprocess,
+                    self._settings.max_image_pixels,
+                )
+            except PermanentError as err:
+                raise oip.ProtocolError(
+                    f"input {IMAGE_INPUT!r} element {i}: {err.message}", 400, err.reason.value
+                ) from err
+            except Exception as err:  # noqa: BLE001 - a decoder failing on these bytes condemns this input
+                raise oip.ProtocolError(
+                    f"input {IMAGE_INPUT!r} element {i}: cannot decode image: {err!r}"[:500], 400,
+                    ErrorReason.NOT_AN_IMAGE.value,
+                ) from err  # fmt: skip
+            metrics.record_decode(sig.model, time.monotonic() - t)
+            return BatchItem(image.pixels, image.geometry, sig.version, raw=raw)
+
+        return list(
+            await asyncio.gather(*(decode(i, bytes(d)) for i, d in enumerate(tensor.value.ravel())))
+        )
+
+
+class _Unavailable(oip.ProtocolError):
+    """A transient failure: 503 (429 when the model sheds load) with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: str, status: int = 503) -> None:
+        super().__init__(message, status, "overloaded" if status == 429 else "transient")
+        self.retry_after = retry_after
+
+
+def _unknown_model(model: str, known: list[str]) -> str:
+    return f"unknown model {model!r} (models: {sorted(known)})"
+
+
+def _outputs_of(sig: ModelSignature) -> tuple[TensorInfo, ...]:
+    return DETECTION_OUTPUTS if sig.task is Task.DETECTION else sig.outputs
+
+
+def _check_inputs(sig: ModelSignature, request: oip.InferRequest) -> int:
+    """The number of images in the call's one input, which must fit the model."""
+    if len(request.inputs) != 1:
+        raise oip.ProtocolError(
+            f"expected exactly one input ({IMAGE_INPUT!r} BYTES or {sig.input.name!r} "
+            f"{oip.datatype_of(sig.input.dtype)}), got {len(request.inputs)}"
+        )
+    [tensor] = request.inputs
+    if tensor.datatype == oip.BYTES:
+        if tensor.name != IMAGE_INPUT:
+            raise oip.ProtocolError(
+                f"a BYTES input must be named {IMAGE_INPUT!r}, got {tensor.name!r}"
+            )
+        if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+            raise oip.ProtocolError(
+                f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], got {list(tensor.shape)}"
+            )
+    else:
+        expected = (oip.datatype_of(sig.input.dtype), model_input_shape(sig.input))
+        if tensor.name != sig.input.name or (tensor.datatype, tuple(tensor.shape[1:])) != expected:
+            raise oip.ProtocolError(
+                f"input {tensor.name!r} {tensor.datatype}{list(tensor.shape)} does not fit the model: "
+                f"give {IMAGE_INPUT!r} BYTES[N] (encoded images) or {sig.input.name!r} "
+                f"{expected[0]}{[-1, *expected[1]]}"
+            )
+    images = tensor.shape[0] if tensor.shape else 0
+    if not 1 <= images <= MAX_IMAGES_PER_CALL:
+        raise oip.ProtocolError(f"a call takes 1..{MAX_IMAGES_PER_CALL} images, got {images}")
+    return images
+
+
+def _check_outputs(sig: ModelSignature, request: oip.InferRequest) -> None:
+    if request.outputs is None:
+        return
+    available = {t.name: t for t in _outputs_of(sig)}
+    for output in request.outputs:
+        if output.name not in available:
+            raise oip.ProtocolError(
+                f"unknown output {output.name!r} (outputs: {sorted(available)})"
+            )
+        if output.classification and (
+            sig.task is not Task.CLASSIFICATION or len(available[output.name].shape) != 1
+        ):
+            raise oip.ProtocolError(
+                f"output {output.name!r}: classification needs a classifier's [N, classes] output"
+            )
+
+
+def _outputs(
+    sig: ModelSignature, request: oip.InferRequest, outcomes: list[ItemOutcome | Rejection | Retry]
+) -> list[oip.OutputTensor]:
+    done = _checked(outcomes)
+    wanted = request.outputs or tuple(oip.RequestedOutput(t.name, False) for t in _outputs_of(sig))
+    if sig.task is Task.DETECTION:
+        tensors = _detection_tensors(done)
+    else:
+        tensors = {}
+        for o in wanted:
+            if any(d.outputs is None or o.name not in d.outputs for d in done):
+                raise oip.ProtocolError(
+                    f"the model returned no output {o.name!r}", 500, "inference_failed"
+                )
+            tensors[o.name] = np.stack([d.outputs[o.name] for d in done])  # type: ignore[index]
+    out = []
+    for o in wanted:
+        value = tensors[o.name]
+        if o.classification:
+            out.append(
+                oip.OutputTensor(
+                    o.name, oip.BYTES, oip.classify(value, o.classification, sig.labels)
+                )
+            )
+        else:
+            out.append(oip.OutputTensor(o.name, oip.datatype_of(value.dtype), value))
+    return out
+
+
+def _checked(outcomes: list[ItemOutcome | Rejection | Retry]) -> list[ItemOutcome]:
+    """Every item's outcome, or the error that answers the whole call."""
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, Retry):
+            status = 429 if outcome.overloaded else 503
+            raise _Unavailable(outcome.message, str(max(1, round(outcome.retry_after_s))), status)
+        if isinstance(outcome, Rejection):
+            status = 404 if outcome.reason is ErrorReason.UNKNOWN_VERSION else 400
+            raise oip.ProtocolError(f"element {i}: {outcome.message}", status, outcome.reason.value)
+        if outcome.error_reason is not None:
+            raise oip.ProtocolError(
+                f"element {i}: {outcome.error_message or outcome.error_reason.value}",
+                400,
+                outcome.error_reason.value,
+            )
+    return outcomes  # type: ignore[return-value]
+
+
+def _detection_tensors(done: list[ItemOutcome]) -> dict[str, np.ndarray]:
+    counts = [len(d.detections or []) for d in done]
+    most = max(counts, default=0)
+    boxes = np.zeros((len(done), most, 4), np.float32)
+    scores = np.zeros((len(done), most), np.float32)
+    classes = np.zeros((len(done), most), np.int32)
+    for i, d in enumerate(done):
+        for j, det in enumerate(d.detections or []):
+            boxes[i, j] = (det.ymin, det.xmin, det.ymax, det.xmax)
+            scores[i, j] = det.score
+            classes[i, j] = det.class_id
+    return {
+        "detection_boxes": boxes,
+        "detection_scores": scores,
+        "detection_classes": classes,
+        "num_detections": np.asarray(counts, np.int32),
+    }
+
+
+__all__ = ["HandleOipClient", "IMAGE_INPUT", "InferCall", "OipModelClient", "OipService"]

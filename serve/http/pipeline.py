@@ -1,0 +1,297 @@
+"""The ingress's work for one call: validate, fetch, decode, infer, record.
+
+Plain asyncio code over a :class:`ModelClient`, so it runs in tests without a
+Ray cluster; :mod:`serve.http.ingress` plugs in the Serve deployment handles.
+
+A call's inputs are fetched concurrently on the event loop (async Cloud Storage),
+decoded in a thread pool sized to the replica's CPUs, sent to each model
+deployment as *one* call carrying all of that model's items, and recorded with
+conditional writes (:mod:`shared.result_store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from serve.imaging.cpu_decode import PreparedImage, prepare_image
+from serve.model.batch import BatchItem, ItemOutcome
+from serve.model.model_server import Rejection, Retry, VersionInfo
+from shared.config import Settings
+from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError
+from shared.gcs import GcsClient
+from shared.messages import EntryPath, InferenceRequest
+from shared.result_store import RecentWrites, StoredResult, store_result
+from shared.results import InferenceResult, ModelRef, SourceRef, Status, Timings
+from shared.uris import GcsUri, check_allowed, parse_gcs_uri
+
+
+class ModelClient(Protocol):
+    """How the pipeline reaches model deployments."""
+
+    def models(self) -> list[str]: ...
+
+    async def describe(self, model: str, version: str | None) -> VersionInfo: ...
+
+    async def infer_many(
+        self, model: str, items: list[BatchItem], deadline: float | None
+    ) -> list[ItemOutcome | Rejection | Retry]: ...
+
+
+class ShedError(TransientError):
+    """A model deployment refused work because its queue is full (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """The pipeline's answer for one input.
+
+    ``superseded`` means a newer generation or model version is already recorded
+    for this input (at ``result_uri``); the result computed here was dropped.
+    """
+
+    request_id: str
+    result: InferenceResult | None
+    result_uri: str | None
+    superseded: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.result is None:
+            return {"request_id": self.request_id, "status": "superseded", "result_uri": self.result_uri}
+        body = self.result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        body["result_uri"] = self.result_uri
+        if self.superseded:
+            # Computed and returned, but the stored result (a newer generation or version) was kept.
+            body["superseded"] = True
+        return body
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """An input fetched and decoded, waiting for its model."""
+
+    index: int
+    request: InferenceRequest
+    source: GcsUri | None
+    model: str
+    info: VersionInfo
+    image: PreparedImage
+    started: float
+    fetch_ms: float
+    decode_ms: float
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """Ray re-raises replica exceptions wrapped; the original is ``.cause``."""
+    return getattr(err, "cause", None) or err
+
+
+class InferencePipeline:
+    """Turns :class:`InferenceRequest` objects into stored :class:`InferenceResult` objects."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelClient,
+        gcs: GcsClient,
+        decode_executor: Executor,
+        prepare: Callable[..., PreparedImage] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._models = models
+        self._gcs = gcs
+        self._decode = decode_executor
+        # prepare_image (CPU) or a GPU decoder with the same contract (serve.imaging.gpu_decode).
+        self._prepare_image = prepare or prepare_image
+        # Redeliveries and repeated images rewrite a result in one request.
+        self._recent = RecentWrites()
+
+    async def process_many(
+        self, requests: Sequence[InferenceRequest], deadline: float | None = None
+    ) -> list[Processed | BaseException]:
+        """Run every request; one answer per request, a transient failure as its exception."""
+        answers: list[Processed | BaseException | None] = [None] * len(requests)
+        prepared: list[_Prepared] = []
+
+        async def prepare(i: int, request: InferenceRequest) -> None:
+            try:
+                outcome = await self._prepare(i, request)
+            except BaseException as err:  # noqa: BLE001 - kept per input, mapped by the caller
+                answers[i] = err
+                return
+            if isinstance(outcome, _Prepared):
+                prepared.append(outcome)
+            else:
+                answers[i] = outcome
+
+        await asyncio.gather(*(prepare(i, r) for i, r in enumerate(requests)))
+        by_model: dict[str, list[_Prepared]] = {}
+        for p in sorted(prepared, key=lambda p: p.index):
+            by_model.setdefault(p.model, []).append(p)
+        stored = await asyncio.gather(
+            *(self._infer_and_store(model, group, deadline) for model, group in by_model.items())
+        )
+        for group_answers in stored:
+            for index, answer in group_answers:
+                answers[index] = answer
+        return [a if a is not None else RuntimeError("input was not processed") for a in answers]
+
+    async def process_bytes(
+        self,
+        data: bytes,
+        model: str | None,
+        version: str | None,
+        request_id: str,
+        deadline: float | None = None,
+    ) -> Processed:
+        """Run an image posted in the HTTP body; recorded under a name derived from its content."""
+        started = time.monotonic()
+        digest = hashlib.sha256(data).hexdigest()
+        request = InferenceRequest(
+            uri=f"sha256:{digest}", model=model, version=version,
+            request_id=request_id, entry_path=EntryPath.HTTP,
+        )  # fmt: skip
+        source = GcsUri(self._settings.results_bucket, f"_http/{digest}")
+        model = model or self._settings.default_model
+        try:
+            if len(data) > self._settings.max_image_bytes:
+                raise PermanentError(
+                    ErrorReason.IMAGE_TOO_LARGE, f"body is {len(data)} bytes, limit {self._settings.max_image_bytes}"
+                )
+            info = await self._describe(model, version)
+            p = await self._decode_one(0, request, source, model, info, data, started, 0.0)
+        except PermanentError as err:
+            return await self._record_failure(request, model, version, err, source)
+        [(_, answer)] = await self._infer_and_store(model, [p], deadline)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    # -- steps -----------------------------------------------------------------------------
+    async def _prepare(self, index: int, request: InferenceRequest) -> _Prepared | Processed:
+        started = time.monotonic()
+        model = request.model or self._settings.default_model
+        source: GcsUri | None = None
+        # Until the model deployment has resolved the version, an error record names
+        # none: a bogus requested version must not outrank a stored result.
+        version: str | None = None
+        try:
+            source = parse_gcs_uri(request.uri)
+            check_allowed(source, self._settings.allowed_buckets)
+            info = await self._describe(model, request.version)
+            version = info.version
+            t_fetch = time.monotonic()
+            data, generation = await self._gcs.read(source, request.generation, self._settings.max_image_bytes)
+            request = request.model_copy(update={"generation": generation or request.generation})
+            fetch_ms = (time.monotonic() - t_fetch) * 1000
+            return await self._decode_one(index, request, source, model, info, data, started, fetch_ms)
+        except SupersededError:
+            return Processed(request.request_id, None, None, superseded=True)
+        except PermanentError as err:
+            if err.reason is ErrorReason.OBJECT_MISSING:
+                # A generation no read confirmed (a deleted one, or one that never
+                # existed) must not rank the error above later uploads' results.
+                request = request.model_copy(update={"generation": None})
+            return await self._record_failure(request, model, version, err, source)
+
+    async def _decode_one(
+        self, index: int, request: InferenceRequest, source: GcsUri | None, model: str,
+        info: VersionInfo, data: bytes, started: float, fetch_ms: float,
+    ) -> _Prepared:  # fmt: skip
+        t_decode = time.monotonic()
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(
+                self._decode, self._prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
+            )
+        except PermanentError:
+            raise
+        except Exception as err:  # noqa: BLE001 - pinned on this one input's bytes
+            # Decoders raise far more than they document (SyntaxError on broken PNG
+            # chunks, struct errors in EXIF blocks): any of it condemns only this image.
+            raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err!r}"[:500]) from err
+        decode_ms = (time.monotonic() - t_decode) * 1000
+        return _Prepared(index, request, source, model, info, image, started, fetch_ms, decode_ms)
+
+    async def _describe(self, model: str, version: str | None) -> VersionInfo:
+        if model not in self._models.models():
+            raise PermanentError(
+                ErrorReason.UNKNOWN_MODEL,
+                f"model {model!r} is not served (models: {sorted(self._models.models())})",
+            )
+        return await self._models.describe(model, version)
+
+    async def _infer_and_store(
+        self, model: str, group: list[_Prepared], deadline: float | None
+    ) -> list[tuple[int, Processed | BaseException]]:
+        items = [BatchItem(p.image.pixels, p.image.geometry, p.info.version) for p in group]
+        try:
+            outcomes = await self._models.infer_many(model, items, deadline)
+        except BaseException as err:  # noqa: BLE001 - the whole call failed: every item retries
+            return [(p.index, err) for p in group]
+
+        async def finish(p: _Prepared, outcome: ItemOutcome | Rejection | Retry) -> Processed | BaseException:
+            try:
+                if isinstance(outcome, Retry):
+                    if outcome.overloaded:
+                        return ShedError(outcome.message, outcome.retry_after_s)
+                    return TransientError(outcome.message)
+                if isinstance(outcome, Rejection):
+                    return await self._record_failure(
+                        p.request, model, p.info.version, outcome.to_error(), p.source
+                    )
+                return await self._store(_result(p, outcome), p.source)
+            except BaseException as err:  # noqa: BLE001 - kept per input
+                return err
+
+        answers = await asyncio.gather(*(finish(p, o) for p, o in zip(group, outcomes, strict=True)))
+        return [(p.index, a) for p, a in zip(group, answers, strict=True)]
+
+    async def _record_failure(
+        self, request: InferenceRequest, model: str, version: str | None, err: PermanentError,
+        source: GcsUri | None,
+    ) -> Processed:  # fmt: skip
+        result = InferenceResult.failure(request, err.reason, err.message, model=model, version=version)
+        return await self._store(result, source)
+
+    async def _store(self, result: InferenceResult, source: GcsUri | None) -> Processed:
+        stored: StoredResult = await store_result(
+            self._gcs, self._settings.results_bucket, result, source, self._recent
+        )
+        return Processed(result.request_id, result, stored.uri, superseded=stored.superseded)
+
+
+def _result(p: _Prepared, outcome: ItemOutcome) -> InferenceResult:
+    request = p.request
+    timings = Timings(
+        fetch_ms=round(p.fetch_ms, 3),
+        decode_ms=round(p.decode_ms, 3),
+        queue_wait_ms=outcome.queue_wait_ms,
+        inference_ms=outcome.inference_ms,
+        batch_size=outcome.batch_size,
+        end_to_end_ms=round((time.monotonic() - p.started) * 1000, 3),
+    )
+    if outcome.error_reason is not None:
+        failed = InferenceResult.failure(
+            request, outcome.error_reason, outcome.error_message or "", model=p.model, version=outcome.version
+        )
+        return failed.model_copy(update={"backend": outcome.backend, "timings": timings})
+    return InferenceResult(
+        source=SourceRef(uri=request.uri, generation=request.generation),
+        model=ModelRef(name=p.model, version=outcome.version),
+        status=Status.OK,
+        backend=outcome.backend,
+        labels=outcome.labels,
+        detections=outcome.detections,
+        timings=timings,
+        request_id=request.request_id,
+        entry_path=request.entry_path,
+    )

@@ -1,0 +1,216 @@
+"""Running one dynamic batch: plain functions, testable without a Ray cluster.
+
+The model deployment's ``@serve.batch`` method hands a list of
+:class:`BatchItem` here and gets back exactly one :class:`ItemOutcome` per item,
+in order. Items were validated before they joined the batch; if the engine
+still fails on a batch, each item is retried alone so that one bad input cannot
+fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serve.engines.base import Engine, EngineFault
+from serve.imaging.cpu_decode import to_model_input
+from serve.model_config import InputSpec, ModelConfig
+from serve.postprocess.base import ImageGeometry, Postprocessor
+from shared.errors import ErrorReason, PermanentError, TransientError
+from shared.results import Detection, Label
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One image waiting for the model.
+
+    ``pixels`` is uint8 HWC at model size, or, when ``preprocessed``, the model's own
+    input for one image (the input spec's layout and dtype, no batch dimension).
+    ``raw`` asks for the engine's output tensors of this item besides its labels or
+    detections (the Open Inference Protocol returns them).
+    """
+
+    pixels: np.ndarray
+    geometry: ImageGeometry
+    version: str
+    enqueued_at: float = field(default_factory=time.monotonic)
+    preprocessed: bool = False
+    raw: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """What the model deployment returns for one item."""
+
+    version: str
+    backend: str
+    labels: list[Label] | None = None
+    detections: list[Detection] | None = None
+    queue_wait_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_size: int = 0
+    error_reason: ErrorReason | None = None
+    error_message: str | None = None
+    outputs: dict[str, np.ndarray] | None = None  # this item's engine outputs, for ``raw`` items
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    """An engine plus what is needed around it for one model version."""
+
+    model: str
+    version: str
+    config: ModelConfig
+    engine: Engine
+    postprocess: Postprocessor
+    labels: Sequence[str]
+    # Engine output name -> (dtype, shape without the batch dimension), seen at warm-up.
+    output_specs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+
+def model_input_shape(spec: InputSpec) -> tuple[int, ...]:
+    """The model's input tensor shape for one image (no batch dimension)."""
+    if spec.layout == "NCHW":
+        return (spec.channels, spec.height, spec.width)
+    return (spec.height, spec.width, spec.channels)
+
+
+def validate_item(item: BatchItem, config: ModelConfig) -> None:
+    """Reject an item whose tensor cannot join a batch of this model version."""
+    if item.preprocessed:
+        dtype, expected = np.dtype(config.input.dtype), model_input_shape(config.input)
+    else:
+        dtype, expected = np.dtype(np.uint8), (config.input.height, config.input.width, config.input.channels)
+    if item.pixels.dtype != dtype or item.pixels.shape != expected:
+        raise PermanentError(
+            ErrorReason.INFERENCE_FAILED,
+            f"tensor {item.pixels.dtype}{list(item.pixels.shape)} does not fit input "
+            f"{dtype}{list(expected)} of this model version",
+        )
+
+
+def _postprocess_one(
+    loaded: LoadedVersion, outputs: dict[str, np.ndarray], index: int, geometry: ImageGeometry
+) -> tuple[list[Label] | None, list[Detection] | None]:
+    per_image = {name: value[index] for name, value in outputs.items()}
+    found = loaded.postprocess(per_image, geometry, loaded.labels)
+    if found and isinstance(found[0], Detection):
+        return None, list(found)  # type: ignore[arg-type]
+    if loaded.config.task.value == "detection":
+        return None, []
+    return list(found), None  # type: ignore[arg-type]
+
+
+def _model_input(loaded: LoadedVersion, items: Sequence[BatchItem]) -> np.ndarray:
+    """The batch tensor: images are normalized together, preprocessed items go in as they are."""
+    spec, pre = loaded.config.input, loaded.config.preprocess
+    images = [i for i, item in enumerate(items) if not item.preprocessed]
+    if len(images) == len(items):
+        return to_model_input(np.stack([item.pixels for item in items]), spec, pre)
+    tensor = np.empty((len(items), *model_input_shape(spec)), dtype=spec.dtype)
+    for i, item in enumerate(items):
+        if item.preprocessed:
+            tensor[i] = item.pixels
+    if images:
+        tensor[images] = to_model_input(np.stack([items[i].pixels for i in images]), spec, pre)
+    return tensor
+
+
+def _infer(loaded: LoadedVersion, items: Sequence[BatchItem]) -> dict[str, np.ndarray]:
+    tensor = _model_input(loaded, items)
+    outputs = {k: np.asarray(v) for k, v in loaded.engine.infer(tensor).items()}
+    for name, value in outputs.items():
+        if value.shape[:1] != (len(items),):
+            raise RuntimeError(
+                f"engine output {name!r} has leading dimension {value.shape[:1]}, "
+                f"expected {len(items)}"
+            )
+    return outputs
+
+
+class EngineFailure(TransientError):
+    """The engine failed on a known-good input: a device or engine fault, not a bad image.
+
+    Transient: the items are retried elsewhere, and the replica reports itself
+    unhealthy so that Serve replaces it.
+    """
+
+
+def run_batch(
+    loaded: LoadedVersion, items: Sequence[BatchItem], clock: Callable[[], float] = time.monotonic
+) -> list[ItemOutcome]:
+    """Infer ``items`` (all of ``loaded``'s version) and postprocess each; one outcome per item.
+
+    When the engine raises, each item is retried alone; an item that still fails
+    is blamed only if the engine then succeeds on a known-good input. Otherwise
+    the engine itself is at fault and :class:`EngineFailure` is raised: no
+    input gets an error record for a fault that is not its own.
+
+    Raises:
+        EngineFailure: the engine fails on a known-good input too.
+    """
+    started = clock()
+    try:
+        outputs = _infer(loaded, items)
+    except EngineFault as err:
+        # The engine says its device is gone (a sticky CUDA error): no input is to blame.
+        raise EngineFailure(f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
+        if len(items) == 1:
+            _probe(loaded, err)
+            logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
+            return [_failed(loaded, items[0], started, f"inference failed for this image: {err}")]
+        logger.warning("batch of %d failed; retrying items one by one", len(items), exc_info=True)
+        return [outcome for item in items for outcome in run_batch(loaded, [item], clock)]
+    inference_ms = (clock() - started) * 1000
+    outcomes = []
+    for i, item in enumerate(items):
+        try:
+            labels, detections = _postprocess_one(loaded, outputs, i, item.geometry)
+        except Exception as err:  # noqa: BLE001 - a postprocess bug must not fail neighbours
+            logger.exception("postprocessing failed for %s/%s", loaded.model, loaded.version)
+            outcomes.append(_failed(loaded, item, started, f"postprocessing failed: {err}"))
+            continue
+        outcomes.append(
+            ItemOutcome(
+                version=loaded.version,
+                backend=loaded.engine.backend_name,
+                labels=labels,
+                detections=detections,
+                queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
+                inference_ms=round(inference_ms, 3),
+                batch_size=len(items),
+                outputs={name: np.array(value[i]) for name, value in outputs.items()} if item.raw else None,
+            )
+        )
+    return outcomes
+
+
+def _probe(loaded: LoadedVersion, cause: BaseException) -> None:
+    """Run a blank image; if the engine fails on that too, the fault is the engine's."""
+    cfg = loaded.config.input
+    blank = np.zeros((cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
+    try:
+        _infer(loaded, [BatchItem(blank, ImageGeometry(cfg.height, cfg.width, cfg.height, cfg.width, 1.0, 1.0), loaded.version)])
+    except Exception as err:  # noqa: BLE001 - any failure here condemns the engine
+        raise EngineFailure(
+            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version} fails on a "
+            f"blank image too ({err!r}; first failure {cause!r})"
+        ) from cause
+
+
+def _failed(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:
+    return ItemOutcome(
+        version=loaded.version,
+        backend=loaded.engine.backend_name,
+        queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
+        batch_size=1,
+        error_reason=ErrorReason.INFERENCE_FAILED,
+        error_message=message,
+    )

@@ -1,0 +1,136 @@
+"""Turning a repository entry into a warmed-up :class:`~serve.model.batch.LoadedVersion`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serve.engines.base import Engine, EngineCompatibility, EngineSpec, HardwareCompatibility
+from serve.engines.build import load_cached_engine
+from serve.engines.cache import EngineCache
+from serve.imaging.cpu_decode import to_model_input
+from serve.model.batch import LoadedVersion
+from serve.model.repository import ModelVersion
+from serve.model.validation import calibration_set, validation_set
+from serve.model_config import Backend
+from serve.postprocess.factory import make_postprocessor
+from shared.errors import ConfigError, TriggerfishError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS_ENV = "TRIGGERFISH_BACKENDS"
+
+
+def backend_preference(allowed: tuple[Backend, ...], env: str | None = None) -> list[Backend]:
+    """Backends to try, in order: the config's order, narrowed by ``TRIGGERFISH_BACKENDS``."""
+    raw = os.environ.get(BACKENDS_ENV, "") if env is None else env
+    if not raw.strip():
+        return list(allowed)
+    try:
+        wanted = [Backend(b.strip()) for b in raw.split(",") if b.strip()]
+    except ValueError as err:
+        raise ConfigError(
+            f"{BACKENDS_ENV} must list backends from {[b.value for b in Backend]}, got {raw!r}"
+        ) from err
+    chosen = [b for b in allowed if b in wanted]  # the config's order, as documented
+    if not chosen:
+        raise ConfigError(f"{BACKENDS_ENV}={raw!r} allows none of the model's backends {allowed}")
+    return chosen
+
+
+def engine_spec(mv: ModelVersion, output_names: tuple[str, ...], workers: int = 1) -> EngineSpec:
+    """The cheap description of what to load for ``mv``."""
+    cfg = mv.config
+    shape = (
+        (cfg.input.channels, cfg.input.height, cfg.input.width)
+        if cfg.input.layout == "NCHW"
+        else (cfg.input.height, cfg.input.width, cfg.input.channels)
+    )
+    return EngineSpec(
+        model=mv.name,
+        version=mv.version,
+        onnx_path=mv.onnx_path,
+        input_name=cfg.input.name,
+        input_shape=shape,
+        input_dtype=cfg.input.dtype,
+        output_names=output_names,
+        precision=cfg.precision,
+        batch_sizes=cfg.batching.engine_batch_sizes,
+        workers=workers,
+        compatibility=EngineCompatibility(
+            version_compatible=cfg.tensorrt.version_compatible,
+            hardware=HardwareCompatibility(cfg.tensorrt.hardware_compatibility),
+        ),
+    )
+
+
+def open_engine(
+    mv: ModelVersion, spec: EngineSpec, cache: EngineCache, backends: list[Backend], work_dir: Path
+) -> Engine:
+    """Load through the engine cache on the first backend that works.
+
+    A fallback (TensorRT missing, or refused by the accuracy guard) is logged and
+    visible in every result's ``backend``.
+    """
+    failures = []
+    for backend in backends:
+        try:
+            reduced = backend is Backend.TENSORRT and spec.precision.value != "fp32"
+            result = load_cached_engine(
+                spec,
+                backend,
+                cache,
+                calibration=calibration_set(mv, work_dir) if spec.precision.value == "int8" else None,
+                validation=validation_set(mv) if reduced else None,
+                # One file: the backend detects and replaces a cache from another GPU/TensorRT.
+                timing_cache_path=work_dir / "timing" / "tensorrt.timing-cache",
+            )
+        except (TriggerfishError, ImportError) as err:
+            logger.warning("backend %s unavailable for %s/%s: %s", backend.value, spec.model, spec.version, err)
+            failures.append(f"{backend.value}: {err}")
+            continue
+        report = result.report
+        logger.info(
+            "engine for %s/%s from %s (lookup %.3fs, build %.3fs, load %.3fs)",
+            spec.model, spec.version, report.level, report.lookup_seconds,
+            report.build_seconds or 0.0, report.load_seconds,
+        )  # fmt: skip
+        return result.value
+    raise ConfigError(f"no backend could load {spec.model}/{spec.version}: {'; '.join(failures)}")
+
+
+def load_version(
+    mv: ModelVersion, cache: EngineCache, work_dir: Path, workers: int = 1
+) -> LoadedVersion:
+    """Load the engine for ``mv`` and run a warm-up batch at every built batch size."""
+    postprocess = make_postprocessor(mv.config.postprocess)
+    spec = engine_spec(mv, postprocess.output_names, workers)
+    started = time.monotonic()
+    engine = open_engine(mv, spec, cache, backend_preference(mv.config.backends), work_dir)
+    loaded = LoadedVersion(mv.name, mv.version, mv.config, engine, postprocess, mv.labels)
+    warm_up(loaded)
+    logger.info(
+        "loaded %s/%s on %s in %.2fs", mv.name, mv.version, engine.backend_name, time.monotonic() - started
+    )
+    return loaded
+
+
+def warm_up(loaded: LoadedVersion) -> None:
+    """Run each engine batch size once so the first real request pays no lazy init.
+
+    Also records the engine's output dtypes and shapes (``loaded.output_specs``).
+    """
+    cfg = loaded.config
+    for size in cfg.batching.engine_batch_sizes:
+        pixels = np.zeros((size, cfg.input.height, cfg.input.width, cfg.input.channels), np.uint8)
+        outputs = loaded.engine.infer(to_model_input(pixels, cfg.input, cfg.preprocess))
+        missing = [n for n in loaded.postprocess.output_names if n not in outputs]
+        if missing:
+            raise ConfigError(f"{loaded.model}/{loaded.version} warm-up produced no outputs {missing}")
+        loaded.output_specs = {
+            name: (str(np.asarray(value).dtype), tuple(np.asarray(value).shape[1:])) for name, value in outputs.items()
+        }
