@@ -9,6 +9,12 @@ read-check-write.
 
 With ``STORAGE_EMULATOR_HOST`` set (fake-gcs-server) no credentials are sent;
 otherwise Application Default Credentials are refreshed off the event loop.
+
+Every object request is checked against Cloud Storage's documented limits
+(:mod:`shared.gcs_limits`) before it is sent, because fake-gcs-server enforces
+none of them: a name the cloud refuses is refused locally too, and both raise
+:class:`~shared.gcs_limits.RequestRefused`, a permanent error, as a 400 from
+Cloud Storage does. A 400 is never retried: the same request cannot succeed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from urllib.parse import quote
 import aiohttp
 
 from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError
+from shared.gcs_limits import RequestRefused, check_custom_metadata, check_object_name
 from shared.uris import GcsUri
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
@@ -128,10 +135,12 @@ class GcsClient:
 
         Raises:
             PermanentError: ``object_missing``, ``image_too_large``, ``access_denied``
-                (the service may not read that object), ``invalid_uri`` (GCS refused the name).
+                (the service may not read that object).
+            RequestRefused: ``invalid_uri``: Cloud Storage refuses the name (400).
             SupersededError: the named generation was replaced by a newer one.
             TransientError: 429/5xx, timeouts, connection errors.
         """
+        check_object_name(uri.bucket, uri.name)
         params = {"alt": "media"}
         if generation:
             params["generation"] = generation
@@ -163,13 +172,20 @@ class GcsClient:
         raise PermanentError(ErrorReason.OBJECT_MISSING, f"{uri}{suffix} does not exist")
 
     async def info(self, bucket: str, name: str) -> ObjectInfo | None:
-        """The object's generation, size and custom metadata; ``None`` when it does not exist."""
+        """The object's generation, size and custom metadata; ``None`` when it does not exist.
+
+        Raises:
+            RequestRefused: Cloud Storage refuses the name (400).
+            TransientError: any other failure.
+        """
+        check_object_name(bucket, name)
         url = self._endpoint + _object_path(bucket, name)
         try:
             async with self._http().get(url, headers=await self._headers()) as resp:
                 if resp.status == 404:
                     return None
                 body = await _text(resp)
+                _raise_if_refused(resp.status, f"gs://{bucket}/{name}", body)
                 if resp.status != 200:
                     raise TransientError(
                         f"Cloud Storage answered {resp.status} reading gs://{bucket}/{name} metadata: {body[:200]}"
@@ -182,8 +198,10 @@ class GcsClient:
         """Delete the object's live generation; ``False`` when there was none.
 
         Raises:
+            RequestRefused: Cloud Storage refuses the name (400).
             TransientError: Cloud Storage failed or was unreachable.
         """
+        check_object_name(bucket, name)
         url = self._endpoint + _object_path(bucket, name)
         try:
             async with self._http().delete(url, headers=await self._headers()) as resp:
@@ -191,6 +209,7 @@ class GcsClient:
                     return False
                 if resp.status not in (200, 204):
                     body = await _text(resp)
+                    _raise_if_refused(resp.status, f"gs://{bucket}/{name}", body)
                     raise TransientError(f"Cloud Storage answered {resp.status} deleting gs://{bucket}/{name}: {body[:200]}")
         except (aiohttp.ClientError, TimeoutError) as err:
             raise TransientError(f"Cloud Storage unreachable deleting gs://{bucket}/{name}: {err!r}") from err
@@ -211,8 +230,12 @@ class GcsClient:
 
         Raises:
             PreconditionFailed: the object's generation is not ``if_generation_match``.
+            RequestRefused: the request breaks one of Cloud Storage's limits (checked here
+                first) or Cloud Storage answered 400: the same write can never succeed.
             TransientError: any other failure (a result that cannot be written is retried).
         """
+        check_object_name(bucket, name)
+        check_custom_metadata(bucket, name, metadata or {})
         resource: dict[str, Any] = {"name": name, "contentType": content_type}
         if metadata:
             resource["metadata"] = dict(metadata)
@@ -235,6 +258,7 @@ class GcsClient:
                 text = await _text(resp)
                 if resp.status == 412:
                     raise PreconditionFailed(f"{where} changed (ifGenerationMatch={if_generation_match})")
+                _raise_if_refused(resp.status, where, text)
                 if resp.status != 200:
                     raise TransientError(f"Cloud Storage answered {resp.status} writing {where}: {text[:200]}")
         except (aiohttp.ClientError, TimeoutError) as err:
@@ -262,13 +286,18 @@ async def _text(resp: aiohttp.ClientResponse) -> str:
     return (await resp.read()).decode("utf-8", errors="replace")
 
 
+def _raise_if_refused(status: int, where: str, body: str) -> None:
+    """A 400 is Cloud Storage refusing the request itself: permanent, never retried."""
+    if status == 400:
+        raise RequestRefused(f"Cloud Storage refused {where} (400): {body[:200]}")
+
+
 def _raise_for_read(status: int, uri: GcsUri, body: str) -> None:
     if status == 200:
         return
     if status == 403:
         raise PermanentError(ErrorReason.ACCESS_DENIED, f"the service may not read {uri}: {body[:200]}")
-    if status == 400:
-        raise PermanentError(ErrorReason.INVALID_URI, f"Cloud Storage refused {uri}: {body[:200]}")
+    _raise_if_refused(status, str(uri), body)
     raise TransientError(f"Cloud Storage answered {status} reading {uri}: {body[:200]}")
 
 

@@ -7,11 +7,11 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from shared.errors import ErrorReason, PermanentError
+from shared.gcs_limits import object_name_problem
 
 # Bucket names: 3-63 chars of lowercase letters, digits, dashes, underscores and dots,
 # starting and ending with a letter or digit (the dotted 222-char form is not used here).
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
-_MAX_OBJECT_NAME_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +39,10 @@ def parse_gcs_uri(uri: str) -> GcsUri:
         raise PermanentError(ErrorReason.INVALID_URI, f"invalid bucket name {bucket!r} in {uri!r}")
     if not sep or not name or name.endswith("/"):
         raise PermanentError(ErrorReason.INVALID_URI, f"URI {uri!r} names no object")
-    if len(name.encode()) > _MAX_OBJECT_NAME_BYTES or "\n" in name or "\r" in name:
-        raise PermanentError(ErrorReason.INVALID_URI, f"invalid object name in {uri!r}")
+    # Cloud Storage's own naming rules: a name it would refuse names no object it holds.
+    problem = object_name_problem(name)
+    if problem is not None:
+        raise PermanentError(ErrorReason.INVALID_URI, f"invalid object name in {uri[:300]!r}: it {problem}")
     return GcsUri(bucket=bucket, name=name)
 
 
