@@ -25,6 +25,7 @@ from functions_framework import create_app
 
 import functions._forward as forward_module
 from shared.errors import ErrorReason, TransientError
+from shared.gcs_limits import RequestRefused
 from shared.messages import DEADLINE_HEADER, EntryPath, InferenceRequest
 from shared.result_store import STATUS_METADATA_KEY
 from shared.results import InferenceResult, Status
@@ -67,17 +68,31 @@ class FakeServe:
     error: Exception | None = None
     error_code: str = "transient"
     body: bytes | None = None
+    #: Per-request results of a 200, instead of one ``ok`` per request.
+    results: list[dict[str, Any]] | None = None
+    #: Request ids Serve refuses (400 ``bad_request``), failing any call that carries one.
+    refuses: frozenset[str] = frozenset()
     posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    timeouts: list[httpx.Timeout | None] = field(default_factory=list)
 
     def post(
-        self, url: str, json: dict[str, Any], headers: dict[str, str] | None = None
+        self,
+        url: str,
+        json: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         self.posts.append((url, copy.deepcopy(json)))
         self.headers.append(dict(headers or {}))
+        self.timeouts.append(timeout)
         request = httpx.Request("POST", url)
         if self.error is not None:
             raise self.error
+        if self.refuses & {r["request_id"] for r in json["requests"]}:
+            return httpx.Response(400, json={"error": "bad_request", "message": "x"}, request=request)
+        if self.status == 200 and self.results is not None:
+            return httpx.Response(200, json={"results": self.results}, request=request)
         if self.status == 200:
             results = [
                 {"request_id": r["request_id"], "status": "ok", "result_uri": f"gs://r/{i}.json"}
@@ -184,7 +199,7 @@ def gcs(monkeypatch: pytest.MonkeyPatch) -> InMemoryGcs:
 
     class Client:
         @staticmethod
-        def from_environment() -> InMemoryGcs:
+        def from_environment(timeout_s: float = 30.0) -> InMemoryGcs:
             return fake
 
     monkeypatch.setattr(forward_module, "GcsClient", Client)
@@ -455,7 +470,8 @@ def test_serve_rejecting_the_request_records_errors_and_acknowledges(
         _request(apps, _push({"uris": [CAT, "gs://more-images/dog.jpg"], "request_id": "j"})) == 200
     )
 
-    assert len(serve.posts) == 1
+    # Refused together, then each alone: only then is each one a malformed request.
+    assert [[r["request_id"] for r in body["requests"]] for _, body in serve.posts] == [["j/0", "j/1"], ["j/0"], ["j/1"]]
     assert [r.reason for r in stored] == [ErrorReason.MALFORMED_MESSAGE] * 2
     assert [r.result.request_id for r in stored] == ["j/0", "j/1"]
     assert [r.name for r in stored] == [
@@ -654,3 +670,98 @@ def test_a_429_fails_only_the_inputs_serve_marks_for_retry(serve: FakeServe, sto
     assert answers[0] == done
     assert isinstance(answers[1], TransientError) and "429" in str(answers[1])
     assert stored == []
+
+
+# --- a 400 on a merged call, deadlines, answers Serve could not record ---------------------
+
+
+def _requests(n: int, job: str = "m") -> list[InferenceRequest]:
+    return [
+        InferenceRequest(uri=f"gs://triggerfish-images/{k}.jpg", request_id=f"{job}/{k}", entry_path=EntryPath.PUBSUB)
+        for k in range(n)
+    ]
+
+
+def test_a_400_on_a_merged_call_is_split_until_the_refused_request_stands_alone(
+    serve: FakeServe, stored: StoredResults
+) -> None:
+    serve.refuses = frozenset({"m/5"})
+
+    answers = forward_module._post(_requests(8), deadline=time.time() + 60)
+
+    assert [a["request_id"] for a in answers if isinstance(a, dict)] == [f"m/{k}" for k in range(8) if k != 5]
+    assert isinstance(answers[5], forward_module._Rejected)
+    sent = [[int(r["request_id"][2:]) for r in body["requests"]] for _, body in serve.posts]
+    assert sent == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5], [4], [5], [6, 7]]
+    assert stored == []  # _post only answers; forward() records
+
+
+def test_events_merged_with_a_refused_one_are_answered_and_only_it_is_recorded(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    serve.refuses = frozenset({"j/1"})
+
+    assert _request(apps, _push({"uris": [CAT, "gs://more-images/dog.jpg", CAT + "2"], "request_id": "j"})) == 200
+
+    [record] = stored
+    assert record.reason is ErrorReason.MALFORMED_MESSAGE and record.result.request_id == "j/1"
+    answered = [r["request_id"] for _, body in serve.posts for r in body["requests"] if len(body["requests"]) == 1]
+    assert "j/1" in answered
+
+
+def test_no_call_goes_out_after_the_deadline_and_each_is_bounded_by_it(serve: FakeServe) -> None:
+    late = forward_module._post(_requests(2), deadline=time.time() - 1)
+    assert all(isinstance(a, TransientError) and "deadline" in str(a) for a in late) and len(late) == 2
+    assert serve.posts == []
+
+    forward_module._post(_requests(2), deadline=time.time() + 7)
+
+    [timeout] = serve.timeouts
+    assert timeout is not None and timeout.read is not None and 0 < timeout.read <= 7
+
+
+def test_an_error_outranked_by_a_stored_result_is_logged_with_request_id_and_uri(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults, capfd: pytest.CaptureFixture[str]
+) -> None:
+    serve.results = [{
+        "request_id": "v-9", "status": "error", "superseded": True,
+        "error": {"reason": "unknown_version", "message": "version 9 is not served"},
+        "result_uri": "gs://triggerfish-results/mobilenet_v2/triggerfish-images/cat.jpg.json",
+    }]  # fmt: skip
+
+    assert _request(apps, _push({"uri": CAT, "version": "9", "request_id": "v-9"})) == 200
+
+    # The function's JSON log lines (what Cloud Logging reads from stderr).
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    [warning] = [line for line in lines if "outranks the error" in line["message"]]
+    assert warning["severity"] == "WARNING"
+    assert warning["request_id"] == "v-9" and warning["uri"] == CAT and warning["reason"] == "unknown_version"
+    assert stored == []  # the kept result stays; nothing is written over it
+
+
+def test_an_error_serve_could_not_record_gets_a_typed_record_by_request_id(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    serve.results = [{"status": "error", "error": {"reason": "invalid_uri", "message": "Cloud Storage refused"}}]
+
+    assert _request(apps, _push({"uri": CAT, "request_id": "long-1"})) == 200
+
+    [record] = stored
+    assert record.reason is ErrorReason.INVALID_URI and record.result.request_id == "long-1"
+    assert record.name.startswith("_invalid/")
+
+
+def test_a_result_name_cloud_storage_refuses_is_recorded_under_the_request_id(
+    apps: dict[str, FlaskClient], serve: FakeServe, gcs: InMemoryGcs, stored: StoredResults
+) -> None:
+    def refuse_source_names(bucket: str, name: str) -> None:
+        if not name.startswith("_invalid/"):
+            raise RequestRefused(f"Cloud Storage refused gs://{bucket}/{name} (400)")
+
+    gcs.before_write = refuse_source_names
+
+    assert _request(apps, _push({"uri": "gs://someone-elses/cat.jpg", "request_id": "r-8"})) == 200
+
+    [record] = stored
+    assert record.reason is ErrorReason.BUCKET_NOT_ALLOWED and record.result.request_id == "r-8"
+    assert record.name.startswith("_invalid/")
