@@ -15,8 +15,17 @@ batches). A failed delivery is held for the retry policy's backoff (while held
 it occupies one of the route's ``--concurrency`` slots) and then released for
 immediate redelivery; on the last allowed attempt the message is published to
 the dead-letter topic with the attributes the service sets
-(``CloudPubSubDeadLetterSource*``) and then acknowledged. Like a push endpoint's, a delivery's time is bounded by the
-subscription's ack deadline: past it the emulator delivers the message again.
+(``CloudPubSubDeadLetterSource*``) and then acknowledged.
+
+Like a push endpoint's, a delivery's time is bounded by the subscription's ack
+deadline (read from the emulator at start). The message stays leased for as long
+as this process holds it, in flight or backing off: its ack deadline is extended
+every third of the deadline, and the extending stops before the message is
+released, so the emulator never hands out a second copy of a message a
+delivery still holds, and copies never run concurrently.
+
+Messages up to Pub/Sub's 10 MB are pulled: gRPC's default 4 MB receive limit is
+lifted on the channel, as Google's Pub/Sub client library does.
 
 One asyncio loop does all of it: delivering a message costs a few hundred
 microseconds of CPU, which on a small machine is CPU the stack it feeds keeps.
@@ -48,8 +57,11 @@ logger = logging.getLogger("infra.push_dispatcher")
 _REMEMBERED = 100_000
 # How long acknowledgements gather before one request sends them all.
 _ACK_BATCH_S = 0.02
-# A delivery (one POST to the function) takes at most this long, as a push does.
-_DELIVERY_TIMEOUT_S = 600.0
+# Pub/Sub's default ack deadline, used where a subscription's cannot be read.
+_DEFAULT_ACK_DEADLINE_S = 10
+# No limit on what one pull answer may carry: it holds up to --concurrency messages of
+# up to 10 MB each (Pub/Sub's limit); gRPC's default is 4 MB. -1 as in google-cloud-pubsub.
+_GRPC_OPTIONS = (("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1))
 # Below gunicorn's 2 s keep-alive: a connection the function already closed would
 # fail the next POST on it.
 _KEEPALIVE_S = 1.0
@@ -196,6 +208,8 @@ class Dispatcher:
         self._publisher: Any = None
         self._ready = threading.Event()
         self._acks: dict[str, _Acks] = {}
+        # Per subscription path: its ack deadline, which bounds a delivery and paces its lease.
+        self._ack_deadlines: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -224,16 +238,18 @@ class Dispatcher:
 
         self._stopping = asyncio.Event()
         # The emulator speaks plain gRPC; its REST gateway costs it far more CPU per message.
-        channel = grpc.aio.insecure_channel(self._host)
+        channel = grpc.aio.insecure_channel(self._host, options=_GRPC_OPTIONS)
         self.subscriber = SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=channel))
         self._publisher = PublisherAsyncClient(transport=PublisherGrpcAsyncIOTransport(channel=channel))
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
         # No netrc or proxy lookups per request.
         self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         deliveries: set[asyncio.Task[None]] = set()
-        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in self._routes]
         for route in self._routes:
-            logger.info("delivering %s to %s", self._subscription_path(route), route.endpoint)
+            path = self._subscription_path(route)
+            self._ack_deadlines[path] = await self._read_ack_deadline(path)
+            logger.info("delivering %s to %s (ack deadline %d s)", path, route.endpoint, self._ack_deadlines[path])
+        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in self._routes]
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -249,6 +265,14 @@ class Dispatcher:
 
     def _subscription_path(self, route: Route) -> str:
         return f"projects/{self._project}/subscriptions/{route.subscription}"
+
+    async def _read_ack_deadline(self, path: str) -> int:
+        try:
+            subscription = await self.subscriber.get_subscription(subscription=path, timeout=_CALL_TIMEOUT_S)
+        except _EMULATOR_ERRORS as err:
+            logger.warning("could not read the ack deadline of %s (%r); using %d s", path, err, _DEFAULT_ACK_DEADLINE_S)
+            return _DEFAULT_ACK_DEADLINE_S
+        return int(subscription.ack_deadline_seconds) or _DEFAULT_ACK_DEADLINE_S
 
     # -- delivery -----------------------------------------------------------------------------
     async def _pump(self, route: Route, deliveries: set[asyncio.Task[None]]) -> None:
@@ -283,13 +307,25 @@ class Dispatcher:
                 task.add_done_callback(lambda t: (deliveries.discard(t), slots.release()))
 
     async def _deliver(self, route: Route, path: str, ack_id: str, message: dict[str, Any], acks: _Acks) -> None:
+        ack_deadline = self._ack_deadlines.get(path, _DEFAULT_ACK_DEADLINE_S)
+        lease = _Lease(self, path, ack_id, ack_deadline)
+        try:
+            await self._attempt(route, path, ack_id, message, acks, lease, ack_deadline)
+        finally:
+            await lease.end()
+
+    async def _attempt(
+        self, route: Route, path: str, ack_id: str, message: dict[str, Any], acks: _Acks, lease: _Lease,
+        ack_deadline: int,
+    ) -> None:  # fmt: skip
         assert self._session is not None
         attempt = self._attempts.next(message["messageId"])
         try:
             async with self._session.post(
                 route.endpoint,
                 json=envelope(message, path, attempt),
-                timeout=aiohttp.ClientTimeout(total=_DELIVERY_TIMEOUT_S, sock_connect=5),
+                # A push waits for its endpoint as long as the ack deadline, no longer.
+                timeout=aiohttp.ClientTimeout(total=ack_deadline, sock_connect=5),
             ) as response:
                 await response.read()
                 ok = 200 <= response.status < 300 or response.status == 102
@@ -301,6 +337,7 @@ class Dispatcher:
             acks.add(ack_id)
             return
         if attempt >= route.max_attempts:
+            await lease.end()  # dead-lettering may release the message
             await self._dead_letter_message(route, path, message, ack_id, attempt, detail, acks)
             return
         delay = route.backoff_s(attempt)
@@ -308,10 +345,11 @@ class Dispatcher:
             "delivery %d of message %s to %s failed (%s); redelivery in %ds",
             attempt, message["messageId"], route.endpoint, detail, delay,
         )  # fmt: skip
-        # Held for the backoff, then released: the emulator hands a released message to the
-        # waiting pull at once, while one whose ack deadline is set to the backoff comes back
-        # late or, under load, not until much later.
+        # Held for the backoff (still leased), then released: the emulator hands a released
+        # message to the waiting pull at once, while one whose ack deadline is set to the
+        # backoff comes back late or, under load, not until much later.
         await asyncio.sleep(delay)
+        await lease.end()  # no extension may land after the release
         await self._redeliver_after(path, ack_id, 0)
 
     async def _redeliver_after(self, path: str, ack_id: str, delay_s: int) -> None:
@@ -350,6 +388,42 @@ class Dispatcher:
         )  # fmt: skip
         self._attempts.forget(message["messageId"])
         acks.add(ack_id)
+
+
+class _Lease:
+    """Keeps one held message's ack deadline from running out until :meth:`end`.
+
+    The first extension comes a third of the deadline after the pull, then one every
+    third: a slow emulator call still lands well before the deadline passes.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, path: str, ack_id: str, ack_deadline_s: int) -> None:
+        self._dispatcher = dispatcher
+        self._path = path
+        self._ack_id = ack_id
+        self._deadline_s = ack_deadline_s
+        self._ended = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._keep())
+
+    async def _keep(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._ended.wait(), self._deadline_s / 3)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self._dispatcher.subscriber.modify_ack_deadline(
+                    subscription=self._path, ack_ids=[self._ack_id], ack_deadline_seconds=self._deadline_s,
+                    timeout=min(_CALL_TIMEOUT_S, self._deadline_s / 3),
+                )  # fmt: skip
+            except _EMULATOR_ERRORS as err:
+                logger.warning("could not extend the ack deadline of %s: %r", self._ack_id, err)
+
+    async def end(self) -> None:
+        """Stop extending; returns once no extension is under way (so none lands after a release)."""
+        self._ended.set()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:

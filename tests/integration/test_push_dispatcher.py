@@ -30,6 +30,7 @@ class Endpoint:
     def __init__(self, status: int, delay_s: float) -> None:
         self.status, self.delay_s = status, delay_s
         self.envelopes: list[dict] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each POST
         self.in_flight = self.peak = 0
         self._lock = threading.Lock()
         endpoint = self
@@ -39,6 +40,7 @@ class Endpoint:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 with endpoint._lock:
                     endpoint.envelopes.append(body)
+                    endpoint.arrivals.append(time.monotonic())
                     endpoint.in_flight += 1
                     endpoint.peak = max(endpoint.peak, endpoint.in_flight)
                 time.sleep(endpoint.delay_s)
@@ -152,3 +154,56 @@ def test_failed_deliveries_back_off_and_end_on_the_dead_letter_topic(emulator: s
     attempts = sorted(e["deliveryAttempt"] for e in endpoint.envelopes)
     assert attempts == [1, 1, 2, 2, 3, 3]
     assert elapsed >= 1 + 2  # backoff of 1 s after the first failure, 2 s after the second
+
+
+def test_a_9_mb_message_is_pulled_and_delivered_whole(emulator: str) -> None:
+    """Pub/Sub allows 10 MB; gRPC's default receive limit (4 MB) must not stop the pull."""
+    from google.cloud import pubsub_v1
+
+    tag = uuid.uuid4().hex[:8]
+    topic, sub, _ = _setup(tag)
+    endpoint = Endpoint(204, delay_s=0.0)
+    dispatcher = Dispatcher(PROJECT, f"dead-{tag}", [Route(sub, endpoint.url, 5, 1, 2)], concurrency=4)
+    big = os.urandom(9 * 1024 * 1024)
+    dispatcher.start()
+    try:
+        pubsub_v1.PublisherClient().publish(topic, big, origin="big").result(timeout=60)
+        deadline = time.monotonic() + 60
+        while not endpoint.envelopes and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        dispatcher.stop()
+        endpoint.server.shutdown()
+    [delivered] = endpoint.envelopes
+    assert base64.b64decode(delivered["message"]["data"]) == big
+    assert delivered["deliveryAttempt"] == 1
+
+
+def test_a_held_message_is_never_handed_out_again_while_held(emulator: str) -> None:
+    """A backoff longer than the ack deadline: the message stays leased until its release,
+    so the second delivery starts only after the backoff, never alongside the first."""
+    from google.cloud import pubsub_v1
+
+    tag = uuid.uuid4().hex[:8]
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(PROJECT, f"t-{tag}")
+    publisher.create_topic(name=topic)
+    publisher.create_topic(name=publisher.topic_path(PROJECT, f"dead-{tag}"))
+    # The emulator's shortest ack deadline, against a 15 s backoff.
+    subscriber.create_subscription(
+        name=subscriber.subscription_path(PROJECT, f"s-{tag}"), topic=topic, ack_deadline_seconds=10
+    )
+    endpoint = Endpoint(500, delay_s=0.0)
+    dispatcher = Dispatcher(PROJECT, f"dead-{tag}", [Route(f"s-{tag}", endpoint.url, 2, 15, 15)], concurrency=4)
+    dispatcher.start()
+    try:
+        started = time.monotonic()
+        publisher.publish(topic, b"held").result(timeout=30)
+        while len(endpoint.envelopes) < 2 and time.monotonic() - started < 45:
+            time.sleep(0.1)
+    finally:
+        dispatcher.stop()
+        endpoint.server.shutdown()
+    assert [e["deliveryAttempt"] for e in endpoint.envelopes] == [1, 2]
+    # Unleased, the emulator would hand out a copy at the 10 s ack deadline, mid-backoff.
+    assert endpoint.arrivals[1] - endpoint.arrivals[0] >= 15
