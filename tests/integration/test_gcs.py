@@ -13,7 +13,8 @@ import pytest
 
 from shared.errors import ErrorReason, PermanentError, SupersededError
 from shared.gcs import GcsClient, ObjectInfo, PreconditionFailed
-from shared.messages import EntryPath
+from shared.gcs_limits import RequestRefused, object_name_problem
+from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import GENERATION_METADATA_KEY, StoredResult, store_result
 from shared.results import InferenceResult, ModelRef, SourceRef, Status
 from shared.uris import GcsUri
@@ -249,3 +250,71 @@ def test_a_stored_result_is_kept_against_an_older_one(server: FakeGcs, bucket: s
 
     assert (newer.written, older.written, older.superseded) == (True, False, True)
     assert (again.written, again.superseded) == (True, False)  # equal rank: replaced
+
+
+# --- Cloud Storage's limits, which fake-gcs-server does not enforce ------------------------
+
+
+def _long_source(name_bytes: int = 1000) -> GcsUri:
+    """A valid source name of ``name_bytes`` bytes; its plain result name is over 1024 bytes."""
+    return GcsUri("triggerfish-images", "deep/" + "n" * (name_bytes - len("deep/")))
+
+
+def test_fake_gcs_server_accepts_a_name_the_cloud_refuses_but_the_client_does_not(
+    server: FakeGcs, bucket: str
+) -> None:
+    too_long = "x" * 1025
+    # The emulator alone: written without complaint (the cloud answers 400).
+    server.client().bucket(bucket).blob(too_long).upload_from_string(b"{}")
+    assert server.client().bucket(bucket).get_blob(too_long) is not None
+
+    async def work(gcs: GcsClient) -> ObjectInfo:
+        return await gcs.write(bucket, "y" * 1025, b"{}", if_generation_match=0)
+
+    with pytest.raises(RequestRefused) as info:
+        _with_client(server, work)
+
+    assert info.value.status == 400 and info.value.reason is ErrorReason.INVALID_URI
+    assert server.client().bucket(bucket).get_blob("y" * 1025) is None
+
+
+def test_a_1000_byte_source_name_gets_a_name_cloud_storage_accepts_or_a_permanent_refusal(
+    server: FakeGcs, bucket: str
+) -> None:
+    source = _long_source()
+    result = _result(5).model_copy(update={"source": SourceRef(uri=str(source), generation="5")})
+
+    async def work(gcs: GcsClient) -> StoredResult:
+        return await store_result(gcs, bucket, result, source)
+
+    try:
+        stored = _with_client(server, work)
+    except RequestRefused:
+        return  # permanent: recorded by request id instead (see the function-side test below)
+    name = stored.uri.removeprefix(f"gs://{bucket}/")
+    assert object_name_problem(name) is None, len(name.encode())
+    blob = server.client().bucket(bucket).get_blob(name)
+    assert blob is not None and json.loads(blob.download_as_bytes())["source"]["uri"] == str(source)
+
+
+def test_the_function_records_a_1000_byte_source_name_where_cloud_storage_accepts_it(
+    server: FakeGcs, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functions._forward as forward_module
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url.removeprefix("http://"))
+    monkeypatch.setenv("TRIGGERFISH_RESULTS_BUCKET", bucket)
+    forward_module.get_settings.cache_clear()
+    source = _long_source()
+    request = InferenceRequest(uri=str(source), request_id="long-name-1", entry_path=EntryPath.PUBSUB)
+    try:
+        uri = forward_module.record_failure(request, PermanentError(ErrorReason.OBJECT_MISSING, "gone"), source)
+    finally:
+        forward_module.get_settings.cache_clear()
+
+    assert uri is not None
+    name = uri.removeprefix(f"gs://{bucket}/")
+    assert object_name_problem(name) is None
+    record = json.loads(server.client().bucket(bucket).blob(name).download_as_bytes())
+    assert record["request_id"] == "long-name-1" and record["error"]["reason"] == "object_missing"
+    assert record["source"]["uri"] == str(source)

@@ -332,7 +332,8 @@ def test_image_kind_through_every_entry_path(client: StackClient, kind: str) -> 
         deliver_request(state, _json({"uri": str(uri), "request_id": request_id}), message_id())
         == 200
     )
-    requested = client.find_result(str(uri), MODEL, generation=generation)
+    # Its own result (the request's equal rank replaced the upload's), not the upload leg's.
+    requested = client.find_result(str(uri), MODEL, generation=generation, request_id=request_id)
     # http: the raw bytes as the body
     response = infer(state, content=payload, headers={"content-type": "application/octet-stream"})
 

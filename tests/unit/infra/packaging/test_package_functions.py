@@ -190,39 +190,102 @@ def _distribution_closure(requirements):
     return seen
 
 
+def _provided_modules(dists):
+    """Dotted names of the modules and regular packages the installed ``dists`` ship.
+
+    Only names backed by a file (``x.py``, ``x/__init__.py``, an extension module):
+    a namespace package such as ``google`` or ``google.cloud`` provides nothing itself.
+    """
+    modules: set[str] = set()
+    for dist in dists:
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            if file.suffix not in (".py", ".pyi", ".so", ".pyd") or ".." in file.parts:
+                continue
+            parts = [*file.parts[:-1], file.name.split(".", 1)[0]]
+            if parts[-1] == "__init__":
+                parts.pop()
+            if parts:
+                modules.add(".".join(parts))
+    return modules
+
+
+def _uncovered_imports(sources, requirements):
+    """Imports in ``sources`` (file name -> Python source) that ``requirements`` do not install."""
+    provided = _distribution_closure(requirements)
+    packages_of = importlib.metadata.packages_distributions()
+    provided_modules = _provided_modules(provided)
+    local = {name.split("/")[0].removesuffix(".py") for name in sources}
+    missing: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imports = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imports = [(node.module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, imported in imports:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top in local or top == "__future__":
+                    continue
+                if top == "google":
+                    # A namespace shared by many distributions: what must be provided is the
+                    # module itself (``from google.cloud import storage`` needs google.cloud.storage).
+                    wanted = [f"{module}.{imported}", module] if imported else [module]
+                    covered = any(w in provided_modules for w in wanted)
+                else:
+                    dists = {re.sub(r"[-_.]+", "-", d).lower() for d in packages_of.get(top, [])}
+                    covered = bool(dists & provided)
+                if not covered:
+                    missing.setdefault(f"{module}.{imported}" if imported else module, []).append(name)
+    return missing
+
+
 def test_every_import_in_the_archive_is_provided(real_archive):
     """A module imported by functions/ or shared/ but missing from requirements.txt would
     only fail after deployment; catch it here."""
     with zipfile.ZipFile(real_archive.path) as zf:
         requirements = zf.read("requirements.txt").decode().split()
         sources = {n: zf.read(n).decode() for n in zf.namelist() if n.endswith(".py")}
-    provided = _distribution_closure(requirements)
-    packages_of = importlib.metadata.packages_distributions()
-    local = {name.split("/")[0].removesuffix(".py") for name in sources}
-    missing = {}
-    for name, source in sources.items():
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules = [node.module]
-            else:
-                continue
-            for module in modules:
-                top = module.split(".")[0]
-                if top in sys.stdlib_module_names or top in local or top == "__future__":
-                    continue
-                dists = {re.sub(r"[-_.]+", "-", d).lower() for d in packages_of.get(top, [])}
-                if module.startswith("google."):
-                    # Namespace package: resolve by the full dotted prefix.
-                    dists = {
-                        re.sub(r"[-_.]+", "-", d).lower()
-                        for d in packages_of.get("google", [])
-                        if re.sub(r"[-_.]+", "-", d).lower() in provided
-                    }
-                if not dists & provided:
-                    missing.setdefault(module, []).append(name)
+    missing = _uncovered_imports(sources, requirements)
     assert not missing, f"imports not covered by requirements.txt: {missing}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from google.cloud import pubsub_v1",  # installed here, but not a function requirement
+        "import google.cloud.pubsub_v1",
+        "from google.cloud.pubsub_v1 import PublisherClient",
+        "from google.cloud import bigquery",  # not installed at all
+        "import google.protobuf_nonexistent",
+    ],
+)
+def test_the_import_check_flags_a_google_module_the_requirements_do_not_provide(source):
+    requirements = [f"{name}>=0" for name in RUNTIME_REQUIREMENTS]
+
+    missing = _uncovered_imports({"shared/x.py": source}, requirements)
+
+    assert list(missing.values()) == [["shared/x.py"]], missing
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from google.cloud import storage",
+        "import google.auth",
+        "from google.auth.transport import requests",
+        "from google.cloud.storage import Blob",
+        "from google.api_core import exceptions",
+    ],
+)
+def test_the_import_check_accepts_google_modules_the_requirements_provide(source):
+    requirements = [f"{name}>=0" for name in RUNTIME_REQUIREMENTS]
+    assert _uncovered_imports({"shared/x.py": source}, requirements) == {}
 
 
 _SERVE_PUSH = textwrap.dedent(
