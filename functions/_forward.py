@@ -118,6 +118,8 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
         TransientError: Serve unreachable, overloaded, timing out or answering 5xx.
     """
     settings = get_settings()
+    # From the event's arrival: recording its invalid inputs counts against it too.
+    deadline = time.time() + settings.request_timeout_s
     valid: list[InferenceRequest] = []
     for request in requests:
         source: GcsUri | None = None
@@ -130,7 +132,7 @@ def forward(requests: Sequence[InferenceRequest]) -> list[dict]:
         valid.append(request)
     if not valid:
         return []
-    answers = get_merger().submit(valid, time.time() + settings.request_timeout_s)
+    answers = get_merger().submit(valid, deadline)
     results: list[dict] = []
     for request, answer in zip(valid, answers, strict=True):
         if isinstance(answer, _Rejected):

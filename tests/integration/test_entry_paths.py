@@ -139,3 +139,18 @@ def test_concurrent_requests_form_batches(client: StackClient) -> None:
     assert max(sizes) > 1, sizes
     formed = {int(k) for k in stats["mobilenet_v2"]["batch_sizes"]}
     assert max(formed) > 1 and max(formed) <= 16
+
+
+def test_a_9_mb_message_gets_its_result_found_by_request_id(client: StackClient) -> None:
+    """Pub/Sub takes messages up to 10 MB; the local push dispatcher must pull one too."""
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=unique("cat.jpg"))
+    client.wait_result(str(uri), 90, generation=generation)
+    request_id = f"big-{uuid.uuid4().hex[:12]}"
+    # Valid JSON: whitespace after the document is allowed, and it makes the message 9 MB.
+    body = json.dumps({"uri": str(uri), "request_id": request_id}).encode() + b" " * (9 * 1024 * 1024)
+
+    client.publish([], raw=body)
+    result = client.wait_result(str(uri), 120, request_id=request_id)
+
+    assert_cat(result)
+    assert result["entry_path"] == "pubsub"
