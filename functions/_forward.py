@@ -209,7 +209,15 @@ def _post(requests: list[InferenceRequest], deadline: float) -> list[dict | Base
         "Serve refused a merged call of %d requests; sending it again in halves", len(requests),
         extra={"detail": str(answers)},
     )  # fmt: skip
-    return _post(requests[:half], deadline) + _post(requests[half:], deadline)
+    return _post_part(requests[:half], deadline) + _post_part(requests[half:], deadline)
+
+
+def _post_part(requests: list[InferenceRequest], deadline: float) -> list[dict | BaseException]:
+    """One half of a split call: a failure stays with its half, the other keeps its answers."""
+    try:
+        return _post(requests, deadline)
+    except TransientError as err:
+        return [err] * len(requests)
 
 
 def _post_once(requests: list[InferenceRequest], deadline: float) -> list[dict | BaseException] | _Rejected:
@@ -238,7 +246,11 @@ def _post_once(requests: list[InferenceRequest], deadline: float) -> list[dict |
     except httpx.HTTPError as err:
         raise TransientError(f"Serve at {settings.serve_url} unreachable: {err!r}") from err
     if response.status_code == 200:
-        return response.json().get("results", [])
+        results = response.json().get("results")
+        if not isinstance(results, list) or len(results) != len(requests):
+            # Answers are matched to requests by position: a short list matches none.
+            raise TransientError(f"Serve answered {len(requests)} requests with: {response.text[:300]}")
+        return results
     if response.status_code == 400 and _error_code(response) == "bad_request":
         return _Rejected(f"Serve rejected the request (400): {response.text[:300]}")
     # Overload (429), a proxy's 404 during a redeploy, 5xx: all retryable; where Serve

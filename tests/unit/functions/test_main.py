@@ -765,3 +765,29 @@ def test_a_result_name_cloud_storage_refuses_is_recorded_under_the_request_id(
     [record] = stored
     assert record.reason is ErrorReason.BUCKET_NOT_ALLOWED and record.result.request_id == "r-8"
     assert record.name.startswith("_invalid/")
+
+
+def test_a_half_that_fails_in_a_split_call_does_not_take_the_other_halfs_answers(
+    serve: FakeServe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve.refuses = frozenset({"m/0"})
+    post = serve.post
+
+    def unreachable_for_the_second_half(url: str, json: dict[str, Any], **kwargs: Any) -> httpx.Response:
+        if json["requests"][0]["request_id"] == "m/2":
+            raise httpx.ConnectError("refused")
+        return post(url, json, **kwargs)
+
+    monkeypatch.setattr(serve, "post", unreachable_for_the_second_half)
+
+    answers = forward_module._post(_requests(4), deadline=time.time() + 60)
+
+    assert isinstance(answers[0], forward_module._Rejected) and answers[1]["request_id"] == "m/1"
+    assert all(isinstance(a, TransientError) for a in answers[2:])
+
+
+def test_a_200_whose_results_do_not_match_the_requests_is_transient(serve: FakeServe) -> None:
+    serve.results = [{"request_id": "m/0", "status": "ok", "result_uri": "gs://r/0.json"}]
+
+    with pytest.raises(TransientError, match="answered 2 requests"):
+        forward_module._post(_requests(2), deadline=time.time() + 60)
