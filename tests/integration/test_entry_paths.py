@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 
 import httpx
 import pytest
 
 from infra.local.client import StackClient
+from shared.gcs_limits import object_name_problem
+from shared.results import invalid_source_object_name
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration
@@ -154,3 +157,31 @@ def test_a_9_mb_message_gets_its_result_found_by_request_id(client: StackClient)
 
     assert_cat(result)
     assert result["entry_path"] == "pubsub"
+
+
+def test_a_1000_byte_source_name_gets_a_result_cloud_storage_accepts_or_a_typed_record(
+    client: StackClient,
+) -> None:
+    """The plain result name of a 1,000-byte source name is over Cloud Storage's 1,024 bytes."""
+    stem = f"long-{uuid.uuid4().hex[:8]}/"
+    name = stem + "n" * (1000 - len(stem) - len(".jpg")) + ".jpg"
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=name)
+    request_id = f"{uri.bucket}/{uri.name}#{generation}"  # the upload path's request id
+    bucket = client.storage.bucket(client.state.results_bucket)
+    record_name = invalid_source_object_name(request_id, str(uri))
+
+    deadline = time.monotonic() + 120
+    result = record = None
+    while result is None and record is None and time.monotonic() < deadline:
+        result = client.find_result(str(uri), generation=generation)
+        blob = bucket.get_blob(record_name)
+        record = json.loads(blob.download_as_bytes()) if blob is not None else None
+        time.sleep(0.25)
+
+    if result is not None:  # stored under a name Cloud Storage accepts
+        assert_cat(result)
+        assert object_name_problem(result["result_uri"].removeprefix(f"gs://{bucket.name}/")) is None
+    else:  # or refused by Cloud Storage, and recorded by request id instead of retried
+        assert record is not None, "neither a result nor a record"
+        assert record["status"] == "error" and record["error"]["reason"] == "invalid_uri", record
+        assert record["request_id"] == request_id
