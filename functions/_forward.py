@@ -156,13 +156,15 @@ def _note_unrecorded(request: InferenceRequest, answer: dict) -> None:
     error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
     if answer.get("superseded"):
         # A stored result (an ok one, or a newer version's) outranks this request's error:
-        # the result object keeps the other, so the caller finds this outcome only here.
+        # the result object keeps the other; Serve keeps the error at ``error_record_uri``
+        # (under _superseded/, by request id), and the log says so where operators look.
         logger.warning(
-            "request %s for %s failed (%s), but a stored result outranks the error and was kept",
-            request.request_id, request.uri, error.get("reason"),
+            "request %s for %s failed (%s), but a stored result outranks the error and was kept; "
+            "the error is at %s",
+            request.request_id, request.uri, error.get("reason"), answer.get("error_record_uri"),
             extra={"request_id": request.request_id, "uri": request.uri, "reason": error.get("reason"),
                    "detail": error.get("message"), "result_uri": answer.get("result_uri"),
-                   "error_uri": answer.get("error_uri")},
+                   "error_record_uri": answer.get("error_record_uri")},
         )  # fmt: skip
         return
     if answer.get("result_uri"):

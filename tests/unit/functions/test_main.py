@@ -727,6 +727,7 @@ def test_an_error_outranked_by_a_stored_result_is_logged_with_request_id_and_uri
         "request_id": "v-9", "status": "error", "superseded": True,
         "error": {"reason": "unknown_version", "message": "version 9 is not served"},
         "result_uri": "gs://triggerfish-results/mobilenet_v2/triggerfish-images/cat.jpg.json",
+        "error_record_uri": "gs://triggerfish-results/_superseded/1/2.json",
     }]  # fmt: skip
 
     assert _request(apps, _push({"uri": CAT, "version": "9", "request_id": "v-9"})) == 200
@@ -736,6 +737,7 @@ def test_an_error_outranked_by_a_stored_result_is_logged_with_request_id_and_uri
     [warning] = [line for line in lines if "outranks the error" in line["message"]]
     assert warning["severity"] == "WARNING"
     assert warning["request_id"] == "v-9" and warning["uri"] == CAT and warning["reason"] == "unknown_version"
+    assert warning["error_record_uri"] == "gs://triggerfish-results/_superseded/1/2.json"
     assert stored == []  # the kept result stays; nothing is written over it
 
 
