@@ -128,6 +128,10 @@ class Footprint:
     serve_request_timeout_s: int
     cold_start: ColdStart
 
+    def serve_environment(self) -> dict[str, str]:
+        """What the RayService sets on Serve from the footprint (its request deadline)."""
+        return {"TRIGGERFISH_REQUEST_TIMEOUT_S": str(self.serve_request_timeout_s)}
+
 
 def _functions(raw: dict) -> FunctionSettings:
     ints = {

@@ -32,6 +32,13 @@ def test_function_environment_is_threads_workers_and_the_wait_on_serve():
     )
 
 
+def test_serve_environment_is_its_request_deadline():
+    fp = load_footprint()
+    assert fp.serve_environment() == {
+        "TRIGGERFISH_REQUEST_TIMEOUT_S": str(fp.serve_request_timeout_s)
+    }
+
+
 def test_the_shipped_timeouts_nest_from_the_ack_deadline_down():
     fp = load_footprint()
     for sub in (fp.requests_subscription, fp.uploads_subscription):

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infra.footprint import load_footprint
 from tests.terraform._hcl import K8S_DIR, child, placeholders, root
 from tests.terraform._render import SAMPLE_VALUES, SECRET_VALUES, TerraformError, render
 
@@ -474,6 +475,10 @@ def test_serve_replicas_get_the_settings_they_read(app, gpu_group):
     assert env["TRIGGERFISH_SERVE_AUDIENCE"] == SAMPLE_VALUES["serve_audience"]
     assert env["TRIGGERFISH_ALLOWED_INVOKERS"] == SAMPLE_VALUES["allowed_invokers"]
     assert env["TRIGGERFISH_REQUEST_TIMEOUT_S"] == SAMPLE_VALUES["request_timeout_s"]
+    # The sample is the footprint's value, which the root module passes (test_footprint.py).
+    assert {"TRIGGERFISH_REQUEST_TIMEOUT_S": env["TRIGGERFISH_REQUEST_TIMEOUT_S"]} == (
+        load_footprint().serve_environment()
+    )
     mounts = gpu_group["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(env["TRIGGERFISH_ENGINE_CACHE_DIR"].startswith(m["mountPath"] + "/") for m in mounts)
 
