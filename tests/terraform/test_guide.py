@@ -367,3 +367,8 @@ def test_cost_inputs_name_the_configured_node_types_and_delays():
     assert f"`downscale_to_zero_delay_s` ({delay} s)" in rows["`T_tail`"][1]
     assert f"`idleTimeoutSeconds` ({idle} s)" in rows["`T_tail`"][1]
     assert f"{load_footprint().cold_start.total_seconds} s" in rows["`T_cold`"][2]
+
+
+def test_the_guide_leaves_no_editor_backups(guide_run):
+    work, _ = guide_run
+    assert not list((work / "terraform").glob("*.bak"))
