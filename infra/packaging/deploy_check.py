@@ -174,6 +174,8 @@ def check_result(text: str, model: str) -> Check:
     version = (result.get("model") or {}).get("version")
     backend = result.get("backend")
     detail = f"status {status}, {served}/{version} on {backend}"
+    if result.get("engine_source"):  # where the replica's engine came from, when results carry it
+        detail += f" (engine from {result['engine_source']})"
     if status != "ok":
         error = result.get("error") or {}
         return Check("round trip", False, f"{detail}: {error.get('reason')} {error.get('message')}")

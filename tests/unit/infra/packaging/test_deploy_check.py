@@ -82,6 +82,11 @@ def test_result_must_be_ok_from_the_default_model():
     error.update(status="error", error={"reason": "not_an_image", "message": "bad bytes"})
     assert "not_an_image" in deploy_check.check_result(json.dumps(error), "mobilenet_v2").detail
     assert not deploy_check.check_result("<html>", "mobilenet_v2").ok
+    with_source = json.loads(text) | {"engine_source": "gcs"}
+    assert (
+        "(engine from gcs)"
+        in deploy_check.check_result(json.dumps(with_source), "mobilenet_v2").detail
+    )
 
 
 def test_engine_sources_from_replica_logs():
