@@ -372,3 +372,13 @@ def test_cost_inputs_name_the_configured_node_types_and_delays():
 def test_the_guide_leaves_no_editor_backups(guide_run):
     work, _ = guide_run
     assert not list((work / "terraform").glob("*.bak"))
+
+
+def test_the_manifests_take_their_versions_from_the_pins():
+    """rayVersion is RAY_VERSION (through Terraform), the operator image is the chart's release."""
+    manifest = yaml.safe_load((K8S_DIR / "rayservice.yaml").read_text())
+    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == "${ray_version}"
+    assert root().module_calls["ray"]["ray_version"] == "${local.ray_version}"
+    release = child("ray").resource("helm_release", "kuberay_operator")
+    assert release["version"] == "${var.kuberay_chart_version}"
+    assert 'tag        = "v${var.kuberay_chart_version}"' in child("ray").text

@@ -33,6 +33,12 @@ locals {
     }
   }
   unknown_models = [for model in keys(var.model_autoscaling) : model if !contains(var.models, model)]
+  # A floor above the ceiling would make Serve refuse the whole application.
+  sized_overrides = { for name, scaling in local.overrides : name => scaling if contains(keys(local.sized_deployments), name) }
+  floors_above_ceiling = [
+    for name, scaling in local.sized_overrides : name
+    if lookup(scaling, "min_replicas", 0) > tonumber(local.sized_deployments[name].autoscaling_config.max_replicas)
+  ]
   deployments = [
     for name in local.wanted_names : (
       contains(keys(local.overrides), name)

@@ -383,6 +383,12 @@ def test_terraform_overrides_scale_to_zero_per_model():
     )
 
 
+def test_terraform_refuses_a_floor_above_the_ceiling():
+    ceiling = int(SAMPLE_VALUES["model_max_replicas"])
+    with pytest.raises(TerraformError, match=r"min_replicas above the deployment's max_replicas"):
+        render(autoscaling=f'{{"mobilenet_v2": {{"min_replicas": {ceiling + 1}}}}}')
+
+
 def test_terraform_refuses_autoscaling_for_a_model_it_does_not_deploy():
     with pytest.raises(TerraformError, match=r"model_autoscaling names resnet50"):
         render(autoscaling='{"resnet50": {"min_replicas": 0}}')
