@@ -366,6 +366,9 @@ def test_cost_inputs_name_the_configured_node_types_and_delays():
     (delay,) = delays
     assert f"`downscale_to_zero_delay_s` ({delay} s)" in rows["`T_tail`"][1]
     assert f"`idleTimeoutSeconds` ({idle} s)" in rows["`T_tail`"][1]
+    gke_scale_down_s = 600  # "about 10 minutes", the estimate the row names
+    tail_s = delay + idle + gke_scale_down_s
+    assert rows["`T_tail`"][2] == f"{tail_s:,} s = {tail_s / 3600:.2f} h"
     assert f"{load_footprint().cold_start.total_seconds} s" in rows["`T_cold`"][2]
 
 
