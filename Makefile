@@ -78,6 +78,14 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check functions serve shared infra tests
 	terraform fmt -check -recursive terraform
 
+# After `terraform apply` (terraform/README.md, deploy step 9): what only the cloud shows:
+# the Serve Service holds the reserved address, the RayService is Ready, the functions'
+# concurrency is Terraform's, one uploaded image round-trips to a result. Standard library
+# only; needs terraform, gcloud and kubectl with your credentials.
+.PHONY: deploy-check
+deploy-check:
+	$(PYTHON) -m infra.packaging.deploy_check
+
 functions-zip: $(INSTALLED)
 	$(PY) -m infra.packaging.package_functions --out build/functions-source.zip
 

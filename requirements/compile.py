@@ -14,7 +14,8 @@ The lock is resolved by uv for the image's interpreter and platform (CPython
 - ``ray[serve]`` at exactly ``requirements/RAY_VERSION``;
 - the project's build backend (``[build-system] requires``), so the image
   installs the project itself without fetching anything unpinned;
-- the constraints in ``requirements/serve-gpu.in``.
+- the image-only requirements in ``requirements/serve-gpu.in`` (``onnx``, the
+  CUDA bindings' range).
 
 uv comes from PyPI into ``build/lock-tools`` (pinned below), so no tool needs
 to be installed beforehand.
@@ -83,13 +84,12 @@ def main() -> int:
             PLATFORM,
             "--generate-hashes",
             "--no-strip-extras",
-            "--constraint",
-            REQUIREMENTS / "serve-gpu.in",
             "--custom-compile-command",
             "make lock",
             "--output-file",
             LOCK,
-            "-",  # the inputs, from stdin
+            "-",  # the project's inputs, from stdin
+            REQUIREMENTS / "serve-gpu.in",
         ],
         input="\n".join(lock_inputs(pyproject, ray_version)) + "\n",
         text=True,

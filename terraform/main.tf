@@ -25,9 +25,18 @@ locals {
   function_source_archive = var.function_source_archive != "" ? var.function_source_archive : "${path.module}/../build/functions-source.zip"
   allowed_buckets         = concat([local.bucket_names.images], var.extra_source_buckets)
 
-  # A function stops this long before Pub/Sub gives up waiting for its answer,
-  # so a slow call ends as a handled failure (retried), never as a cut-off push.
-  function_timeout_margin_s = 30
+  # How the functions run comes from the footprint as well, so the local stack's
+  # functions-framework processes run with the same threads and timeouts
+  # (infra.footprint.FunctionSettings.environment() gives the same THREADS,
+  # WORKERS and TRIGGERFISH_REQUEST_TIMEOUT_S there; a test compares them).
+  # THREADS is the request concurrency: functions-framework's gunicorn runs
+  # THREADS (default 4 x CPUs) threads, and Cloud Run would queue every event
+  # beyond them inside the instance. Timeouts nest: ack deadline > function
+  # timeout (ack deadline - timeout_margin_seconds, so a slow call ends as a
+  # handled failure, never as a cut-off push) > serve_wait_seconds (how long a
+  # function waits for Serve) > Serve's own request timeout.
+  function_settings       = local.footprint.functions
+  serve_request_timeout_s = local.footprint.serve.request_timeout_seconds
 
   # Serve listens on plain HTTP inside the VPC; every request carries a Google
   # ID token for this audience, and the ingress accepts only the listed
@@ -243,11 +252,13 @@ module "functions" {
       entry_point = sub.entry_point
       description = "triggerfish ${sub.entry_point}: ${local.footprint.topics[sub.topic]} messages to Ray Serve"
       # A function must answer before Pub/Sub stops waiting for it.
-      timeout_seconds    = sub.ack_deadline_seconds - local.function_timeout_margin_s
-      max_instance_count = var.function_max_instances
-      # Concurrent events in one instance share Serve calls (functions/_merge.py), as the
-      # gunicorn threads of the local stack do; one vCPU runs the thin handlers.
-      max_instance_request_concurrency = var.function_concurrency
+      timeout_seconds    = sub.ack_deadline_seconds - local.function_settings.timeout_margin_seconds
+      max_instance_count = local.function_settings.max_instances
+      # Concurrent events in one instance share Serve calls (functions/_merge.py); each
+      # has a gunicorn thread (THREADS below is the same number).
+      max_instance_request_concurrency = local.function_settings.request_concurrency
+      available_cpu                    = local.function_settings.available_cpu
+      available_memory                 = local.function_settings.available_memory
     }
   }
 
@@ -258,16 +269,20 @@ module "functions" {
   build_docker_repository       = google_artifact_registry_repository.this["functions"].id
   invoker_service_account_email = google_service_account.this["push_invoker"].email
   vpc_connector                 = module.network.vpc_connector_id
-  request_timeout_s             = var.request_timeout_s
+  request_timeout_s             = local.function_settings.serve_wait_seconds
+  serve_request_timeout_s       = local.serve_request_timeout_s
 
-  # Exactly the variables functions/ reads.
+  # Exactly the variables functions/ reads, plus gunicorn's THREADS and WORKERS;
+  # the first three are the footprint's (FunctionSettings.environment()).
   environment_variables = {
+    THREADS                       = tostring(local.function_settings.request_concurrency)
+    WORKERS                       = tostring(local.function_settings.workers)
+    TRIGGERFISH_REQUEST_TIMEOUT_S = tostring(local.function_settings.serve_wait_seconds)
     TRIGGERFISH_SERVE_URL         = local.serve_endpoint
     TRIGGERFISH_SERVE_AUDIENCE    = local.serve_audience
     TRIGGERFISH_RESULTS_BUCKET    = module.storage.bucket_names["results"]
     TRIGGERFISH_ALLOWED_BUCKETS   = join(",", local.allowed_buckets)
     TRIGGERFISH_DEFAULT_MODEL     = var.default_model
-    TRIGGERFISH_REQUEST_TIMEOUT_S = tostring(var.request_timeout_s)
     GOOGLE_CLOUD_PROJECT          = var.project_id
   }
 
@@ -325,6 +340,7 @@ module "ray" {
   gpus_per_worker         = var.gpu_pool.accelerator_count
   gpu_worker_max_replicas = var.gpu_pool.max_node_count
 
+  model_autoscaling  = var.model_autoscaling
   serve_address_name = module.network.serve_address_name
   connector_cidr     = var.ip_ranges.connector
   network_id         = module.network.network_id
@@ -340,6 +356,7 @@ module "ray" {
     default_model       = var.default_model
     serve_audience      = local.serve_audience
     allowed_invokers    = local.allowed_invokers
+    request_timeout_s   = local.serve_request_timeout_s
   }
 
   # The operator needs schedulable nodes (Helm waits for it); the Ray pods

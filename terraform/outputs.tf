@@ -70,3 +70,16 @@ output "alert_policies" {
   description = "Cloud Monitoring alert policy ids (dead letters, function errors, Serve error rate and p95 latency)."
   value       = module.monitoring.alert_policies
 }
+
+output "deploy_check" {
+  description = "What `make deploy-check` (infra/packaging/deploy_check.py) compares the running system with: the reserved Serve address, the functions' concurrency and gunicorn threads, the default model and the project/region to query."
+  value = {
+    project_id          = var.project_id
+    region              = var.region
+    serve_address       = module.network.serve_address
+    default_model       = var.default_model
+    request_concurrency = local.function_settings.request_concurrency
+    threads             = tostring(local.function_settings.request_concurrency)
+    function_timeout_s  = { for key, sub in local.function_subscriptions : key => sub.ack_deadline_seconds - local.function_settings.timeout_margin_seconds }
+  }
+}

@@ -79,33 +79,10 @@ variable "default_model" {
   default     = "mobilenet_v2"
 }
 
-variable "request_timeout_s" {
-  type        = number
-  description = "TRIGGERFISH_REQUEST_TIMEOUT_S: how long a function waits for Serve before failing (and being retried). Must be below the functions' timeout (the subscription ack deadline minus 30 s)."
-  default     = 120
-}
-
 variable "function_source_archive" {
   type        = string
   description = "Path of the functions' source zip; empty means build/functions-source.zip in the repository (python -m infra.packaging.package_functions --out build/functions-source.zip)."
   default     = ""
-}
-
-variable "function_concurrency" {
-  type        = number
-  default     = 64
-  description = "Events one function instance handles at once; concurrent events are merged into shared calls to Serve."
-
-  validation {
-    condition     = var.function_concurrency >= 1 && var.function_concurrency <= 1000
-    error_message = "function_concurrency must be between 1 and 1000 (the Cloud Functions gen2 limit)."
-  }
-}
-
-variable "function_max_instances" {
-  type        = number
-  description = "Upper bound of instances per function; it also bounds the concurrent load the functions put on Serve."
-  default     = 20
 }
 
 variable "master_authorized_networks" {
@@ -187,8 +164,8 @@ variable "deletion_protection" {
 
 variable "kuberay_chart_version" {
   type        = string
-  description = "Pinned version of the kuberay-operator Helm chart (https://ray-project.github.io/kuberay-helm/)."
-  default     = "1.5.1"
+  description = "Pinned version of the kuberay-operator Helm chart (https://ray-project.github.io/kuberay-helm/) and operator image tag. 1.7.0 is the first release whose samples run Serve's HAProxy data plane (RAY_SERVE_ENABLE_HA_PROXY), as infra/k8s/rayservice.yaml does."
+  default     = "1.7.0"
 }
 
 variable "serve_image_digest" {
@@ -212,6 +189,15 @@ variable "models" {
   type        = list(string)
   description = "Models the Serve application deploys (TRIGGERFISH_MODELS). Each needs a Model_<name> entry under deployments in infra/k8s/rayservice.yaml; they start before their files are in the models bucket and answer 503 until a version appears."
   default     = ["mobilenet_v2", "text_detector"]
+}
+
+variable "model_autoscaling" {
+  type = map(object({
+    min_replicas              = optional(number)
+    downscale_to_zero_delay_s = optional(number)
+  }))
+  description = "Per model (key: a name in models): min_replicas (0, the manifest's default, lets the model and with it the GPU pool scale to zero; 1 keeps a replica warm) and downscale_to_zero_delay_s (idle seconds before the last replica stops; manifest default 900). Fields left out keep infra/k8s/rayservice.yaml's values."
+  default     = {}
 }
 
 variable "extra_serve_invokers" {

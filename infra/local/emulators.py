@@ -73,6 +73,16 @@ def function_argv(target: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def function_env(env: Mapping[str, str], fp: Footprint) -> dict[str, str]:
+    """A function process's environment: ``env`` plus the footprint's function settings.
+
+    Terraform sets the same ``THREADS``, ``WORKERS`` and ``TRIGGERFISH_REQUEST_TIMEOUT_S``
+    on the cloud functions (``footprint.functions``), so functions-framework's gunicorn
+    serves as many events at once, and waits as long for Serve, here as there.
+    """
+    return {**env, **fp.functions.environment()}
+
+
 def create_topics(env: Mapping[str, str], project: str, fp: Footprint) -> None:
     from google.cloud import pubsub_v1
 

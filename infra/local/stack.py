@@ -37,7 +37,6 @@ DEFAULT_STATE_DIR = Path(os.environ.get("TRIGGERFISH_STATE_DIR", ".triggerfish")
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "build" / "model-repository"
 
 
-FUNCTION_CONCURRENCY = 64
 RAY_FIXED_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366})
 
 
@@ -178,9 +177,7 @@ class LocalStack:
             env,
         )
         fn_argv = _emulators.function_argv
-        # functions-framework's gunicorn serves THREADS events at once: as many as the
-        # cloud's per-instance concurrency (Terraform's function_concurrency).
-        fn_env = {**env, "THREADS": str(FUNCTION_CONCURRENCY)}
+        fn_env = _emulators.function_env(env, fp)
         req_fn = self._spawn("fn-on-request", fn_argv("on_request", req_port), fn_env)
         up_fn = self._spawn("fn-on-upload", fn_argv("on_upload", up_port), fn_env)
         wait_until(lambda: port_open(req_port), 60, "the on_request function", req_fn)

@@ -143,3 +143,23 @@ def render(text: str, values: dict[str, Any]) -> str:
     missing = placeholders(text) - set(values)
     assert not missing, f"no value for placeholders {sorted(missing)}"
     return re.sub(r"\$\{([a-z_][a-z0-9_]*)\}", lambda m: str(values[m.group(1)]), text)
+
+
+_FOOTPRINT_REF = re.compile(
+    r"^\$\{(?:tostring\()?local\.(footprint|function_settings)((?:\.[a-z_]+)+)\)?\}$"
+)
+
+
+def footprint_value(expression: Any, footprint: dict[str, Any]) -> Any:
+    """Evaluate a Terraform expression that only reads the footprint.
+
+    ``${local.footprint.a.b}``, ``${local.function_settings.x}`` (the root module's alias of
+    ``local.footprint.functions``) and either wrapped in ``tostring(...)``; a ``tostring`` gives
+    a string, as Terraform does. Anything else is an assertion error naming the expression.
+    """
+    match = _FOOTPRINT_REF.match(str(expression))
+    assert match, f"{expression!r} does not read the footprint"
+    value: Any = footprint if match.group(1) == "footprint" else footprint["functions"]
+    for part in match.group(2).strip(".").split("."):
+        value = value[part]
+    return str(value) if str(expression).startswith("${tostring(") else value

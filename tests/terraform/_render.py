@@ -43,6 +43,7 @@ SAMPLE_VALUES: dict[str, str] = {
     "default_model": "mobilenet_v2",
     "serve_audience": "http://10.10.0.50:8000",
     "allowed_invokers": "triggerfish-functions@my-project.iam.gserviceaccount.com",
+    "request_timeout_s": "110",
     "redis_host": "10.30.0.4",
     "redis_port": "6378",
     "redis_ca_base64": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==",
@@ -54,8 +55,9 @@ _CONFIG = """
 module "manifests" {{
   source        = "{source}"
   manifests_dir = "{manifests_dir}"
-  models        = {models}
-  template_vars = {values}
+  models            = {models}
+  model_autoscaling = {autoscaling}
+  template_vars     = {values}
   secret_vars   = {secrets}
 }}
 
@@ -100,8 +102,13 @@ def _run(args: list[str], cwd: Path) -> str:
 
 
 @functools.cache
-def render(models: tuple[str, ...] = SAMPLE_MODELS, **overrides: str) -> dict[str, Any]:
-    """Apply the module with sample values; return its outputs (sensitive ones included)."""
+def render(
+    models: tuple[str, ...] = SAMPLE_MODELS, *, autoscaling: str = "{}", **overrides: str
+) -> dict[str, Any]:
+    """Apply the module with sample values; return its outputs (sensitive ones included).
+
+    ``autoscaling`` is the module's ``model_autoscaling`` as JSON (a string, so calls cache).
+    """
     values = {**SAMPLE_VALUES, **overrides}
     with tempfile.TemporaryDirectory(prefix="tf-ray-manifests-") as tmp:
         work = Path(tmp)
@@ -110,6 +117,7 @@ def render(models: tuple[str, ...] = SAMPLE_MODELS, **overrides: str) -> dict[st
                 source=os.path.relpath(MODULES_DIR / "ray-manifests", work),
                 manifests_dir=K8S_DIR,
                 models=json.dumps(list(models)),
+                autoscaling=autoscaling,
                 values=json.dumps(values),
                 secrets=json.dumps(SECRET_VALUES),
             )

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from tests.terraform._hcl import FOOTPRINT, TF_ROOT, all_modules, child, expr, root
+from infra.footprint import load_footprint
+from tests.terraform._hcl import FOOTPRINT, TF_ROOT, all_modules, child, expr, footprint_value, root
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,10 @@ def test_function_subscriptions_are_the_footprint_entries_with_an_entry_point(fo
     assert 'lookup(sub, "entry_point", null)' in top.locals["function_subscriptions"]
     functions = expr(top.module_calls["functions"]["functions"])
     assert "entry_point=sub.entry_point" in functions
-    assert "timeout_seconds=sub.ack_deadline_seconds-local.function_timeout_margin_s" in functions
+    assert (
+        "timeout_seconds=sub.ack_deadline_seconds-local.function_settings.timeout_margin_seconds"
+        in functions
+    )
     with_entry_point = {k for k, s in footprint["subscriptions"].items() if "entry_point" in s}
     assert with_entry_point == {"requests", "uploads"}
 
@@ -93,28 +97,99 @@ def test_footprint_settings_satisfy_the_pubsub_module_validations(footprint):
         assert 0 <= sub["min_backoff_seconds"] <= sub["max_backoff_seconds"] <= 600, key
 
 
-def test_request_timeout_default_fits_every_ack_deadline(footprint):
-    """Serve timeout < function timeout < ack deadline, as the functions module checks at plan time."""
-    top = root()
-    default = top.variables["request_timeout_s"]["default"]
-    margin = top.locals["function_timeout_margin_s"]
-    assert margin > 0
-    for key, sub in footprint["subscriptions"].items():
-        if "entry_point" in sub:
-            function_timeout = sub["ack_deadline_seconds"] - margin
-            assert default < function_timeout < sub["ack_deadline_seconds"], key
-    precondition = child("functions").resource("google_cloudfunctions2_function", "this")[
-        "lifecycle"
-    ][0]["precondition"][0]
-    assert expr(precondition["condition"]) == expr(
-        "${var.request_timeout_s < each.value.timeout_seconds}"
+def _function_settings(footprint):
+    """The functions module's per-function settings as Terraform computes them."""
+    functions = expr(root().module_calls["functions"]["functions"])
+    settings = {}
+    for field in (
+        "max_instance_count",
+        "max_instance_request_concurrency",
+        "available_cpu",
+        "available_memory",
+    ):
+        match = re.search(rf"{field}=(local\.function_settings\.[a-z_]+)", functions)
+        assert match, f"{field} must come from local.function_settings"
+        settings[field] = footprint_value("${" + match.group(1) + "}", footprint)
+    return settings
+
+
+def test_function_settings_come_from_the_footprint(footprint):
+    assert root().locals["function_settings"] == "${local.footprint.functions}"
+    settings = _function_settings(footprint)
+    functions = load_footprint().functions
+    assert settings == {
+        "max_instance_count": functions.max_instances,
+        "max_instance_request_concurrency": functions.request_concurrency,
+        "available_cpu": functions.available_cpu,
+        "available_memory": functions.available_memory,
+    }
+    for name in ("request_timeout_s", "function_concurrency", "function_max_instances"):
+        assert name not in root().variables, (
+            f"{name} would let the cloud drift from the local stack"
+        )
+
+
+def test_terraform_sets_the_function_environment_the_local_stack_sets(footprint):
+    """THREADS (= request concurrency), WORKERS and the wait on Serve: Terraform's values,
+    evaluated from the parsed configuration, equal FunctionSettings.environment(), which the
+    local stack sets on its functions-framework processes (tests/unit/infra/local)."""
+    env = root().module_calls["functions"]["environment_variables"]
+    expected = load_footprint().functions.environment()
+    assert {name: footprint_value(env[name], footprint) for name in expected} == expected
+    assert expected["THREADS"] == str(
+        _function_settings(footprint)["max_instance_request_concurrency"]
     )
 
 
-#: A scale-from-zero cold start of a model replica, worst case, in seconds (terraform/README.md,
-#: "Delivery and cold starts"): GPU node creation and driver installation (~8 min), the Ray
-#: worker start with a streamed image (~2 min), engine build on a cache miss (~5 min).
-COLD_START_S = 15 * 60
+def _timeout_chain(footprint, sub):
+    """(name, seconds) from the outside in, each value read from what Terraform configures."""
+    call = root().module_calls["functions"]
+    margin = footprint_value("${local.function_settings.timeout_margin_seconds}", footprint)
+    return [
+        ("ack deadline", sub["ack_deadline_seconds"]),
+        ("function timeout", sub["ack_deadline_seconds"] - margin),
+        ("function wait on Serve", footprint_value(call["request_timeout_s"], footprint)),
+        (
+            "Serve request timeout",
+            footprint_value("${local.footprint.serve.request_timeout_seconds}", footprint),
+        ),
+    ]
+
+
+def test_timeouts_nest_from_the_ack_deadline_down(footprint):
+    """ack deadline > function timeout > the function's wait on Serve > Serve's own timeout,
+    as Terraform configures them; the RayService test checks Serve gets the last one."""
+    top = root()
+    assert (
+        top.locals["serve_request_timeout_s"] == "${local.footprint.serve.request_timeout_seconds}"
+    )
+    assert (
+        top.module_calls["functions"]["serve_request_timeout_s"]
+        == "${local.serve_request_timeout_s}"
+    )
+    assert top.module_calls["ray"]["serve_environment"]["request_timeout_s"] == (
+        "${local.serve_request_timeout_s}"
+    )
+    for key, sub in footprint["subscriptions"].items():
+        if "entry_point" not in sub:
+            continue
+        chain = _timeout_chain(footprint, sub)
+        for (outer, outer_s), (inner, inner_s) in zip(chain, chain[1:], strict=False):
+            assert outer_s > inner_s, (
+                f"{key}: {inner} ({inner_s}s) must be below {outer} ({outer_s}s)"
+            )
+    preconditions = child("functions").resource("google_cloudfunctions2_function", "this")[
+        "lifecycle"
+    ][0]["precondition"]
+    conditions = {expr(p["condition"]) for p in preconditions}
+    assert expr("${var.request_timeout_s < each.value.timeout_seconds}") in conditions
+    assert expr("${var.serve_request_timeout_s < var.request_timeout_s}") in conditions
+
+
+#: A scale-from-zero cold start of a model replica, term by term (footprint "cold_start":
+#: node provision, image pull with streaming, engine from the GCS cache; terraform/README.md,
+#: "Delivery and cold starts").
+COLD_START_S = load_footprint().cold_start.total_seconds
 
 
 def _backoffs(sub):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import json
+from pathlib import Path
 
 import pytest
 
-from tests.terraform._hcl import REPO_ROOT, block, child, expr, root
+from tests.terraform._hcl import FOOTPRINT, REPO_ROOT, block, child, expr, root
 
 #: Exactly what functions/ reads (shared/config.py, and the ID token audience for Serve).
 FUNCTION_ENV = {
@@ -19,6 +21,9 @@ FUNCTION_ENV = {
     "GOOGLE_CLOUD_PROJECT",
 }
 
+
+#: gunicorn's settings in functions-framework (threads per instance, one worker process).
+GUNICORN_ENV = {"THREADS", "WORKERS"}
 
 #: Set for the ID token the functions send to Serve; read once the functions authenticate.
 ID_TOKEN_ENV = {"TRIGGERFISH_SERVE_AUDIENCE"}
@@ -100,7 +105,7 @@ def test_functions_run_as_a_dedicated_account_inside_the_vpc():
     assert service["vpc_connector"] == "${var.vpc_connector}"
     assert service["vpc_connector_egress_settings"] == "PRIVATE_RANGES_ONLY"
     assert service["timeout_seconds"] == "${each.value.timeout_seconds}"
-    assert root().locals["function_timeout_margin_s"] >= 10
+    assert json.loads(FOOTPRINT.read_text())["functions"]["timeout_margin_seconds"] >= 10
     call = root().module_calls["functions"]
     assert call["service_account_email"] == '${google_service_account.this["functions"].email}'
     assert call["vpc_connector"] == "${module.network.vpc_connector_id}"
@@ -108,18 +113,26 @@ def test_functions_run_as_a_dedicated_account_inside_the_vpc():
 
 def test_function_environment_is_exactly_what_the_code_reads():
     env = root().module_calls["functions"]["environment_variables"]
-    assert set(env) == FUNCTION_ENV
+    assert set(env) == FUNCTION_ENV | GUNICORN_ENV
     assert env["TRIGGERFISH_SERVE_URL"] == "${local.serve_endpoint}"
     assert env["TRIGGERFISH_SERVE_AUDIENCE"] == "${local.serve_audience}"
     assert env["TRIGGERFISH_RESULTS_BUCKET"] == '${module.storage.bucket_names["results"]}'
     assert env["TRIGGERFISH_ALLOWED_BUCKETS"] == '${join(",", local.allowed_buckets)}'
     assert env["TRIGGERFISH_DEFAULT_MODEL"] == "${var.default_model}"
-    assert env["TRIGGERFISH_REQUEST_TIMEOUT_S"] == "${tostring(var.request_timeout_s)}"
+    assert env["TRIGGERFISH_REQUEST_TIMEOUT_S"] == (
+        "${tostring(local.function_settings.serve_wait_seconds)}"
+    )
     assert env["GOOGLE_CLOUD_PROJECT"] == "${var.project_id}"
     assert (
         block(_function(), "service_config")["environment_variables"]
         == "${var.environment_variables}"
     )
+    # functions-framework's gunicorn reads both (THREADS defaults to 4 x CPUs).
+    import functions_framework
+
+    gunicorn = Path(functions_framework.__file__).parent / "_http" / "gunicorn.py"
+    for name in GUNICORN_ENV:
+        assert f'os.environ.get("{name}"' in gunicorn.read_text(), name
     code = "\n".join(
         path.read_text()
         for package in ("functions", "shared")

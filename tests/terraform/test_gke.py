@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.terraform._hcl import block, child, root
+import yaml
+
+from tests.terraform._hcl import K8S_DIR, block, child, root
 
 
 def _gke():
@@ -135,6 +137,9 @@ def test_kuberay_operator_is_a_pinned_helm_release():
     assert release["version"] == "${var.kuberay_chart_version}"
     default = root().variables["kuberay_chart_version"]["default"]
     assert default.count(".") == 2 and all(part.isdigit() for part in default.split("."))
+    # 1.7.0 is the first KubeRay release whose RayService samples run Serve's HAProxy data
+    # plane (RAY_SERVE_ENABLE_HA_PROXY), which infra/k8s/rayservice.yaml turns on.
+    assert tuple(int(part) for part in default.split(".")) >= (1, 7, 0)
 
 
 def test_manifests_are_rendered_from_infra_k8s_and_applied():
@@ -183,3 +188,17 @@ def test_workload_identity_binds_the_ray_service_account():
     assert binding["member"] == (
         "serviceAccount:${var.project_id}.svc.id.goog[${var.namespace}/${var.service_account_name}]"
     )
+
+
+def test_the_cluster_honours_the_serve_services_address_annotation():
+    """The Serve Service names its reserved address with the annotation that GKE's subsetting
+    L4 controller reads; without subsetting the legacy controller ignores it and the load
+    balancer gets an ephemeral address the functions do not call."""
+    cluster = _gke().resource("google_container_cluster", "this")
+    assert cluster["enable_l4_ilb_subsetting"] is True
+    manifest = yaml.safe_load((K8S_DIR / "rayservice.yaml").read_text())
+    service = manifest["spec"]["serveService"]
+    annotations = service["metadata"]["annotations"]
+    assert annotations["networking.gke.io/load-balancer-ip-addresses"] == "${serve_address_name}"
+    assert annotations["networking.gke.io/load-balancer-type"] == "Internal"
+    assert "loadBalancerIP" not in service["spec"]

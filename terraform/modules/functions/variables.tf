@@ -79,6 +79,11 @@ variable "request_timeout_s" {
   description = "TRIGGERFISH_REQUEST_TIMEOUT_S: how long a function waits for Serve. Checked against each function's timeout."
 }
 
+variable "serve_request_timeout_s" {
+  type        = number
+  description = "TRIGGERFISH_REQUEST_TIMEOUT_S of the Serve application; checked to be below request_timeout_s, so Serve gives up on a request before the function waiting for it does."
+}
+
 variable "vpc_connector" {
   type        = string
   description = "Serverless VPC Access connector id through which the functions reach the internal load balancer of Ray Serve."

@@ -67,6 +67,16 @@ resource "google_container_cluster" "this" {
   # must stay off with it (network_policy disabled, no network_policy_config).
   datapath_provider = "ADVANCED_DATAPATH"
 
+  # GKE subsetting for L4 internal load balancers: the Serve Service names its
+  # reserved address with networking.gke.io/load-balancer-ip-addresses, which
+  # only the subsetting controller honours (the legacy controller reads the
+  # deprecated spec.loadBalancerIP and would pick an ephemeral address instead,
+  # while the functions are wired to the reserved one). It also gives the load
+  # balancer GCE_VM_IP NEG backends of the nodes that run serving pods, which
+  # suits externalTrafficPolicy Local. Subsetting cannot be turned off again
+  # on a cluster; from GKE 1.36 it is on for every cluster anyway.
+  enable_l4_ilb_subsetting = true
+
   network_policy {
     enabled = false
   }

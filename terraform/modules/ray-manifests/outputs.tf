@@ -8,6 +8,16 @@ output "rayservice" {
   }
 
   precondition {
+    condition     = length(local.floors_above_ceiling) == 0
+    error_message = "model_autoscaling sets min_replicas above the deployment's max_replicas for ${join(", ", local.floors_above_ceiling)}."
+  }
+
+  precondition {
+    condition     = length(local.unknown_models) == 0
+    error_message = "model_autoscaling names ${join(", ", local.unknown_models)}, not in models (${join(", ", var.models)})."
+  }
+
+  precondition {
     condition     = contains(var.models, lookup(var.template_vars, "default_model", ""))
     error_message = "default_model (${lookup(var.template_vars, "default_model", "")}) must be one of models (${join(", ", var.models)})."
   }

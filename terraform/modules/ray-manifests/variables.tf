@@ -23,6 +23,24 @@ variable "models" {
   }
 }
 
+variable "model_autoscaling" {
+  type = map(object({
+    min_replicas              = optional(number)
+    downscale_to_zero_delay_s = optional(number)
+  }))
+  description = "Per model (key: a name in models): min_replicas (0 lets the model scale to zero) and downscale_to_zero_delay_s (idle seconds before its last replica stops). Null fields keep infra/k8s/rayservice.yaml's values."
+  default     = {}
+
+  validation {
+    condition = alltrue([
+      for s in values(var.model_autoscaling) :
+      (s.min_replicas == null ? true : s.min_replicas >= 0 && floor(s.min_replicas) == s.min_replicas)
+      && (s.downscale_to_zero_delay_s == null ? true : s.downscale_to_zero_delay_s >= 0)
+    ])
+    error_message = "model_autoscaling: min_replicas must be a whole number >= 0 and downscale_to_zero_delay_s >= 0."
+  }
+}
+
 variable "plain_templates" {
   type        = list(string)
   description = "Templates (file names without .yaml) rendered as they are, besides rayservice."

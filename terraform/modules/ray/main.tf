@@ -46,19 +46,24 @@ locals {
     default_model           = var.serve_environment.default_model
     serve_audience          = var.serve_environment.serve_audience
     allowed_invokers        = join(",", var.serve_environment.allowed_invokers)
+    request_timeout_s       = tostring(var.serve_environment.request_timeout_s)
     redis_host              = google_redis_instance.gcs.host
     redis_port              = tostring(google_redis_instance.gcs.port)
-    redis_ca_base64         = base64encode(google_redis_instance.gcs.server_ca_certs[0].cert)
+    # Every CA certificate Memorystore lists: during a CA rotation the server
+    # may present a certificate from the new CA while the old one is still
+    # listed, so trusting only the first would fail a head restart then.
+    redis_ca_base64 = base64encode(join("\n", [for ca in google_redis_instance.gcs.server_ca_certs : trimspace(ca.cert)]))
   }
 }
 
 module "manifests" {
   source = "../ray-manifests"
 
-  manifests_dir = var.manifests_dir
-  models        = var.serve_environment.models
-  template_vars = local.template_vars
-  secret_vars   = { redis_auth_base64 = base64encode(google_redis_instance.gcs.auth_string) }
+  manifests_dir     = var.manifests_dir
+  models            = var.serve_environment.models
+  model_autoscaling = var.model_autoscaling
+  template_vars     = local.template_vars
+  secret_vars       = { redis_auth_base64 = base64encode(google_redis_instance.gcs.auth_string) }
 }
 
 # GCS fault tolerance: the Ray head stores the cluster state here, so a

@@ -117,6 +117,15 @@ variable "gcs_redis" {
   }
 }
 
+variable "model_autoscaling" {
+  type = map(object({
+    min_replicas              = optional(number)
+    downscale_to_zero_delay_s = optional(number)
+  }))
+  description = "Per-model overrides of min_replicas and downscale_to_zero_delay_s (see modules/ray-manifests)."
+  default     = {}
+}
+
 variable "serve_environment" {
   type = object({
     models              = list(string)
@@ -127,6 +136,7 @@ variable "serve_environment" {
     default_model       = string
     serve_audience      = string
     allowed_invokers    = list(string)
+    request_timeout_s   = number
   })
-  description = "Settings passed to the Serve application as TRIGGERFISH_* variables: models, buckets, default model, and the ID token audience and invoker accounts the ingress accepts."
+  description = "Settings passed to the Serve application as TRIGGERFISH_* variables: models, buckets, default model, the ID token audience and invoker accounts the ingress accepts, and Serve's request timeout."
 }

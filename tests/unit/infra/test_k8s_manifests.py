@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infra.footprint import load_footprint
 from tests.terraform._hcl import K8S_DIR, child, placeholders, root
 from tests.terraform._render import SAMPLE_VALUES, SECRET_VALUES, TerraformError, render
 
@@ -43,6 +44,7 @@ SERVE_ENV = {
     "TRIGGERFISH_DEFAULT_MODEL",
     "TRIGGERFISH_SERVE_AUDIENCE",
     "TRIGGERFISH_ALLOWED_INVOKERS",
+    "TRIGGERFISH_REQUEST_TIMEOUT_S",
 }
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -341,7 +343,55 @@ def test_serve_config_deploys_the_ingress_and_one_deployment_per_model(app):
     for deployment in app["deployments"]:
         # Sizing comes from the config: replica counts from autoscaling, never fixed in both places.
         assert deployment["num_replicas"] == "auto"
-        assert deployment["autoscaling_config"]["min_replicas"] >= 1
+    (ingress,) = [d for d in app["deployments"] if d["name"] == "Ingress"]
+    assert ingress["autoscaling_config"]["min_replicas"] >= 1, "the Ingress answers at zero"
+
+
+def test_models_scale_to_zero_after_an_idle_delay(app, gpu_group):
+    """Every model deployment may go to zero replicas after its idle delay; the GPU worker group
+    and (tests/terraform/test_gke.py) the GPU node pool follow it to zero."""
+    models = [d for d in app["deployments"] if d["name"].startswith("Model_")]
+    assert models
+    for deployment in models:
+        scaling = deployment["autoscaling_config"]
+        assert scaling["min_replicas"] == 0, deployment["name"]
+        assert scaling["downscale_to_zero_delay_s"] > 0, deployment["name"]
+    assert gpu_group["minReplicas"] == 0
+    assert gpu_group["replicas"] == 0
+
+
+def test_terraform_overrides_scale_to_zero_per_model():
+    outputs = render(
+        autoscaling='{"text_detector": {"min_replicas": 1}, '
+        '"mobilenet_v2": {"downscale_to_zero_delay_s": 120}}'
+    )
+    config = yaml.safe_load(yaml.safe_load(outputs["rayservice"])["spec"]["serveConfigV2"])
+    scaling = {d["name"]: d["autoscaling_config"] for d in config["applications"][0]["deployments"]}
+    assert scaling["Model_text_detector"]["min_replicas"] == 1
+    assert scaling["Model_mobilenet_v2"]["min_replicas"] == 0
+    assert scaling["Model_mobilenet_v2"]["downscale_to_zero_delay_s"] == 120
+    # A field left out keeps the manifest's value.
+    default = render()
+    default_config = yaml.safe_load(yaml.safe_load(default["rayservice"])["spec"]["serveConfigV2"])
+    (detector,) = [
+        d for d in default_config["applications"][0]["deployments"]
+        if d["name"] == "Model_text_detector"
+    ]  # fmt: skip
+    assert (
+        scaling["Model_text_detector"]["downscale_to_zero_delay_s"]
+        == detector["autoscaling_config"]["downscale_to_zero_delay_s"]
+    )
+
+
+def test_terraform_refuses_a_floor_above_the_ceiling():
+    ceiling = int(SAMPLE_VALUES["model_max_replicas"])
+    with pytest.raises(TerraformError, match=r"min_replicas above the deployment's max_replicas"):
+        render(autoscaling=f'{{"mobilenet_v2": {{"min_replicas": {ceiling + 1}}}}}')
+
+
+def test_terraform_refuses_autoscaling_for_a_model_it_does_not_deploy():
+    with pytest.raises(TerraformError, match=r"model_autoscaling names resnet50"):
+        render(autoscaling='{"resnet50": {"min_replicas": 0}}')
 
 
 def test_terraform_keeps_only_the_deployments_of_the_chosen_models():
@@ -430,6 +480,11 @@ def test_serve_replicas_get_the_settings_they_read(app, gpu_group):
     assert env["TRIGGERFISH_DEFAULT_MODEL"] == "mobilenet_v2"
     assert env["TRIGGERFISH_SERVE_AUDIENCE"] == SAMPLE_VALUES["serve_audience"]
     assert env["TRIGGERFISH_ALLOWED_INVOKERS"] == SAMPLE_VALUES["allowed_invokers"]
+    assert env["TRIGGERFISH_REQUEST_TIMEOUT_S"] == SAMPLE_VALUES["request_timeout_s"]
+    # The sample is the footprint's value, which the root module passes (test_footprint.py).
+    assert {"TRIGGERFISH_REQUEST_TIMEOUT_S": env["TRIGGERFISH_REQUEST_TIMEOUT_S"]} == (
+        load_footprint().serve_environment()
+    )
     mounts = gpu_group["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(env["TRIGGERFISH_ENGINE_CACHE_DIR"].startswith(m["mountPath"] + "/") for m in mounts)
 
@@ -449,6 +504,10 @@ def test_ray_head_state_survives_in_memorystore_over_tls(outputs, cluster):
     (volume,) = [v for v in head["volumes"] if v["name"] == "redis-ca"]
     assert volume["configMap"]["name"] == ca["metadata"]["name"]
     assert base64.b64decode(ca["binaryData"]["ca.pem"]).startswith(b"-----BEGIN CERTIFICATE")
+    # Every CA Memorystore lists is trusted (a rotation adds one before the old one goes).
+    ca_expression = re.sub(r"\s+", "", child("ray").locals["template_vars"]["redis_ca_base64"])
+    assert "forcaingoogle_redis_instance.gcs.server_ca_certs" in ca_expression
+    assert "server_ca_certs[0]" not in ca_expression
     redis = child("ray").resource("google_redis_instance", "gcs")
     assert redis["auth_enabled"] is True
     assert redis["transit_encryption_mode"] == "SERVER_AUTHENTICATION"
