@@ -157,10 +157,10 @@ class AccuracyGuardSpec(_Strict):
     """
 
     validation_dir: str = "validation"
-    # Measured (worst correct engine / best broken one): top1_confident 0.9925 / 0.8582,
-    # top5_overlap 0.9367 / 0.8227, logit_cosine 0.9945 / 0.9679; a threshold near the
-    # correct side still leaves room for the activation rounding real INT8 adds.
-    min_agreement: float = Field(default=0.96, ge=0, le=1)
+    # Measured (worst correct engine, ONNX Runtime's static INT8 / best broken one):
+    # top1_confident 0.9627 / 0.8582, top5_overlap 0.8859 / 0.8227, logit_cosine
+    # 0.9874 / 0.9679; FP32 under other threads or graph optimisations agrees exactly.
+    min_agreement: float = Field(default=0.95, ge=0, le=1)
     iou_match: float = Field(default=0.5, gt=0, le=1)
     confident_margin: float = Field(default=0.2, ge=0)
     min_top5_overlap: float = Field(default=0.85, ge=0, le=1)
