@@ -51,10 +51,12 @@ class CalibrationSet:
 
 @dataclass(frozen=True, slots=True)
 class ValidationSet:
-    """Preprocessed batches and the per-image postprocess the accuracy guard compares with."""
+    """Preprocessed batches and the per-image postprocess the accuracy guard compares with,
+    and the guard's thresholds for this model (``None``: the defaults)."""
 
     batches: Sequence[np.ndarray]
     postprocess: ImagePostprocess
+    guard: AccuracyGuard | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +175,9 @@ def load_cached_engine(
             spec.precision.value,
         )
         spec = replace(spec, precision=Precision.FP32)
-    validate = _guard_validator(spec, validation, guard or AccuracyGuard(), allow_unvalidated)
+    # An explicit guard wins; else the model's own thresholds travel with its validation set.
+    guard = guard or (validation.guard if validation else None) or AccuracyGuard()
+    validate = _guard_validator(spec, validation, guard, allow_unvalidated)
     if backend is Backend.TENSORRT:
         from serve.engines.tensorrt import TensorRTEngine
 

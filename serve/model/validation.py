@@ -1,7 +1,8 @@
 """Validation and calibration data for a model version.
 
 The accuracy guard compares a reduced-precision engine with FP32 ONNX Runtime
-on the ``validation/`` images; INT8 calibration (TensorRT 10.x, FP32 models)
+on the ``validation/`` images, with the thresholds of the version's
+``accuracy_guard`` config section; INT8 calibration (TensorRT 10.x, FP32 models)
 reads the ``calibration/`` images, a different set, so that an engine is never
 graded on the images it was calibrated on.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.engines.accuracy_guard import AccuracyGuard
 from serve.engines.build import CalibrationSet, ValidationSet
 from serve.imaging.cpu_decode import prepare_image, to_model_input
 from serve.model.repository import ModelVersion
@@ -53,9 +55,10 @@ def _batches(mv: ModelVersion, files: list[Path]) -> list[np.ndarray]:
     ]
 
 
-def validation_set(mv: ModelVersion) -> ValidationSet | None:
-    """The guard's data for ``mv``, or ``None`` when the version ships no validation images."""
-    files = validation_images(mv)
+def validation_set(mv: ModelVersion, files: list[Path] | None = None) -> ValidationSet | None:
+    """The guard's data and thresholds for ``mv`` (``files``, or the version's validation
+    images), or ``None`` when there are no images."""
+    files = validation_images(mv) if files is None else files
     if not files:
         return None
     postprocess = make_postprocessor(mv.config.postprocess)
@@ -66,6 +69,7 @@ def validation_set(mv: ModelVersion) -> ValidationSet | None:
     return ValidationSet(
         batches=_batches(mv, files),
         postprocess=lambda outputs: postprocess(outputs, geometry, mv.labels),
+        guard=AccuracyGuard.from_spec(mv.config.accuracy_guard),
     )
 
 

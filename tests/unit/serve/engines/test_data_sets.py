@@ -22,10 +22,12 @@ def _digests(folder: Path) -> set[str]:
 def test_the_classifier_has_hundreds_of_validation_photos_distinct_from_calibration() -> None:
     version = MODELS / "mobilenet_v2" / "1"
     validation, calibration = _digests(version / "validation"), _digests(version / "calibration")
-    assert len(validation) >= 200 and len(calibration) >= 32
+    assert len(validation) >= 256 and len(calibration) >= 32
     assert not validation & calibration
-    sources = {p.name.split("-", 1)[1] for p in (version / "validation").glob("*.jpg")}
-    calibration_sources = {p.name.split("-", 1)[1] for p in (version / "calibration").glob("*.jpg")}
+    # validation: PHOTO-NN.jpg (fixed grid views); calibration: NNN-PHOTO.jpg (random views)
+    sources = {p.stem.rsplit("-", 1)[0] for p in (version / "validation").glob("*.jpg")}
+    calibration_sources = {p.stem.split("-", 1)[1] for p in (version / "calibration").glob("*.jpg")}
+    assert len(sources) >= 8 and len(calibration_sources) >= 5
     assert not sources & calibration_sources  # cut from different photos, not just crops
     size = sum(p.stat().st_size for p in MODELS.rglob("*.jpg"))
     assert size < 5_000_000
@@ -40,7 +42,7 @@ def test_calibration_reads_the_calibration_folder_not_the_validation_one(tmp_pat
     assert sum(len(b) for b in calibration.batches) == len(
         list((version / "calibration").glob("*"))
     )
-    assert len(validation_images(mv)) == 200
+    assert len(validation_images(mv)) == 256
     shutil.rmtree(version / "calibration")
     assert calibration_set(mv, tmp_path / "work") is None
 
