@@ -189,8 +189,10 @@ class DeviceBatchPreparer:
             self._streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(slots)]
         # Orientation is applied on the device, after the region decode: nvImageCodec would
         # otherwise rotate the whole image and the region would have to be given upright.
+        # sRGB is ColorSpec.SRGB from nvImageCodec 0.7 on, ColorSpec.RGB before.
+        srgb = getattr(nvimgcodec.ColorSpec, "SRGB", None) or nvimgcodec.ColorSpec.RGB
         self._params = nvimgcodec.DecodeParams(
-            apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB, allow_any_depth=False
+            apply_exif_orientation=False, color_spec=srgb, allow_any_depth=False
         )
         self._buffers: list[Any] = [None] * slots
         self._free: queue.Queue[int] = queue.Queue()

@@ -1,10 +1,10 @@
 """A fake of nvImageCodec's Python API (``nvidia.nvimgcodec``), backed by Pillow.
 
-It follows the documented API (0.6 layout, with 0.5's ``DecodeSource`` too):
+It follows the documented API (0.9, the current wheel; with 0.5's ``DecodeSource`` too):
 ``Decoder(device_id=, max_num_cpu_threads=, backend_kinds=, options=)``,
 ``Decoder.decode(list, params=, cuda_stream=)`` returning an ``Image`` or ``None`` per
 input (never raising for a bad input), ``DecodeParams(apply_exif_orientation=True,
-color_spec=RGB, allow_any_depth=False)``, ``CodeStream(bytes)`` with
+color_spec=SRGB, allow_any_depth=False)``, ``CodeStream(bytes)`` with
 ``get_sub_code_stream(region=)``, ``Region(start_y, start_x, end_y, end_x)`` and
 ``Image`` with ``__cuda_array_interface__`` (the fake's "device" memory is host memory,
 read through :mod:`tests.fakes.fake_cupy`).
@@ -33,10 +33,15 @@ __version__ = "0.6.0"
 
 
 class ColorSpec(IntEnum):
+    """0.9's names (0.5 called sRGB ``RGB`` and sYCC ``YCC``)."""
+
+    UNKNOWN = 0
     UNCHANGED = 0
-    RGB = 1
+    SRGB = 1
     GRAY = 2
-    YCC = 3
+    SYCC = 3
+    CMYK = 4
+    YCCK = 5
 
 
 class BackendKind(IntEnum):
@@ -52,6 +57,7 @@ class _State:
     calls: list[int] = field(default_factory=list)  # batch size of each decode call
     regions: list[Region | None] = field(default_factory=list)  # region of each decoded source
     streams: list[int] = field(default_factory=list)  # cuda_stream of each decode call
+    params: list[DecodeParams] = field(default_factory=list)  # params of each decode call
     refuse_progressive: bool = False
     out_of_memory: int = 0  # decode calls left that raise out of memory
 
@@ -106,7 +112,7 @@ class DecodeParams:
     def __init__(
         self,
         apply_exif_orientation: bool = True,
-        color_spec: ColorSpec = ColorSpec.RGB,
+        color_spec: ColorSpec = ColorSpec.SRGB,
         allow_any_depth: bool = False,
     ) -> None:
         self.apply_exif_orientation = apply_exif_orientation
@@ -173,6 +179,7 @@ class Decoder:
             STATE.out_of_memory -= 1
             raise RuntimeError("nvImageCodec: CUDA error: out of memory")
         params = params or DecodeParams()
+        STATE.params.append(params)
         out = [self._one(src, params) for src in items]
         return out[0] if single else out
 

@@ -166,6 +166,21 @@ def test_one_decoder_call_per_batch_with_fancy_upsampling_on_the_slot_stream() -
     assert decoder.fancy_upsampling
     assert fake_nvimgcodec.STATE.streams[0] != 0  # the slot's own stream, not the legacy default
     assert fake_nvimgcodec.STATE.streams[0] in fake_cupy.STATE.synchronized
+    (params,) = fake_nvimgcodec.STATE.params
+    assert params.color_spec == fake_nvimgcodec.ColorSpec.SRGB
+    assert not params.apply_exif_orientation  # applied on the device, after the region decode
+
+
+def test_nvimgcodec_0_5_takes_regions_through_decode_sources(monkeypatch) -> None:
+    monkeypatch.delattr(fake_nvimgcodec.CodeStream, "get_sub_code_stream")
+    data = _jpeg(_gradient(200, 120))
+    with DeviceBatchPreparer(RAW, PreprocessSpec(), max_batch=1, max_pixels=LIMIT).prepare(
+        [data]
+    ) as batch:
+        assert batch.decoded_on == ["gpu"]
+        ref = prepare_image(data, RAW, PreprocessSpec(), LIMIT)
+        assert _levels(batch.tensor[0], ref.pixels).max() <= 1.0
+    assert fake_nvimgcodec.STATE.regions[-1] is not None
 
 
 def test_nearest_neighbour_chroma_would_be_further_from_the_cpu_decoder(monkeypatch) -> None:
