@@ -330,9 +330,7 @@ def test_exif_orientation_is_applied_before_the_model_sees_the_photo() -> None:
     assert prepared.pixels[-24:].mean() > 215
 
 
-@pytest.mark.parametrize(
-    "sample", ["cat.jpg", "coffee.jpg", "text.jpg", "astronaut.jpg", "rocket.jpg"]
-)
+@pytest.mark.parametrize("sample", ["cat.jpg", "coffee.jpg", "text.jpg", "astronaut.jpg", "rocket.jpg"])
 def test_center_crop_matches_resizing_the_whole_photo_then_cropping(sample: str) -> None:
     # The crop is resampled alone; the pixels must be those of the textbook two-step way.
     prepared = prepare_image(_sample(sample), SPEC, PreprocessSpec(resize="center_crop"), BIG)
