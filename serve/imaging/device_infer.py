@@ -21,7 +21,7 @@ from serve.postprocess.base import ImageGeometry
 from shared.errors import PermanentError, TransientError
 from shared.results import Detection, Label
 
-__all__ = ["EncodedResult", "infer_encoded", "run_engine_on_device"]
+__all__ = ["EncodedResult", "infer_encoded", "infer_prepared", "run_engine_on_device"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +61,18 @@ def infer_encoded(
         EngineFault: from the engine, as :func:`serve.model.batch.run_batch` expects.
         TransientError: the batch buffer cannot be allocated.
     """
-    with preparer.prepare(datas) as batch:
+    return infer_prepared(loaded, preparer.prepare(datas), preparer.name)
+
+
+def infer_prepared(
+    loaded: Any, batch: DeviceBatch, decode: str
+) -> list[EncodedResult | PermanentError | TransientError]:
+    """The second stage of :func:`infer_encoded`: engine and postprocessing for a prepared
+    ``batch`` (released here), so that preparing the next batch can overlap it
+    (:func:`serve.imaging.overlap.overlapped`)."""
+    with batch:
         outputs = run_engine_on_device(loaded.engine, batch.tensor) if batch.positions else {}
-        return _postprocess(loaded, batch, outputs, preparer.name)
+    return _postprocess(loaded, batch, outputs, decode)
 
 
 def _postprocess(
