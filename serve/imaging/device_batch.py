@@ -185,7 +185,11 @@ class DeviceBatchPreparer:
         self._spec, self._pre = spec, pre
         self._max_batch, self._max_pixels, self.device = max_batch, max_pixels, device
         with cupy.cuda.Device(device):
-            self._decoder = nvimgcodec.Decoder(device_id=device, options=DECODER_OPTIONS)
+            # One decoder per slot: batches in two slots are decoded concurrently, and a
+            # decoder keeps per-call state (its buffers, its streams).
+            self._decoders = [
+                nvimgcodec.Decoder(device_id=device, options=DECODER_OPTIONS) for _ in range(slots)
+            ]
             self._streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(slots)]
         # Orientation is applied on the device, after the region decode: nvImageCodec would
         # otherwise rotate the whole image and the region would have to be given upright.
@@ -241,7 +245,7 @@ class DeviceBatchPreparer:
             raise RuntimeError("no free batch slot: a DeviceBatch was not released") from err
         try:
             with self._xp.cuda.Device(self.device), self._streams[slot]:
-                batch = self._prepare(datas, self._buffer(slot), self._streams[slot])
+                batch = self._prepare(datas, slot)
                 self._streams[slot].synchronize()
         except BaseException:
             self._free.put(slot)
@@ -249,7 +253,8 @@ class DeviceBatchPreparer:
         batch._release = lambda: self._free.put(slot)
         return batch
 
-    def _prepare(self, datas: Sequence[bytes], buf: Any, stream: Any) -> DeviceBatch:
+    def _prepare(self, datas: Sequence[bytes], slot: int) -> DeviceBatch:
+        buf = self._buffer(slot)
         errors: dict[int, ImageError] = {}
         planned: dict[int, _Planned] = {}
         for i, data in enumerate(datas):
@@ -267,7 +272,7 @@ class DeviceBatchPreparer:
             plan = plan_resize(width, height, self._spec, self._pre)
             region = stored_region(plan.region, header.orientation, header.width, header.height)
             planned[i] = _Planned(header, region, plan)
-        decoded = self._decode(datas, planned, stream, errors)
+        decoded = self._decode(datas, planned, slot, errors)
         batch = DeviceBatch(buf, [], [], [], errors, len(datas))
         for i, data in enumerate(datas):
             if i in errors:
@@ -300,7 +305,7 @@ class DeviceBatchPreparer:
         self,
         datas: Sequence[bytes],
         planned: dict[int, _Planned],
-        stream: Any,
+        slot: int,
         errors: dict[int, ImageError],
     ) -> dict[int, Any]:
         """One decoder call for every planned JPEG: position -> decoded region, or None
@@ -310,7 +315,9 @@ class DeviceBatchPreparer:
         positions = list(planned)
         sources = [self._source(datas[i], planned[i].region) for i in positions]
         try:
-            images = self._decoder.decode(sources, params=self._params, cuda_stream=stream.ptr)
+            images = self._decoders[slot].decode(
+                sources, params=self._params, cuda_stream=self._streams[slot].ptr
+            )
         except Exception as err:  # noqa: BLE001 - classified: OOM is transient, the rest goes to the CPU
             if is_out_of_memory(err, self._xp):
                 for i in positions:

@@ -162,8 +162,8 @@ def test_one_decoder_call_per_batch_with_fancy_upsampling_on_the_slot_stream() -
     with preparer.prepare(_samples()) as batch:
         assert len(batch.positions) == len(_samples())
     assert fake_nvimgcodec.STATE.calls == [len(_samples())]
-    (decoder,) = fake_nvimgcodec.STATE.decoders
-    assert decoder.fancy_upsampling
+    assert len(fake_nvimgcodec.STATE.decoders) == 2  # one per slot
+    assert all(d.fancy_upsampling and d.device_id == 0 for d in fake_nvimgcodec.STATE.decoders)
     assert fake_nvimgcodec.STATE.streams[0] != 0  # the slot's own stream, not the legacy default
     assert fake_nvimgcodec.STATE.streams[0] in fake_cupy.STATE.synchronized
     (params,) = fake_nvimgcodec.STATE.params
