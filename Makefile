@@ -59,9 +59,11 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(MODEL_STAMP) $(BENCH_STAMP)
 	$(PY) -m infra.cli.main bench
 
-# The GPU engine and GPU JPEG decoding against the CPU path; skips without an NVIDIA GPU.
+# GPU node: bytes-to-labels on the device vs engine-only vs the CPU path (under 5 min).
+# Without a GPU, CuPy or nvImageCodec it lists what it could not run and measures the rest.
+GPU_CHECK_ARGS ?=
 gpu-check: $(MODEL_STAMP)
-	$(PY) -m infra.bench.gpu_check
+	$(PY) -m infra.bench.gpu_check --out build/gpu-check.json $(GPU_CHECK_ARGS)
 
 # Chaos (2,000 Pub/Sub messages while the model replica is SIGKILLed three times) and
 # model versions (a broken newest version, a promotion) on a stack of its own (about 5 min).

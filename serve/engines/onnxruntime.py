@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -85,14 +86,25 @@ def cpu_parallelism(
     return CpuParallelism(1, replica_cpus(), _positive_env(env, CHUNK_ENV) or DEFAULT_CPU_CHUNK)
 
 
-def provider_list(providers: Sequence[str], device: int) -> list[object]:
+def provider_list(
+    providers: Sequence[str], device: int, gpu_mem_limit: int | None = None
+) -> list[object]:
     """ONNX Runtime's ``providers`` argument: CUDA on GPU ``device``, the others as named.
 
     cuDNN's convolution algorithm search is heuristic rather than exhaustive: batches are
     not padded on this backend, and an exhaustive search would run on the request path for
     every batch size not seen before.
+
+    ``gpu_mem_limit`` (bytes) caps the CUDA provider's memory arena: two models sharing a
+    GPU would otherwise each grow their arena until the other fails. The arena then grows
+    by what is asked, not by doubling, so the cap is not reached by one oversized step.
     """
-    cuda = {"device_id": device, "cudnn_conv_algo_search": "HEURISTIC"}
+    if gpu_mem_limit is not None and gpu_mem_limit < 1:
+        raise ConfigError(f"gpu_mem_limit must be a positive number of bytes, got {gpu_mem_limit}")
+    cuda: dict[str, object] = {"device_id": device, "cudnn_conv_algo_search": "HEURISTIC"}
+    if gpu_mem_limit is not None:
+        cuda["gpu_mem_limit"] = gpu_mem_limit
+        cuda["arena_extend_strategy"] = "kSameAsRequested"
     return [(p, cuda) if p == "CUDAExecutionProvider" else p for p in providers]
 
 
@@ -122,9 +134,16 @@ class OnnxRuntimeEngine:
     """
 
     def __init__(
-        self, spec: EngineSpec, session: object, provider: str, parallelism: CpuParallelism | None = None
+        self,
+        spec: EngineSpec,
+        session: object,
+        provider: str,
+        parallelism: CpuParallelism | None = None,
+        *,
+        device: int = 0,
     ) -> None:
         self._spec = spec
+        self._device = device
         self._session = session
         self._provider = provider
         self._fault: str | None = None
@@ -142,9 +161,10 @@ class OnnxRuntimeEngine:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         device: int = 0,
+        gpu_mem_limit: int | None = None,
     ) -> OnnxRuntimeEngine:
         """Create the session; ``providers`` defaults to the best available ones, CUDA on
-        GPU ``device``."""
+        GPU ``device`` with at most ``gpu_mem_limit`` bytes of arena."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -163,7 +183,7 @@ class OnnxRuntimeEngine:
         session = ort.InferenceSession(
             str(spec.onnx_path),
             options,
-            providers=provider_list(wanted, device),
+            providers=provider_list(wanted, device, gpu_mem_limit),
         )
         names = {i.name for i in session.get_inputs()}
         if spec.input_name not in names:
@@ -179,7 +199,9 @@ class OnnxRuntimeEngine:
         provider = session.get_providers()[0]
         if wanted and provider != wanted[0]:
             logger.warning("ONNX Runtime fell back from %s to %s", wanted[0], provider)
-        return cls(spec, session, provider, parallelism if provider == wanted[0] else None)
+        return cls(
+            spec, session, provider, parallelism if provider == wanted[0] else None, device=device
+        )
 
     @property
     def backend_name(self) -> str:
@@ -214,19 +236,87 @@ class OnnxRuntimeEngine:
         try:
             values = self._session.run(names, {self._spec.input_name: batch})  # type: ignore[attr-defined]
         except Exception as err:
-            if self._provider == "CUDAExecutionProvider" and _STICKY_CUDA.search(str(err)):
-                self._fault = str(err).strip().splitlines()[0][:300]
-                logger.critical(
-                    "sticky CUDA error in %s/%s: %s; the replica must be replaced",
-                    self._spec.model, self._spec.version, self._fault,
-                )  # fmt: skip
-                raise EngineFault(f"{self.backend_name}: {self._fault}") from err
-            raise
+            raise self._classify(err) from err
         if names is None:
             names = [o.name for o in self._session.get_outputs()]  # type: ignore[attr-defined]
         return dict(zip(names, values, strict=True))
+
+    def _classify(self, err: Exception) -> Exception:
+        """``EngineFault`` for a sticky CUDA error (and the engine is marked broken), else ``err``."""
+        if self._provider == "CUDAExecutionProvider" and _STICKY_CUDA.search(str(err)):
+            self._fault = str(err).strip().splitlines()[0][:300]
+            logger.critical(
+                "sticky CUDA error in %s/%s: %s; the replica must be replaced",
+                self._spec.model, self._spec.version, self._fault,
+            )  # fmt: skip
+            return EngineFault(f"{self.backend_name}: {self._fault}")
+        return err
+
+    def infer_bound(self, batch: Any) -> Mapping[str, np.ndarray]:
+        """Run one batch that may already be on the GPU, through ONNX Runtime's IOBinding.
+
+        ``batch`` is a C-contiguous array: one exposing ``__cuda_array_interface__`` (a CuPy
+        array on this engine's GPU, e.g. a :class:`serve.imaging.device_batch.DeviceBatch`
+        tensor, whose producing stream has been synchronized) is bound by device pointer,
+        with no host copy; a NumPy array is bound in host memory. The outputs are bound to
+        host memory, so each is copied back once, at the end of the run.
+
+        Raises:
+            EngineFault: as :meth:`infer`.
+            ValueError: ``batch`` is not contiguous or not of the model's input dtype.
+        """
+        if self._fault is not None:
+            raise EngineFault(f"{self.backend_name} engine is broken: {self._fault}")
+        device, pointer, shape, dtype = _buffer_of(batch)
+        if dtype != np.dtype(self._spec.input_dtype):
+            raise ValueError(
+                f"input {self._spec.input_name!r} of {self._spec.model} is "
+                f"{self._spec.input_dtype}, got a {dtype} batch"
+            )
+        session = self._session
+        binding = session.io_binding()  # type: ignore[attr-defined]
+        binding.bind_input(
+            self._spec.input_name, device, self._device if device == "cuda" else 0,
+            dtype.type, list(shape), pointer,
+        )  # fmt: skip
+        names = list(self._spec.output_names) or [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
+        for name in names:
+            binding.bind_output(name, "cpu")
+        try:
+            binding.synchronize_inputs()
+            session.run_with_iobinding(binding)  # type: ignore[attr-defined]
+        except Exception as err:
+            raise self._classify(err) from err
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     def close(self) -> None:
         if self._lanes is not None:
             self._lanes.shutdown(wait=True)
         self._session = None
+
+
+def _buffer_of(batch: Any) -> tuple[str, int, tuple[int, ...], np.dtype]:
+    """``(device type, pointer, shape, dtype)`` of a contiguous host or CUDA array."""
+    cai = getattr(batch, "__cuda_array_interface__", None)
+    if cai is not None and not isinstance(batch, np.ndarray):
+        shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
+        strides = cai.get("strides")
+        contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
+        device, pointer = "cuda", int(cai["data"][0])
+    elif isinstance(batch, np.ndarray):
+        shape, dtype = batch.shape, batch.dtype
+        contiguous = batch.flags.c_contiguous
+        device, pointer = "cpu", int(batch.ctypes.data)
+    else:
+        raise ValueError(f"cannot bind a {type(batch).__name__}: not a NumPy or CUDA array")
+    if not contiguous:
+        raise ValueError(f"cannot bind a non-contiguous batch of shape {shape}")
+    return device, pointer, shape, dtype
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides, step = [], itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
