@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Protocol
@@ -33,6 +33,9 @@ from fastapi.responses import JSONResponse, Response
 
 from serve import metrics
 from serve.http import oip
+from serve.http.admission import AdmissionGate, Cost, Shed, Ticket
+from serve.http.deadline import HANDLE_GRACE_S, CallDeadline
+from serve.http.model_client import ModelStarting
 from serve.http.pipeline import unwrap
 from serve.imaging.cpu_decode import prepare_image
 from serve.model.batch import BatchItem, ItemOutcome, model_input_shape
@@ -41,7 +44,7 @@ from serve.model.signature import ModelSignature, TensorInfo
 from serve.model_config import Task
 from serve.postprocess.base import ImageGeometry
 from shared.config import Settings
-from shared.errors import ErrorReason, PermanentError, TransientError
+from shared.errors import ErrorReason, PermanentError
 
 IMAGE_INPUT = "image"
 ENTRY_PATH = "oip"
@@ -50,6 +53,7 @@ MAX_IMAGES_PER_CALL = 100
 # (60 MB); larger batches of large inputs should be split by the caller.
 MAX_BODY_BYTES = 128 * 1024 * 1024
 SIGNATURE_TTL_S = 2.0
+PARSE_THREADS = 2
 EXTENSIONS = ("classification", "binary_tensor_data")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 DETECTION_OUTPUTS = (
@@ -94,11 +98,8 @@ class HandleOipClient:
         cached = self._signatures.get((model, version))
         if cached is not None and self._clock() - cached[0] < SIGNATURE_TTL_S:
             return cached[1]
-        answer = await asyncio.wait_for(self._handles[model].signature.remote(version), 120)
-        if isinstance(answer, Rejection):
-            raise answer.to_error()
-        if isinstance(answer, Retry):
-            raise TransientError(answer.message)
+        # One look-up for every concurrent caller; waits for a starting model within the caller's budget.
+        answer: ModelSignature = await self._base.lookup("signature", model, version)
         self._signatures[(model, version)] = (self._clock(), answer)
         return answer
 
@@ -113,12 +114,13 @@ class HandleOipClient:
 
 @dataclass(frozen=True, slots=True)
 class InferCall:
-    """An inference call that parsed and fits its model, waiting for admission."""
+    """An inference call that was admitted, parsed and fits its model; ``ticket`` holds its admission."""
 
     signature: ModelSignature
     request: oip.InferRequest
     images: int
     started: float
+    ticket: Ticket | None = None
 
 
 def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -126,11 +128,32 @@ def error(message: str, status: int, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+def declared_length(request: Request) -> int | None:
+    """The body's ``Content-Length``, or ``None`` when it declares none (or nonsense)."""
+    declared = request.headers.get("content-length", "").strip()
+    return int(declared) if declared.isdigit() and len(declared) <= 15 else None
+
+
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The request body, refused with 413 once it passes ``limit`` bytes.
+
+    A declared length is read into one buffer of that size (no chunk list joined
+    into a second copy).
+    """
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         raise oip.ProtocolError(f"body is {declared} bytes, limit {limit}", 413, "too_large")
+    if declared is not None:
+        buffer, size = bytearray(declared), 0
+        async for chunk in request.stream():
+            end = size + len(chunk)
+            if end > declared:
+                raise oip.ProtocolError(f"body is longer than its Content-Length {declared}")
+            buffer[size:end] = chunk
+            size = end
+        if size != declared:
+            raise oip.ProtocolError(f"body ended after {size} of its {declared} declared bytes")
+        return buffer
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -138,6 +161,26 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise oip.ProtocolError(f"body is over the limit of {limit} bytes", 413, "too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def admission_cost(request: Request) -> Cost:
+    """What an inference call holds from before its body is read: the declared body, and
+    when it is compressed, the most it may inflate to. (Its images are added once parsed.)"""
+    declared = declared_length(request)
+    body = MAX_BODY_BYTES if declared is None else min(declared, MAX_BODY_BYTES)
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    return Cost(1, body + (0 if encoding in ("", "identity") else MAX_BODY_BYTES))
+
+
+def _parse_call(
+    sig: ModelSignature, body: bytes | bytearray, encoding: str | None, header_length: str | None
+) -> tuple[oip.InferRequest, int, int]:
+    """Decompress, parse and check a call (CPU work, run off the event loop): request, images, payload bytes."""
+    payload = oip.decompress(body, encoding, MAX_BODY_BYTES)
+    request = oip.parse_infer_request(payload, header_length)
+    images = _check_inputs(sig, request)
+    _check_outputs(sig, request)
+    return request, images, len(payload)
 
 
 def _error_of(err: oip.ProtocolError) -> JSONResponse:
@@ -149,11 +192,18 @@ class OipService:
     """Answers the Open Inference Protocol's calls."""
 
     def __init__(
-        self, settings: Settings, models: OipModelClient, decode_executor: Executor
+        self,
+        settings: Settings,
+        models: OipModelClient,
+        decode_executor: Executor,
+        gate: AdmissionGate | None = None,
     ) -> None:
         self._settings = settings
         self._models = models
         self._decode = decode_executor
+        self._gate = gate
+        # Decompressing and parsing large bodies is CPU work: off the event loop, two at a time.
+        self._parse = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="oip-parse")
 
     # -- health and metadata -----------------------------------------------------------------
     def live(self) -> JSONResponse:
@@ -218,20 +268,57 @@ class OipService:
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
 
     # -- inference -----------------------------------------------------------------------------
+    async def infer(
+        self, model: str, version: str | None, http: Request, deadline: CallDeadline
+    ) -> Response:
+        """Admit, read, parse and run one inference call; answer by its deadline."""
+        call = await self.prepare(model, version, http, deadline)
+        if not isinstance(call, InferCall):
+            return call
+        try:
+            return await asyncio.wait_for(
+                self.run(call, deadline.work), max(0.0, deadline.remaining()) + HANDLE_GRACE_S
+            )
+        except TimeoutError:
+            metrics.record_answer(
+                call.signature.model, call.signature.version, ENTRY_PATH,
+                time.monotonic() - call.started, "transient",
+            )  # fmt: skip
+            return error("the call did not finish before its deadline", 503, {"Retry-After": "5"})
+        finally:
+            if call.ticket is not None:
+                call.ticket.release()
+
     async def prepare(
-        self, model: str, version: str | None, http: Request
+        self, model: str, version: str | None, http: Request, deadline: CallDeadline | None = None
     ) -> InferCall | JSONResponse:
-        """Read and parse the call and check it against the model; an error answer if it does not fit."""
+        """Admit, read and parse the call and check it against the model; an error answer if it does not fit.
+
+        The call is admitted (by its declared body) before its body is read; an
+        :class:`InferCall` holds the admission until its ticket is released.
+        """
         started = time.monotonic()
         sig: ModelSignature | None = None
+        ticket: Ticket | None = None
         try:
             sig = await self._signature(model, version)
+            declared = declared_length(http)
+            if declared is not None and declared > MAX_BODY_BYTES:
+                raise oip.ProtocolError(f"body is {declared} bytes, limit {MAX_BODY_BYTES}", 413, "too_large")
+            ticket = await self._admit(admission_cost(http), deadline)
             body = await read_body(http, MAX_BODY_BYTES)
-            payload = oip.decompress(body, http.headers.get("content-encoding"), MAX_BODY_BYTES)
-            request = oip.parse_infer_request(payload, http.headers.get(oip.HEADER_LENGTH))
-            images = _check_inputs(sig, request)
-            _check_outputs(sig, request)
+            request, images, payload_bytes = await asyncio.get_running_loop().run_in_executor(
+                self._parse, _parse_call, sig, body, http.headers.get("content-encoding"),
+                http.headers.get(oip.HEADER_LENGTH),
+            )  # fmt: skip
+            if ticket is not None:
+                # Now the real cost is known: the body, its inflated form, and a tensor per image.
+                item = int(np.prod(model_input_shape(sig.input))) * np.dtype(sig.input.dtype).itemsize
+                extra = payload_bytes if payload_bytes != len(body) else 0
+                ticket.adjust(Cost(images, len(body) + extra + images * item))
         except oip.ProtocolError as err:
+            if ticket is not None:
+                ticket.release()
             # Label values come from what is served, never from what a caller typed.
             served = model if model in self._models.models() else metrics.UNATTRIBUTED
             metrics.record_answer(
@@ -242,7 +329,20 @@ class OipService:
                 err.reason,
             )
             return _error_of(err)
-        return InferCall(sig, request, images, started)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+        return InferCall(sig, request, images, started, ticket)
+
+    async def _admit(self, cost: Cost, deadline: CallDeadline | None) -> Ticket | None:
+        if self._gate is None:
+            return None
+        try:
+            return await self._gate.admit(cost, None if deadline is None else deadline.remaining())
+        except Shed as err:
+            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs)
+            raise _Unavailable(err.message, str(max(1, round(err.retry_after_s))), 429) from err
 
     async def run(self, call: InferCall, deadline: float | None) -> Response:
         """Run an admitted call through the model's batch queue and encode the answer."""
@@ -288,6 +388,8 @@ class OipService:
                 else 400
             )
             raise oip.ProtocolError(err.message, status, err.reason.value) from err
+        except ModelStarting as err:
+            raise _Unavailable(str(err), str(round(err.retry_after_s))) from err
         except Exception as err:  # noqa: BLE001 - transient: the caller retries
             raise _Unavailable(f"model {model} unavailable: {unwrap(err)}", "5") from err
 
