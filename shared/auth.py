@@ -143,6 +143,7 @@ class TokenVerifier:
         self._certs_at = 0.0
         self._fetch_tried_at = float("-inf")
         self._fetch_error = ""
+        self._kid_fetched_at = float("-inf")
         self._verified: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
@@ -190,8 +191,12 @@ class TokenVerifier:
             since_try = now - self._fetch_tried_at
             if not self._certs:
                 due = since_try >= _NO_CERTS_RETRY_S
-            elif now - self._certs_at > _CERTS_TTL_S or (kid is not None and kid not in self._certs):
-                due = since_try >= _UNKNOWN_KID_REFETCH_S
+            elif now - self._certs_at > _CERTS_TTL_S:
+                due = since_try >= _UNKNOWN_KID_REFETCH_S  # a failed hourly refresh: retry each minute
+            elif kid is not None and kid not in self._certs:
+                due = now - self._kid_fetched_at >= _UNKNOWN_KID_REFETCH_S
+                if due:
+                    self._kid_fetched_at = now
             else:
                 due = False
             if due:
