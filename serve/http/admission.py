@@ -101,6 +101,8 @@ class AdmissionGate:
         self._max_waiting = max_waiting
         self._clock = clock
         self.held = Cost(0, 0)
+        # The most inputs and the most bytes held at once since the replica started.
+        self.peak = Cost(0, 0)
         self._running = 0
         self._line: deque[_Waiter] = deque()
 
@@ -159,6 +161,7 @@ class AdmissionGate:
     def _change(self, delta: Cost, running: int = 0) -> None:
         self.held = self.held + delta
         self._running += running
+        self._note_peak()
         if delta.inputs < 0 or delta.bytes < 0 or running < 0:
             self._wake()
 
@@ -168,7 +171,20 @@ class AdmissionGate:
             waiter = self._line.popleft()
             self.held = self.held + waiter.cost
             self._running += 1
+            self._note_peak()
             waiter.admitted.set_result(None)
+
+    def _note_peak(self) -> None:
+        self.peak = Cost(max(self.peak.inputs, self.held.inputs), max(self.peak.bytes, self.held.bytes))
+
+    def snapshot(self) -> dict[str, int]:
+        """Held, peak and limit (inputs and bytes) and calls waiting, for ``/v1/admission``."""
+        return {
+            "inputs": self.held.inputs, "bytes": self.held.bytes,
+            "peak_inputs": self.peak.inputs, "peak_bytes": self.peak.bytes,
+            "max_inputs": self.limit.inputs, "max_bytes": self.limit.bytes,
+            "waiting": len(self._line),
+        }  # fmt: skip
 
 
 __all__ = ["AdmissionGate", "Cost", "Shed", "Ticket"]

@@ -359,6 +359,11 @@ class Ingress:
     async def stats(self, request: Request) -> JSONResponse:
         return await self._refusal(request) or JSONResponse(await self._client.stats())
 
+    @api.get("/v1/admission")
+    async def admission(self, request: Request) -> JSONResponse:
+        """This replica's admission: inputs and bytes held now, the peaks so far, the limits, calls waiting."""
+        return await self._refusal(request) or JSONResponse(self._gate.snapshot())
+
     # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
     @api.get("/v2/health/live")
     async def oip_live(self) -> Response:
@@ -410,8 +415,10 @@ class Ingress:
             return refused
         try:
             deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), self._settings.request_timeout_s)
-        except (BadDeadline, DeadlinePassed) as err:
-            return _deadline_refusal(err)
+        except BadDeadline as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        except DeadlinePassed as err:
+            return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "1"})
         with waiting_for_model(self._model_wait(request, deadline, internal=False)):
             return await self._oip.infer(model, version, request, deadline)
 

@@ -142,3 +142,18 @@ def test_bad_bounds_and_costs_are_refused() -> None:
         AdmissionGate(max_inputs=0, max_bytes=1)
     with pytest.raises(ValueError, match="cannot be negative"):
         asyncio.run(AdmissionGate(1, 1).admit(Cost(-1, 0)))
+
+
+def test_the_snapshot_shows_what_is_held_the_peaks_and_the_limits() -> None:
+    async def run() -> dict[str, int]:
+        gate = AdmissionGate(max_inputs=10, max_bytes=1000, max_wait_s=0)
+        a = await gate.admit(Cost(4, 100))
+        b = await gate.admit(Cost(5, 700))
+        a.release()
+        b.adjust(Cost(5, 300))
+        return gate.snapshot()
+
+    assert asyncio.run(run()) == {
+        "inputs": 5, "bytes": 300, "peak_inputs": 9, "peak_bytes": 800,
+        "max_inputs": 10, "max_bytes": 1000, "waiting": 0,
+    }  # fmt: skip
