@@ -53,7 +53,7 @@ class Settings:
     max_image_pixels: int = 60_000_000
     request_timeout_s: float = 60.0
     max_inflight_inputs: int = 512
-    max_inflight_bytes: int = 256 * 1024 * 1024
+    max_inflight_bytes: int = 192 * 1024 * 1024
     admission_wait_s: float = 5.0
 
 

@@ -3,8 +3,16 @@
 Used by the Cloud Functions (normalized requests) and directly by clients
 (``{"uris": [...]}`` or a raw image body). Status codes tell callers whether to
 retry: 200 when every input has a stored result (``ok`` or ``error``), 400 for
-a body that is not a request at all, 429 with ``Retry-After`` when the service
-sheds load, 503 when something transient failed.
+a body that is not a request at all (``bad_request``) or a deadline header that is
+not one (``bad_deadline``), 403 without an acceptable token, 429 with ``Retry-After``
+when the service sheds load, 503 with ``Retry-After`` when something transient failed
+(a model starting from zero, the token check's own infrastructure, a deadline that
+passed).
+
+Authentication (``TRIGGERFISH_AUTH``, :mod:`shared.auth`): every route but the health
+probes (:data:`HEALTH_ROUTES`) needs a Google ID token; the internal form only from an
+invoker. Deadlines: :mod:`serve.http.deadline`. Admission, before a body is read:
+:mod:`serve.http.admission`.
 
 The Open Inference Protocol (KServe v2) routes under ``/v2`` delegate to
 :mod:`serve.http.oip_service`.
