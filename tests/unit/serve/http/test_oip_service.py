@@ -25,7 +25,8 @@ from serve.http import oip
 from serve.http.admission import AdmissionGate, Cost
 from serve.http.deadline import ANSWER_MARGIN_S, parse_deadline
 from serve.http.model_client import ModelStarting
-from serve.http.oip_service import MAX_BODY_BYTES, MAX_IMAGES_PER_CALL, InferCall, OipService
+from serve.http.oip_checks import MAX_IMAGES_PER_CALL
+from serve.http.oip_service import MAX_BODY_BYTES, InferCall, OipService
 from serve.model.batch import BatchItem, ItemOutcome, LoadedVersion, run_batch, validate_item
 from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature, signature_of
