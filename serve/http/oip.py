@@ -167,8 +167,8 @@ def serialize_bytes(values: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
 
-def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> list[bytes]:
-    """Exactly ``count`` ``BYTES`` elements from ``buffer`` (the binary layout)."""
+def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> list[bytes | memoryview]:
+    """Exactly ``count`` ``BYTES`` elements from ``buffer`` (the binary layout), views of it when it is a view."""
     values, offset = [], 0
     while offset < len(buffer):
         if offset + 4 > len(buffer):
@@ -181,7 +181,8 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> list
             raise ProtocolError(
                 f"input {name!r}: binary BYTES element {len(values)} runs past the data"
             )
-        values.append(bytes(buffer[offset : offset + length]))
+        # A view when ``buffer`` is one (the request body): no copy of every element up front.
+        values.append(buffer[offset : offset + length])
         offset += length
     if len(values) != count:
         raise ProtocolError(

@@ -188,6 +188,12 @@ def _error_of(err: oip.ProtocolError) -> JSONResponse:
     return error(err.message, err.status, headers)
 
 
+def _prepare_element(data: bytes | memoryview, *args: Any) -> Any:
+    """:func:`prepare_image` on one element; a view into the body is copied here, in the
+    decode thread, so only as many elements as there are decode threads exist twice."""
+    return prepare_image(bytes(data), *args)
+
+
 class OipService:
     """Answers the Open Inference Protocol's calls."""
 
@@ -411,7 +417,7 @@ class OipService:
             ]
         loop = asyncio.get_running_loop()
 
-        async def decode(i: int, data: bytes) -> BatchItem:
+        async def decode(i: int, data: bytes | memoryview) -> BatchItem:
             if len(data) > self._settings.max_image_bytes:
                 raise oip.ProtocolError(
                     f"input {IMAGE_INPUT!r} element {i}: {len(data)} bytes, limit {self._settings.max_image_bytes}",
@@ -421,7 +427,7 @@ class OipService:
             try:
                 image = await loop.run_in_executor(
                     self._decode,
-                    prepare_image,
+                    _prepare_element,
                     data,
                     sig.input,
                     sig.preprocess,
@@ -440,7 +446,7 @@ class OipService:
             return BatchItem(image.pixels, image.geometry, sig.version, raw=raw)
 
         return list(
-            await asyncio.gather(*(decode(i, bytes(d)) for i, d in enumerate(tensor.value.ravel())))
+            await asyncio.gather(*(decode(i, d) for i, d in enumerate(tensor.value.ravel())))
         )
 
 
