@@ -611,3 +611,18 @@ def test_the_decoder_is_pillow_unless_a_gpu_decoder_is_asked_for_and_present(mon
     monkeypatch.setenv("TRIGGERFISH_DECODE", "tpu")
     with pytest.raises(ConfigError, match="TRIGGERFISH_DECODE"):
         _decoder()
+
+
+def test_an_ingress_that_requires_auth_without_an_audience_refuses_to_start(monkeypatch) -> None:  # noqa: ANN001
+    from shared.errors import ConfigError
+
+    cls = next(c for c in Ingress.func_or_class.__mro__[1:] if c.__name__ == "Ingress")
+    monkeypatch.setattr("serve.http.ingress.configure_json_logging", lambda: None)
+    monkeypatch.delenv("TRIGGERFISH_SERVE_AUDIENCE", raising=False)
+    monkeypatch.delenv("TRIGGERFISH_AUTH", raising=False)
+
+    with pytest.raises(ConfigError, match="TRIGGERFISH_SERVE_AUDIENCE is unset"):
+        cls.__init__(object.__new__(cls), {})
+    monkeypatch.setenv("TRIGGERFISH_AUTH", "sometimes")
+    with pytest.raises(ConfigError, match="TRIGGERFISH_AUTH must be 'required' or 'off', got 'sometimes'"):
+        cls.__init__(object.__new__(cls), {})
