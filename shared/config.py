@@ -7,6 +7,7 @@ value instead of being replaced by a default.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,13 @@ class Settings:
         engine_cache_dir: Local directory for cached engines and fetched models.
         max_image_bytes: Larger objects are rejected as ``image_too_large``.
         max_image_pixels: Larger decoded images are rejected as ``image_too_large``.
-        request_timeout_s: How long a function waits for Serve before failing (and retrying).
+        request_timeout_s: How long a function waits for Serve before failing (and retrying);
+            in Serve, the deadline of a call that sends no ``x-triggerfish-deadline``.
+        max_inflight_inputs: Inputs one ingress replica works on at once (``TRIGGERFISH_MAX_INFLIGHT``).
+        max_inflight_bytes: Bytes of bodies, fetched images and tensors one ingress replica
+            holds at once (``TRIGGERFISH_MAX_INFLIGHT_BYTES``).
+        admission_wait_s: How long a call that does not fit waits in line before it is shed
+            with 429 (``TRIGGERFISH_ADMISSION_WAIT_S``; 0 sheds at once).
     """
 
     project: str = "triggerfish-local"
@@ -45,6 +52,9 @@ class Settings:
     max_image_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 60_000_000
     request_timeout_s: float = 60.0
+    max_inflight_inputs: int = 512
+    max_inflight_bytes: int = 192 * 1024 * 1024
+    admission_wait_s: float = 5.0
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -60,7 +70,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, allow_zero: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -68,8 +78,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError as err:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from err
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    if not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+        raise ConfigError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite, got {raw!r}")
     return value
 
 
@@ -118,4 +128,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_image_bytes=_int(env, p + "MAX_IMAGE_BYTES", d.max_image_bytes),
         max_image_pixels=_int(env, p + "MAX_IMAGE_PIXELS", d.max_image_pixels),
         request_timeout_s=_float(env, p + "REQUEST_TIMEOUT_S", d.request_timeout_s),
+        max_inflight_inputs=_int(env, p + "MAX_INFLIGHT", d.max_inflight_inputs),
+        max_inflight_bytes=_int(env, p + "MAX_INFLIGHT_BYTES", d.max_inflight_bytes),
+        admission_wait_s=_float(env, p + "ADMISSION_WAIT_S", d.admission_wait_s, allow_zero=True),
     )

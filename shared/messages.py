@@ -8,6 +8,7 @@ of ``InferenceRequest`` objects, one per source image.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Self
@@ -30,7 +31,14 @@ FINALIZE_EVENT = "OBJECT_FINALIZE"
 EVENTARC_FINALIZED_TYPE = "google.cloud.storage.object.v1.finalized"
 PUBSUB_PUBLISHED_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
 
+# Request ids that public HTTP callers choose are namespaced under this prefix, so
+# they can never take the form of another entry path's ids (Pub/Sub message ids,
+# ``<bucket>/<object>#<generation>`` upload ids) and re-label those results.
+PUBLIC_REQUEST_ID_PREFIX = "http:"
+
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Model and version names (public: the ingress checks query parameters against it).
+NAME_PATTERN = _NAME_PATTERN
 # Custom object metadata that picks the model for an uploaded image
 # (e.g. `gcloud storage cp --custom-metadata=triggerfish-model=text_detector ...`).
 MODEL_METADATA_KEY = "triggerfish-model"
@@ -92,13 +100,16 @@ class RequestMessage(BaseModel):
         """The URIs named by the message, in order."""
         return [self.uri] if self.uri is not None else list(self.uris or [])
 
-    def to_requests(self, default_request_id: str, entry_path: EntryPath) -> list[InferenceRequest]:
+    def to_requests(
+        self, default_request_id: str, entry_path: EntryPath, namespace: str = ""
+    ) -> list[InferenceRequest]:
         """Split into one :class:`InferenceRequest` per URI.
 
         Request ids are ``<id>`` for a single URI and ``<id>/<index>`` otherwise,
-        so a redelivered message maps to the same ids.
+        so a redelivered message maps to the same ids. ``namespace`` prefixes an id
+        the message sets itself (see :func:`public_requests`).
         """
-        base = self.request_id or default_request_id
+        base = namespace + self.request_id if self.request_id else default_request_id
         uris = self.source_uris()
         return [
             InferenceRequest(
@@ -112,6 +123,14 @@ class RequestMessage(BaseModel):
         ]
 
 
+def public_requests(message: RequestMessage, default_request_id: str) -> list[InferenceRequest]:
+    """The requests of a message a public HTTP caller sent, its own request id namespaced.
+
+    ``{"uri": ..., "request_id": "abc"}`` becomes request id ``http:abc``.
+    """
+    return message.to_requests(default_request_id, EntryPath.HTTP, PUBLIC_REQUEST_ID_PREFIX)
+
+
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -120,25 +139,28 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _depth(data: bytes | str) -> int:
-    """Deepest nesting of ``[``/``{`` outside strings (a single pass, no recursion)."""
+# A JSON string (skipped whole, in C) or one bracket: the depth scan's tokens.
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _depth(data: bytes | str, stop_above: int | None = None) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings (no recursion).
+
+    Strings are skipped by the regular expression engine, so a body of base64 images
+    costs a few tokens, not a Python step per character; the scan stops as soon as
+    the depth passes ``stop_above``.
+    """
     text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
+    for match in _STRUCTURE.finditer(text):
+        token = match.group()
+        if token in "[{":
             depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
+            if depth > deepest:
+                deepest = depth
+                if stop_above is not None and deepest > stop_above:
+                    return deepest
+        elif token in "]}":
             depth -= 1
     return deepest
 
@@ -151,7 +173,7 @@ def parse_json_bounded(data: bytes | str) -> Any:
     """
     text = data if isinstance(data, str) else data.decode("utf-8")  # UnicodeDecodeError is a ValueError
     # Counting brackets is cheap; the exact scan runs only when nesting is possible at all.
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return json.loads(text)
 

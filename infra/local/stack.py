@@ -174,7 +174,7 @@ class LocalStack:
             "serve",
             [sys.executable, "-m", "infra.local.serve_host", "--port", str(serve_port), "--metrics-port", str(metrics_port),
              "--proxy-port", str(proxy_port)],  # fmt: skip
-            env,
+            {"TRIGGERFISH_AUTH": "off", **env},  # no ID tokens on this machine: auth off, explicitly
         )
         fn_argv = _emulators.function_argv
         fn_env = _emulators.function_env(env, fp)

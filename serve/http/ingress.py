@@ -3,8 +3,16 @@
 Used by the Cloud Functions (normalized requests) and directly by clients
 (``{"uris": [...]}`` or a raw image body). Status codes tell callers whether to
 retry: 200 when every input has a stored result (``ok`` or ``error``), 400 for
-a body that is not a request at all, 429 with ``Retry-After`` when the service
-sheds load, 503 when something transient failed.
+a body that is not a request at all (``bad_request``) or a deadline header that is
+not one (``bad_deadline``), 403 without an acceptable token, 429 with ``Retry-After``
+when the service sheds load, 503 with ``Retry-After`` when something transient failed
+(a model starting from zero, the token check's own infrastructure, a deadline that
+passed).
+
+Authentication (``TRIGGERFISH_AUTH``, :mod:`shared.auth`): every route but the health
+probes (:data:`HEALTH_ROUTES`) needs a Google ID token; the internal form only from an
+invoker. Deadlines: :mod:`serve.http.deadline`. Admission, before a body is read:
+:mod:`serve.http.admission`.
 
 The Open Inference Protocol (KServe v2) routes under ``/v2`` delegate to
 :mod:`serve.http.oip_service`.
@@ -15,6 +23,7 @@ The Open Inference Protocol (KServe v2) routes under ``/v2`` delegate to
 import asyncio
 import logging
 import os
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,100 +37,65 @@ from ray.serve.handle import DeploymentHandle
 
 from serve import metrics
 from serve.cpus import replica_cpus
+from serve.http.admission import AdmissionGate, Cost, Shed
+from serve.http.deadline import (
+    HANDLE_GRACE_S,
+    BadDeadline,
+    CallDeadline,
+    DeadlinePassed,
+    parse_deadline,
+)
 from serve.http.metered import MeteredPipeline
-from serve.http.oip_service import HandleOipClient, InferCall, OipService
+from serve.http.model_client import HandleModelClient, ModelStarting, waiting_for_model
+from serve.http.oip_service import HandleOipClient, OipService
 from serve.http.pipeline import InferencePipeline, Processed, ShedError, unwrap
-from serve.model.batch import BatchItem, ItemOutcome
-from serve.model.coalescer import CallCoalescer
-from serve.model.model_server import Rejection, Retry, VersionInfo
-from shared.auth import AuthConfig, AuthError, TokenVerifier
+from shared.auth import (
+    AUDIENCE_ENV,
+    AUTH_ENV,
+    AUTH_REQUIRED,
+    AuthConfig,
+    AuthError,
+    AuthUnavailable,
+    TokenVerifier,
+)
 from shared.config import load_settings
 from shared.errors import ConfigError, PermanentError, TransientError
 from shared.gcs import GcsClient
 from shared.logging import configure_json_logging
 from shared.messages import (
     DEADLINE_HEADER,
-    EntryPath,
+    NAME_PATTERN,
     InferenceRequest,
     RequestMessage,
     parse_json_bounded,
+    public_requests,
 )
 
 logger = logging.getLogger(__name__)
 api = FastAPI(title="triggerfish", version="1")
 MAX_REQUESTS_PER_CALL = 100
-# Answers for "the default version" may change when a version is promoted; this
-# long at most an ingress keeps preprocessing for the previous default.
-DEFAULT_VERSION_TTL_S = 2.0
-# Inputs one ingress replica holds at once (fetched bytes and decoded tensors);
-# a call that would exceed it is shed with 429 before any work is done.
-MAX_INFLIGHT_ENV = "TRIGGERFISH_MAX_INFLIGHT"
-DEFAULT_MAX_INFLIGHT = 1024
-# Deployment-handle calls that take longer than this fail (and the input retries).
-HANDLE_TIMEOUT_S = 120.0
-# Calls per model in flight from one ingress replica; concurrent requests beyond
-# this are merged into the next call (serve/model/coalescer.py).
-MAX_CALLS_IN_FLIGHT = 2
 # A JSON request names at most 100 inputs of at most a few KB each.
 MAX_JSON_BODY_BYTES = 1 << 20
-
-
-class HandleModelClient:
-    """:class:`serve.http.pipeline.ModelClient` over Serve deployment handles.
-
-    A published version's input spec never changes, so ``describe`` answers for
-    an explicit version are kept; the default version is asked again after
-    :data:`DEFAULT_VERSION_TTL_S`.
-    """
-
-    def __init__(self, handles: dict[str, DeploymentHandle], clock=time.monotonic) -> None:  # noqa: ANN001
-        self._handles = handles
-        self._described: dict[tuple[str, str], VersionInfo] = {}
-        self._defaults: dict[str, tuple[float, VersionInfo]] = {}
-        self._coalescers: dict[str, CallCoalescer[BatchItem, ItemOutcome | Rejection | Retry]] = {}
-        self._clock = clock
-
-    def models(self) -> list[str]:
-        return list(self._handles)
-
-    async def describe(self, model: str, version: str | None) -> VersionInfo:
-        if version is not None and (model, version) in self._described:
-            return self._described[(model, version)]
-        if version is None and model in self._defaults:
-            at, info = self._defaults[model]
-            if self._clock() - at < DEFAULT_VERSION_TTL_S:
-                return info
-        answer = await asyncio.wait_for(self._handles[model].describe.remote(version), HANDLE_TIMEOUT_S)
-        if isinstance(answer, Rejection):
-            raise answer.to_error()
-        if isinstance(answer, Retry):
-            raise TransientError(answer.message)
-        self._described[(model, answer.version)] = answer
-        if version is None:
-            self._defaults[model] = (self._clock(), answer)
-        return answer
-
-    async def infer_many(
-        self, model: str, items: list[BatchItem], deadline: float | None
-    ) -> list[ItemOutcome | Rejection | Retry]:
-        if model not in self._coalescers:
-            self._coalescers[model] = CallCoalescer(
-                lambda merged, latest, model=model: self._send(model, merged, latest), MAX_CALLS_IN_FLIGHT
-            )
-        return await self._coalescers[model].call(items, deadline)
-
-    async def _send(
-        self, model: str, items: list[BatchItem], deadline: float | None
-    ) -> list[ItemOutcome | Rejection | Retry]:
-        timeout = HANDLE_TIMEOUT_S if deadline is None else max(0.1, deadline - time.time())
-        return await asyncio.wait_for(self._handles[model].infer_many.remote(items, deadline), timeout)
-
-    async def stats(self) -> dict[str, Any]:
-        return {m: await h.stats.remote() for m, h in self._handles.items()}
+# What one URI input holds before its size is known: the fetched image (most photos
+# are well below) and its model-size tensor. The JSON route is admitted by count and
+# by this per input.
+URI_INPUT_BYTES = 1 << 20
+# An HTTP caller may ask to wait for a model that is starting (scale to zero) until
+# its deadline, with this header or the query parameter ``wait`` (``1``/``true``);
+# otherwise it gets 503 with Retry-After after COLD_START_GRACE_S. The functions'
+# internal form always waits within its deadline.
+WAIT_HEADER = "x-triggerfish-wait"
+COLD_START_GRACE_S = 10.0
+# Routes open without a token (probes); every other route needs one when auth is required.
+HEALTH_ROUTES = ("/healthz", "/v2/health/live", "/v2/health/ready")
 
 
 def parse_infer_body(body: Any) -> list[InferenceRequest]:
-    """Accept ``{"requests": [InferenceRequest...]}`` (functions) or a request message (clients)."""
+    """Accept ``{"requests": [InferenceRequest...]}`` (functions) or a request message (clients).
+
+    A client's own ``request_id`` is namespaced (``http:<id>``): it cannot take the
+    form of another entry path's ids.
+    """
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
     if "requests" in body:
@@ -130,7 +104,7 @@ def parse_infer_body(body: Any) -> list[InferenceRequest]:
             raise ValueError(f"'requests' must be a list of 1..{MAX_REQUESTS_PER_CALL} requests")
         return [InferenceRequest.model_validate(r) for r in items]
     message = RequestMessage.model_validate(body)
-    return message.to_requests(f"http-{uuid.uuid4().hex}", EntryPath.HTTP)
+    return public_requests(message, f"http-{uuid.uuid4().hex}")
 
 
 def _decoder() -> tuple[Any, int]:
@@ -162,10 +136,16 @@ def _decoder() -> tuple[Any, int]:
     return prepare_image, replica_cpus()
 
 
+def declared_length(request: Request) -> int | None:
+    """The body's ``Content-Length``, or ``None`` when it declares none (or nonsense)."""
+    declared = request.headers.get("content-length", "").strip()
+    return int(declared) if declared.isdigit() and len(declared) <= 15 else None
+
+
 async def _read_bounded(request: Request, limit: int) -> bytes | None:
     """The body, or ``None`` as soon as it is known to exceed ``limit`` (never buffered whole)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         return None
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -176,15 +156,26 @@ async def _read_bounded(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _deadline(request: Request, default_s: float) -> float:
-    """The caller's deadline (epoch seconds) from its header, else ``default_s`` from now."""
-    raw = request.headers.get(DEADLINE_HEADER)
-    now = time.time()
-    try:
-        value = float(raw) if raw else now + default_s
-    except ValueError:
-        value = now + default_s
-    return min(max(value, now), now + default_s)
+def _asks_to_wait(request: Request) -> bool:
+    flag = request.headers.get(WAIT_HEADER) or request.query_params.get("wait") or ""
+    return flag.strip().lower() in ("1", "true", "yes")
+
+
+def _error(code: str, message: str, status: int, retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _deadline_refusal(err: Exception) -> JSONResponse:
+    """The answer for a deadline header that cannot be worked to.
+
+    A malformed header is 400 ``bad_deadline``, not ``bad_request``: the functions
+    record ``bad_request`` as a permanent ``malformed_message`` of every event in the
+    call, and a bad header is the caller's defect, not the events'.
+    """
+    if isinstance(err, BadDeadline):
+        return _error("bad_deadline", str(err), 400)
+    return _error("deadline_passed", str(err), 503, retry_after=1)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -195,6 +186,18 @@ class Ingress:
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
         configure_json_logging()
         self._settings = load_settings()
+        try:
+            self._auth = AuthConfig.from_env(os.environ)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if self._auth.required and not self._auth.audience:
+            raise ConfigError(
+                f"{AUTH_ENV} is {AUTH_REQUIRED!r} but {AUDIENCE_ENV} is unset: set the ID tokens' audience, "
+                f"or {AUTH_ENV}=off to serve without authentication (the local stack does)"
+            )
+        if not self._auth.required:
+            logger.warning("%s=off: every route is open to anyone who can reach it", AUTH_ENV)
+        self._verifier = TokenVerifier(self._auth) if self._auth.required else None
         self._client = HandleModelClient(models)
         # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has.
         self._decode = ThreadPoolExecutor(max_workers=replica_cpus(), thread_name_prefix="decode")
@@ -202,72 +205,109 @@ class Ingress:
         self._pipeline = MeteredPipeline(
             InferencePipeline(self._settings, self._client, self._gcs, self._decode), self._settings.default_model, models
         )
-        self._oip = OipService(self._settings, HandleOipClient(models, self._client), self._decode)
-        self._auth = AuthConfig.from_env(os.environ)
-        self._verifier = TokenVerifier(self._auth) if self._auth.enabled else None
-        self._max_inflight = int(os.environ.get(MAX_INFLIGHT_ENV) or DEFAULT_MAX_INFLIGHT)
-        self._inflight = 0
+        s = self._settings
+        self._gate = AdmissionGate(s.max_inflight_inputs, s.max_inflight_bytes, s.admission_wait_s)
+        self._oip = OipService(self._settings, HandleOipClient(models, self._client), self._decode, self._gate)
 
+    # -- authentication ------------------------------------------------------------------------
+    async def _refusal(self, request: Request, internal: bool = False) -> JSONResponse | None:
+        """``None`` when the caller may use this route, else the answer (403, or 503 when auth itself fails)."""
+        if self._verifier is None:
+            return None
+        check = self._verifier.caller if internal else self._verifier.public_caller
+        try:
+            await asyncio.to_thread(check, request.headers.get("authorization"))
+        except AuthError as err:
+            return _error("unauthorized", str(err), 403)
+        except AuthUnavailable as err:
+            return _error("auth_unavailable", str(err), 503, retry_after=5)
+        return None
+
+    def _model_wait(self, request: Request, deadline: CallDeadline, internal: bool) -> float:
+        """Until when (epoch seconds) this call waits for a model that is starting."""
+        if internal or _asks_to_wait(request):
+            return deadline.work
+        return min(deadline.work, time.time() + COLD_START_GRACE_S)
+
+    # -- /v1/infer -------------------------------------------------------------------------------
     @api.post("/v1/infer")
     async def infer(self, request: Request) -> JSONResponse:
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), self._settings.request_timeout_s)
+        except (BadDeadline, DeadlinePassed) as err:
+            return _deadline_refusal(err)
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
-        deadline = _deadline(request, self._settings.request_timeout_s)
         if content_type.startswith("image/") or content_type == "application/octet-stream":
-            return await self._admitted(1, self._infer_bytes(request, deadline))
+            return await self._infer_bytes(request, deadline)
         raw = await _read_bounded(request, MAX_JSON_BODY_BYTES)
         if raw is None:
-            return JSONResponse(
-                {"error": "body_too_large", "message": f"a request body is at most {MAX_JSON_BODY_BYTES} bytes"},
-                status_code=413,
-            )
+            return _error("body_too_large", f"a request body is at most {MAX_JSON_BODY_BYTES} bytes", 413)
         try:
             body = parse_json_bounded(raw)
-            if isinstance(body, dict) and "requests" in body:
-                await self._authorize_internal(request)
+            internal = isinstance(body, dict) and "requests" in body
             requests = parse_infer_body(body)
-        except AuthError as err:
-            return JSONResponse({"error": "unauthorized", "message": str(err)}, status_code=403)
         except (ValueError, ValidationError) as err:
-            return JSONResponse({"error": "bad_request", "message": str(err)[:2000]}, status_code=400)
-        return await self._admitted(len(requests), self._process(requests, deadline))
+            return _error("bad_request", str(err)[:2000], 400)
+        if internal:
+            refused = await self._refusal(request, internal=True)
+            if refused is not None:
+                return refused
+        # The JSON body (at most 1 MiB) is read before admission: only then is the count known.
+        cost = Cost(len(requests), len(raw) + len(requests) * URI_INPUT_BYTES)
+        with waiting_for_model(self._model_wait(request, deadline, internal)):
+            return await self._admitted(cost, deadline, self._process(requests, deadline))
 
-    async def _process(self, requests: list[InferenceRequest], deadline: float) -> JSONResponse:
-        return self._respond(await self._pipeline.process_many(requests, deadline))
+    async def _process(self, requests: list[InferenceRequest], deadline: CallDeadline) -> JSONResponse:
+        return self._respond(await self._pipeline.process_many(requests, deadline.work))
 
-    async def _authorize_internal(self, request: Request) -> None:
-        """The internal form sets generations and request ids: only the functions may send it."""
-        if self._verifier is not None:
-            await asyncio.to_thread(self._verifier.caller, request.headers.get("authorization"))
-
-    async def _admitted(self, inputs: int, work) -> JSONResponse:  # noqa: ANN001 - a coroutine
-        """Run ``work`` unless it would push this replica past its in-flight bound (then 429)."""
-        if self._inflight + inputs > self._max_inflight:
-            work.close()
-            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", inputs)
-            return JSONResponse(
-                {"error": "overloaded", "message": f"{self._inflight} inputs in flight, limit {self._max_inflight}"},
-                status_code=429,
-                headers={"Retry-After": "2"},
-            )
-        self._inflight += inputs
+    async def _admitted(self, cost: Cost, deadline: CallDeadline, work) -> JSONResponse:  # noqa: ANN001 - a coroutine
+        """Run ``work`` once admitted (429 if shed), and answer by the work deadline (503 after)."""
         try:
-            return await work
-        finally:
-            self._inflight -= inputs
+            ticket = await self._gate.admit(cost, deadline.remaining())
+        except Shed as err:
+            work.close()
+            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs)
+            return _error("overloaded", err.message, 429, retry_after=err.retry_after_s)
+        async with ticket:
+            return await self._bounded(work, deadline)
 
-    async def _infer_bytes(self, request: Request, deadline: float) -> JSONResponse:
+    async def _bounded(self, work, deadline: CallDeadline) -> JSONResponse:  # noqa: ANN001 - a coroutine
+        # The caller stops reading at its deadline: answer before, so it gets a retryable answer.
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline.remaining()) + HANDLE_GRACE_S)
+        except TimeoutError:
+            return _error("transient", "the call did not finish before its deadline", 503, retry_after=5)
+
+    async def _infer_bytes(self, request: Request, deadline: CallDeadline) -> JSONResponse:
+        params = request.query_params
+        model, version = params.get("model"), params.get("version")
+        if model is not None and model not in self._client.models():
+            return _error("bad_request", f"unknown model {model!r} (models: {sorted(self._client.models())})", 400)
+        if version is not None and not re.fullmatch(NAME_PATTERN, version):
+            return _error("bad_request", f"version {version[:200]!r} is not a version name", 400)
         limit = self._settings.max_image_bytes
+        declared = declared_length(request)
+        if declared is not None and declared > limit:
+            return _error("image_too_large", f"body is {declared} bytes, over the limit of {limit} bytes", 413)
+        # Admitted by its real cost before it is read: its declared length (the limit when undeclared).
+        cost = Cost(1, limit if declared is None else declared)
+        with waiting_for_model(self._model_wait(request, deadline, internal=False)):
+            return await self._admitted(cost, deadline, self._read_and_infer(request, model, version, deadline, limit))
+
+    async def _read_and_infer(
+        self, request: Request, model: str | None, version: str | None, deadline: CallDeadline, limit: int
+    ) -> JSONResponse:
         raw = await _read_bounded(request, limit)
         if raw is None:
-            return JSONResponse(
-                {"error": "image_too_large", "message": f"body is over the limit of {limit} bytes"}, status_code=413
-            )
+            return _error("image_too_large", f"body is over the limit of {limit} bytes", 413)
         if not raw:
-            return JSONResponse({"error": "bad_request", "message": "empty body"}, status_code=400)
-        params = request.query_params
+            return _error("bad_request", "empty body", 400)
         try:
             outcome: Processed | BaseException = await self._pipeline.process_bytes(
-                raw, params.get("model"), params.get("version"), f"http-{uuid.uuid4().hex}", deadline
+                raw, model, version, f"http-{uuid.uuid4().hex}", deadline.work
             )
         except Exception as err:  # noqa: BLE001 - mapped to a status below
             outcome = err
@@ -276,7 +316,8 @@ class Ingress:
     def _respond(self, outcomes: list[Processed | BaseException]) -> JSONResponse:
         results: list[dict[str, Any]] = []
         transient: list[str] = []
-        retry_after = 0.0
+        shed_after = 0.0  # the longest Retry-After of the model queues that shed
+        unavailable_after = 5.0  # 503: a starting model says how long it takes
         shed = True
         for outcome in outcomes:
             cause = unwrap(outcome) if isinstance(outcome, BaseException) else outcome
@@ -287,21 +328,25 @@ class Ingress:
                 results.append({"status": "error", "error": {"reason": cause.reason, "message": cause.message}})
                 continue
             if isinstance(cause, ShedError):
-                retry_after = max(retry_after, cause.retry_after_s)
+                shed_after = max(shed_after, cause.retry_after_s)
             else:
                 shed = False
-                logger.error("transient failure: %r", cause, exc_info=cause if not isinstance(cause, TransientError) else None)
+                if isinstance(cause, ModelStarting):
+                    unavailable_after = max(unavailable_after, cause.retry_after_s)
+                else:
+                    exc_info = cause if not isinstance(cause, TransientError) else None
+                    logger.error("transient failure: %r", cause, exc_info=exc_info)
             transient.append(str(cause) or repr(cause))
             results.append({"status": "retry", "error": {"message": str(cause) or repr(cause)}})
         if transient:
-            status = 429 if shed else 503
             return JSONResponse(
                 {"error": "overloaded" if shed else "transient", "message": transient[0], "results": results},
-                status_code=status,
-                headers={"Retry-After": str(max(1, round(retry_after)) if shed else 5)},
+                status_code=429 if shed else 503,
+                headers={"Retry-After": str(max(1, round(shed_after if shed else unavailable_after)))},
             )
         return JSONResponse({"results": results})
 
+    # -- health and introspection --------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """Ready when every model deployment answers and has a healthy, loaded default version."""
@@ -315,12 +360,17 @@ class Ingress:
         return JSONResponse({"status": "ok", "models": list(stats)})
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        return JSONResponse(await self._client.stats())
+    async def models(self, request: Request) -> JSONResponse:
+        return await self._refusal(request) or JSONResponse(await self._client.stats())
 
     @api.get("/v1/stats")
-    async def stats(self) -> JSONResponse:
-        return JSONResponse(await self._client.stats())
+    async def stats(self, request: Request) -> JSONResponse:
+        return await self._refusal(request) or JSONResponse(await self._client.stats())
+
+    @api.get("/v1/admission")
+    async def admission(self, request: Request) -> JSONResponse:
+        """This replica's admission: inputs and bytes held now, the peaks so far, the limits, calls waiting."""
+        return await self._refusal(request) or JSONResponse(self._gate.snapshot())
 
     # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
     @api.get("/v2/health/live")
@@ -332,24 +382,24 @@ class Ingress:
         return await self._oip.ready()
 
     @api.get("/v2")
-    async def oip_server_metadata(self) -> Response:
-        return self._oip.server_metadata()
+    async def oip_server_metadata(self, request: Request) -> Response:
+        return await self._refusal(request) or self._oip.server_metadata()
 
     @api.get("/v2/models/{model}")
-    async def oip_model_metadata(self, model: str) -> Response:
-        return await self._oip.model_metadata(model, None)
+    async def oip_model_metadata(self, model: str, request: Request) -> Response:
+        return await self._oip_metadata(model, None, request)
 
     @api.get("/v2/models/{model}/versions/{version}")
-    async def oip_version_metadata(self, model: str, version: str) -> Response:
-        return await self._oip.model_metadata(model, version)
+    async def oip_version_metadata(self, model: str, version: str, request: Request) -> Response:
+        return await self._oip_metadata(model, version, request)
 
     @api.get("/v2/models/{model}/ready")
-    async def oip_model_ready(self, model: str) -> Response:
-        return await self._oip.model_ready(model, None)
+    async def oip_model_ready(self, model: str, request: Request) -> Response:
+        return await self._refusal(request) or await self._oip.model_ready(model, None)
 
     @api.get("/v2/models/{model}/versions/{version}/ready")
-    async def oip_version_ready(self, model: str, version: str) -> Response:
-        return await self._oip.model_ready(model, version)
+    async def oip_version_ready(self, model: str, version: str, request: Request) -> Response:
+        return await self._refusal(request) or await self._oip.model_ready(model, version)
 
     @api.post("/v2/models/{model}/infer")
     async def oip_infer(self, model: str, request: Request) -> Response:
@@ -359,12 +409,26 @@ class Ingress:
     async def oip_version_infer(self, model: str, version: str, request: Request) -> Response:
         return await self._oip_infer(model, version, request)
 
+    async def _oip_metadata(self, model: str, version: str | None, request: Request) -> Response:
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        deadline = parse_deadline(None, self._settings.request_timeout_s)
+        with waiting_for_model(self._model_wait(request, deadline, internal=False)):
+            return await self._oip.model_metadata(model, version)
+
     async def _oip_infer(self, model: str, version: str | None, request: Request) -> Response:
-        call = await self._oip.prepare(model, version, request)
-        if not isinstance(call, InferCall):
-            return call
-        deadline = _deadline(request, self._settings.request_timeout_s)
-        return await self._admitted(call.images, self._oip.run(call, deadline))
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            deadline = parse_deadline(request.headers.get(DEADLINE_HEADER), self._settings.request_timeout_s)
+        except BadDeadline as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        except DeadlinePassed as err:
+            return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "1"})
+        with waiting_for_model(self._model_wait(request, deadline, internal=False)):
+            return await self._oip.infer(model, version, request, deadline)
 
 
-__all__ = ["Ingress", "parse_infer_body"]
+__all__ = ["HandleModelClient", "Ingress", "parse_infer_body"]

@@ -138,7 +138,7 @@ def datatype_of(dtype: np.dtype | str) -> str:
         raise ValueError(f"no Open Inference Protocol datatype for dtype {dtype!r}") from err
 
 
-def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+def decompress(body: bytes | bytearray, content_encoding: str | None, limit: int) -> bytes | bytearray:
     """Undo ``Content-Encoding`` (``gzip``, ``deflate``, ``identity``), refusing more than ``limit`` bytes."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in ("", "identity"):
@@ -167,8 +167,8 @@ def serialize_bytes(values: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
 
-def deserialize_bytes(buffer: bytes, count: int, name: str) -> list[bytes]:
-    """Exactly ``count`` ``BYTES`` elements from ``buffer`` (the binary layout)."""
+def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> list[bytes | memoryview]:
+    """Exactly ``count`` ``BYTES`` elements from ``buffer`` (the binary layout), views of it when it is a view."""
     values, offset = [], 0
     while offset < len(buffer):
         if offset + 4 > len(buffer):
@@ -181,7 +181,8 @@ def deserialize_bytes(buffer: bytes, count: int, name: str) -> list[bytes]:
             raise ProtocolError(
                 f"input {name!r}: binary BYTES element {len(values)} runs past the data"
             )
-        values.append(bytes(buffer[offset : offset + length]))
+        # A view when ``buffer`` is one (the request body): no copy of every element up front.
+        values.append(buffer[offset : offset + length])
         offset += length
     if len(values) != count:
         raise ProtocolError(
@@ -190,13 +191,13 @@ def deserialize_bytes(buffer: bytes, count: int, name: str) -> list[bytes]:
     return values
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer_request(body: bytes | bytearray, header_length: str | None) -> InferRequest:
     """Decode an ``/infer`` body, with binary tensor data when ``header_length`` is given.
 
     Raises:
         ProtocolError: 400 naming what is wrong.
     """
-    binary = b""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             length = int(header_length)
@@ -206,7 +207,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError(
                 f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes"
             )
-        body, binary = body[:length], body[length:]
+        # The tensor data stays where it was read: a view, not a copy of up to 128 MiB.
+        view = memoryview(body)
+        body, binary = bytes(view[:length]), view[length:]
     try:
         raw = parse_json_bounded(body)
         request = _RequestJson.model_validate(raw)
@@ -247,7 +250,7 @@ def _requested(output: _OutputJson, binary_default: bool) -> RequestedOutput:
     return RequestedOutput(output.name, binary, k)
 
 
-def _input_value(tensor: _TensorJson, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+def _input_value(tensor: _TensorJson, binary: bytes | memoryview, offset: int) -> tuple[np.ndarray, int]:
     name, shape = tensor.name, tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise ProtocolError(f"input {name!r}: shape {list(shape)} has a negative dimension")
@@ -272,7 +275,7 @@ def _input_value(tensor: _TensorJson, binary: bytes, offset: int) -> tuple[np.nd
     return _from_json(tensor, count), offset
 
 
-def _from_binary(tensor: _TensorJson, chunk: bytes, count: int) -> np.ndarray:
+def _from_binary(tensor: _TensorJson, chunk: bytes | memoryview, count: int) -> np.ndarray:
     shape = tuple(tensor.shape)
     if tensor.datatype == BYTES:
         values = deserialize_bytes(chunk, count, tensor.name)
@@ -283,7 +286,8 @@ def _from_binary(tensor: _TensorJson, chunk: bytes, count: int) -> np.ndarray:
             f"input {tensor.name!r}: {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} bytes, "
             f"binary data has {len(chunk)}"
         )
-    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    # No copy on a little-endian host: the array views the body's buffer.
+    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
 
 def _from_json(tensor: _TensorJson, count: int) -> np.ndarray:

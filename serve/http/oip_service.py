@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Protocol
@@ -33,31 +33,35 @@ from fastapi.responses import JSONResponse, Response
 
 from serve import metrics
 from serve.http import oip
+from serve.http.admission import AdmissionGate, Cost, Shed, Ticket
+from serve.http.deadline import HANDLE_GRACE_S, CallDeadline
+from serve.http.model_client import ModelStarting
+from serve.http.oip_checks import (
+    IMAGE_INPUT,
+    Unavailable,
+    check_inputs,
+    check_outputs,
+    outputs_of,
+)
+from serve.http.oip_checks import outputs as output_tensors
 from serve.http.pipeline import unwrap
 from serve.imaging.cpu_decode import prepare_image
 from serve.model.batch import BatchItem, ItemOutcome, model_input_shape
 from serve.model.model_server import Rejection, Retry
-from serve.model.signature import ModelSignature, TensorInfo
+from serve.model.signature import ModelSignature
 from serve.model_config import Task
 from serve.postprocess.base import ImageGeometry
 from shared.config import Settings
-from shared.errors import ErrorReason, PermanentError, TransientError
+from shared.errors import ErrorReason, PermanentError
 
-IMAGE_INPUT = "image"
 ENTRY_PATH = "oip"
-MAX_IMAGES_PER_CALL = 100
 # Bodies above this are refused with 413: 100 preprocessed 224x224 FP32 images fit
 # (60 MB); larger batches of large inputs should be split by the caller.
 MAX_BODY_BYTES = 128 * 1024 * 1024
 SIGNATURE_TTL_S = 2.0
+PARSE_THREADS = 2
 EXTENSIONS = ("classification", "binary_tensor_data")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
-DETECTION_OUTPUTS = (
-    TensorInfo("detection_boxes", "float32", (-1, 4)),
-    TensorInfo("detection_scores", "float32", (-1,)),
-    TensorInfo("detection_classes", "int32", (-1,)),
-    TensorInfo("num_detections", "int32", ()),
-)
 
 
 class OipModelClient(Protocol):
@@ -94,11 +98,8 @@ class HandleOipClient:
         cached = self._signatures.get((model, version))
         if cached is not None and self._clock() - cached[0] < SIGNATURE_TTL_S:
             return cached[1]
-        answer = await asyncio.wait_for(self._handles[model].signature.remote(version), 120)
-        if isinstance(answer, Rejection):
-            raise answer.to_error()
-        if isinstance(answer, Retry):
-            raise TransientError(answer.message)
+        # One look-up for every concurrent caller; waits for a starting model within the caller's budget.
+        answer: ModelSignature = await self._base.lookup("signature", model, version)
         self._signatures[(model, version)] = (self._clock(), answer)
         return answer
 
@@ -113,12 +114,13 @@ class HandleOipClient:
 
 @dataclass(frozen=True, slots=True)
 class InferCall:
-    """An inference call that parsed and fits its model, waiting for admission."""
+    """An inference call that was admitted, parsed and fits its model; ``ticket`` holds its admission."""
 
     signature: ModelSignature
     request: oip.InferRequest
     images: int
     started: float
+    ticket: Ticket | None = None
 
 
 def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -126,11 +128,32 @@ def error(message: str, status: int, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+def declared_length(request: Request) -> int | None:
+    """The body's ``Content-Length``, or ``None`` when it declares none (or nonsense)."""
+    declared = request.headers.get("content-length", "").strip()
+    return int(declared) if declared.isdigit() and len(declared) <= 15 else None
+
+
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The request body, refused with 413 once it passes ``limit`` bytes.
+
+    A declared length is read into one buffer of that size (no chunk list joined
+    into a second copy).
+    """
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         raise oip.ProtocolError(f"body is {declared} bytes, limit {limit}", 413, "too_large")
+    if declared is not None:
+        buffer, size = bytearray(declared), 0
+        async for chunk in request.stream():
+            end = size + len(chunk)
+            if end > declared:
+                raise oip.ProtocolError(f"body is longer than its Content-Length {declared}")
+            buffer[size:end] = chunk
+            size = end
+        if size != declared:
+            raise oip.ProtocolError(f"body ended after {size} of its {declared} declared bytes")
+        return buffer
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -140,20 +163,53 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def admission_cost(request: Request) -> Cost:
+    """What an inference call holds from before its body is read: the declared body, and
+    when it is compressed, the most it may inflate to. (Its images are added once parsed.)"""
+    declared = declared_length(request)
+    body = MAX_BODY_BYTES if declared is None else min(declared, MAX_BODY_BYTES)
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    return Cost(1, body + (0 if encoding in ("", "identity") else MAX_BODY_BYTES))
+
+
+def _parse_call(
+    sig: ModelSignature, body: bytes | bytearray, encoding: str | None, header_length: str | None
+) -> tuple[oip.InferRequest, int, int]:
+    """Decompress, parse and check a call (CPU work, run off the event loop): request, images, payload bytes."""
+    payload = oip.decompress(body, encoding, MAX_BODY_BYTES)
+    request = oip.parse_infer_request(payload, header_length)
+    images = check_inputs(sig, request)
+    check_outputs(sig, request)
+    return request, images, len(payload)
+
+
 def _error_of(err: oip.ProtocolError) -> JSONResponse:
-    headers = {"Retry-After": err.retry_after} if isinstance(err, _Unavailable) else None
+    headers = {"Retry-After": err.retry_after} if isinstance(err, Unavailable) else None
     return error(err.message, err.status, headers)
+
+
+def _prepare_element(data: bytes | memoryview, *args: Any) -> Any:
+    """:func:`prepare_image` on one element; a view into the body is copied here, in the
+    decode thread, so only as many elements as there are decode threads exist twice."""
+    return prepare_image(bytes(data), *args)
 
 
 class OipService:
     """Answers the Open Inference Protocol's calls."""
 
     def __init__(
-        self, settings: Settings, models: OipModelClient, decode_executor: Executor
+        self,
+        settings: Settings,
+        models: OipModelClient,
+        decode_executor: Executor,
+        gate: AdmissionGate | None = None,
     ) -> None:
         self._settings = settings
         self._models = models
         self._decode = decode_executor
+        self._gate = gate
+        # Decompressing and parsing large bodies is CPU work: off the event loop, two at a time.
+        self._parse = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="oip-parse")
 
     # -- health and metadata -----------------------------------------------------------------
     def live(self) -> JSONResponse:
@@ -197,7 +253,7 @@ class OipService:
                 ],
                 "outputs": [
                     oip.tensor_metadata(t.name, oip.datatype_of(t.dtype), [-1, *t.shape])
-                    for t in _outputs_of(sig)
+                    for t in outputs_of(sig)
                 ],
             }
         )
@@ -218,20 +274,57 @@ class OipService:
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
 
     # -- inference -----------------------------------------------------------------------------
+    async def infer(
+        self, model: str, version: str | None, http: Request, deadline: CallDeadline
+    ) -> Response:
+        """Admit, read, parse and run one inference call; answer by its deadline."""
+        call = await self.prepare(model, version, http, deadline)
+        if not isinstance(call, InferCall):
+            return call
+        try:
+            return await asyncio.wait_for(
+                self.run(call, deadline.work), max(0.0, deadline.remaining()) + HANDLE_GRACE_S
+            )
+        except TimeoutError:
+            metrics.record_answer(
+                call.signature.model, call.signature.version, ENTRY_PATH,
+                time.monotonic() - call.started, "transient",
+            )  # fmt: skip
+            return error("the call did not finish before its deadline", 503, {"Retry-After": "5"})
+        finally:
+            if call.ticket is not None:
+                call.ticket.release()
+
     async def prepare(
-        self, model: str, version: str | None, http: Request
+        self, model: str, version: str | None, http: Request, deadline: CallDeadline | None = None
     ) -> InferCall | JSONResponse:
-        """Read and parse the call and check it against the model; an error answer if it does not fit."""
+        """Admit, read and parse the call and check it against the model; an error answer if it does not fit.
+
+        The call is admitted (by its declared body) before its body is read; an
+        :class:`InferCall` holds the admission until its ticket is released.
+        """
         started = time.monotonic()
         sig: ModelSignature | None = None
+        ticket: Ticket | None = None
         try:
             sig = await self._signature(model, version)
+            declared = declared_length(http)
+            if declared is not None and declared > MAX_BODY_BYTES:
+                raise oip.ProtocolError(f"body is {declared} bytes, limit {MAX_BODY_BYTES}", 413, "too_large")
+            ticket = await self._admit(admission_cost(http), deadline)
             body = await read_body(http, MAX_BODY_BYTES)
-            payload = oip.decompress(body, http.headers.get("content-encoding"), MAX_BODY_BYTES)
-            request = oip.parse_infer_request(payload, http.headers.get(oip.HEADER_LENGTH))
-            images = _check_inputs(sig, request)
-            _check_outputs(sig, request)
+            request, images, payload_bytes = await asyncio.get_running_loop().run_in_executor(
+                self._parse, _parse_call, sig, body, http.headers.get("content-encoding"),
+                http.headers.get(oip.HEADER_LENGTH),
+            )  # fmt: skip
+            if ticket is not None:
+                # Now the real cost is known: the body, its inflated form, and a tensor per image.
+                item = int(np.prod(model_input_shape(sig.input))) * np.dtype(sig.input.dtype).itemsize
+                extra = payload_bytes if payload_bytes != len(body) else 0
+                ticket.adjust(Cost(images, len(body) + extra + images * item))
         except oip.ProtocolError as err:
+            if ticket is not None:
+                ticket.release()
             # Label values come from what is served, never from what a caller typed.
             served = model if model in self._models.models() else metrics.UNATTRIBUTED
             metrics.record_answer(
@@ -242,7 +335,20 @@ class OipService:
                 err.reason,
             )
             return _error_of(err)
-        return InferCall(sig, request, images, started)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+        return InferCall(sig, request, images, started, ticket)
+
+    async def _admit(self, cost: Cost, deadline: CallDeadline | None) -> Ticket | None:
+        if self._gate is None:
+            return None
+        try:
+            return await self._gate.admit(cost, None if deadline is None else deadline.remaining())
+        except Shed as err:
+            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs)
+            raise Unavailable(err.message, str(max(1, round(err.retry_after_s))), 429) from err
 
     async def run(self, call: InferCall, deadline: float | None) -> Response:
         """Run an admitted call through the model's batch queue and encode the answer."""
@@ -250,7 +356,7 @@ class OipService:
         try:
             items = await self._items(call)
             outcomes = await self._models.infer_many(sig.model, items, deadline)
-            outputs = _outputs(sig, call.request, outcomes)
+            outputs = output_tensors(sig, call.request, outcomes)
         except oip.ProtocolError as err:
             metrics.record_answer(
                 sig.model, sig.version, ENTRY_PATH, time.monotonic() - call.started, err.reason
@@ -288,8 +394,10 @@ class OipService:
                 else 400
             )
             raise oip.ProtocolError(err.message, status, err.reason.value) from err
+        except ModelStarting as err:
+            raise Unavailable(str(err), str(round(err.retry_after_s))) from err
         except Exception as err:  # noqa: BLE001 - transient: the caller retries
-            raise _Unavailable(f"model {model} unavailable: {unwrap(err)}", "5") from err
+            raise Unavailable(f"model {model} unavailable: {unwrap(err)}", "5") from err
 
     async def _items(self, call: InferCall) -> list[BatchItem]:
         sig, [tensor] = call.signature, call.request.inputs
@@ -309,7 +417,7 @@ class OipService:
             ]
         loop = asyncio.get_running_loop()
 
-        async def decode(i: int, data: bytes) -> BatchItem:
+        async def decode(i: int, data: bytes | memoryview) -> BatchItem:
             if len(data) > self._settings.max_image_bytes:
                 raise oip.ProtocolError(
                     f"input {IMAGE_INPUT!r} element {i}: {len(data)} bytes, limit {self._settings.max_image_bytes}",
@@ -319,7 +427,7 @@ class OipService:
             try:
                 image = await loop.run_in_executor(
                     self._decode,
-                    prepare_image,
+                    _prepare_element,
                     data,
                     sig.input,
                     sig.preprocess,
@@ -338,138 +446,12 @@ class OipService:
             return BatchItem(image.pixels, image.geometry, sig.version, raw=raw)
 
         return list(
-            await asyncio.gather(*(decode(i, bytes(d)) for i, d in enumerate(tensor.value.ravel())))
+            await asyncio.gather(*(decode(i, d) for i, d in enumerate(tensor.value.ravel())))
         )
-
-
-class _Unavailable(oip.ProtocolError):
-    """A transient failure: 503 (429 when the model sheds load) with ``Retry-After``."""
-
-    def __init__(self, message: str, retry_after: str, status: int = 503) -> None:
-        super().__init__(message, status, "overloaded" if status == 429 else "transient")
-        self.retry_after = retry_after
 
 
 def _unknown_model(model: str, known: list[str]) -> str:
     return f"unknown model {model!r} (models: {sorted(known)})"
-
-
-def _outputs_of(sig: ModelSignature) -> tuple[TensorInfo, ...]:
-    return DETECTION_OUTPUTS if sig.task is Task.DETECTION else sig.outputs
-
-
-def _check_inputs(sig: ModelSignature, request: oip.InferRequest) -> int:
-    """The number of images in the call's one input, which must fit the model."""
-    if len(request.inputs) != 1:
-        raise oip.ProtocolError(
-            f"expected exactly one input ({IMAGE_INPUT!r} BYTES or {sig.input.name!r} "
-            f"{oip.datatype_of(sig.input.dtype)}), got {len(request.inputs)}"
-        )
-    [tensor] = request.inputs
-    if tensor.datatype == oip.BYTES:
-        if tensor.name != IMAGE_INPUT:
-            raise oip.ProtocolError(
-                f"a BYTES input must be named {IMAGE_INPUT!r}, got {tensor.name!r}"
-            )
-        if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
-            raise oip.ProtocolError(
-                f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], got {list(tensor.shape)}"
-            )
-    else:
-        expected = (oip.datatype_of(sig.input.dtype), model_input_shape(sig.input))
-        if tensor.name != sig.input.name or (tensor.datatype, tuple(tensor.shape[1:])) != expected:
-            raise oip.ProtocolError(
-                f"input {tensor.name!r} {tensor.datatype}{list(tensor.shape)} does not fit the model: "
-                f"give {IMAGE_INPUT!r} BYTES[N] (encoded images) or {sig.input.name!r} "
-                f"{expected[0]}{[-1, *expected[1]]}"
-            )
-    images = tensor.shape[0] if tensor.shape else 0
-    if not 1 <= images <= MAX_IMAGES_PER_CALL:
-        raise oip.ProtocolError(f"a call takes 1..{MAX_IMAGES_PER_CALL} images, got {images}")
-    return images
-
-
-def _check_outputs(sig: ModelSignature, request: oip.InferRequest) -> None:
-    if request.outputs is None:
-        return
-    available = {t.name: t for t in _outputs_of(sig)}
-    for output in request.outputs:
-        if output.name not in available:
-            raise oip.ProtocolError(
-                f"unknown output {output.name!r} (outputs: {sorted(available)})"
-            )
-        if output.classification and (
-            sig.task is not Task.CLASSIFICATION or len(available[output.name].shape) != 1
-        ):
-            raise oip.ProtocolError(
-                f"output {output.name!r}: classification needs a classifier's [N, classes] output"
-            )
-
-
-def _outputs(
-    sig: ModelSignature, request: oip.InferRequest, outcomes: list[ItemOutcome | Rejection | Retry]
-) -> list[oip.OutputTensor]:
-    done = _checked(outcomes)
-    wanted = request.outputs or tuple(oip.RequestedOutput(t.name, False) for t in _outputs_of(sig))
-    if sig.task is Task.DETECTION:
-        tensors = _detection_tensors(done)
-    else:
-        tensors = {}
-        for o in wanted:
-            if any(d.outputs is None or o.name not in d.outputs for d in done):
-                raise oip.ProtocolError(
-                    f"the model returned no output {o.name!r}", 500, "inference_failed"
-                )
-            tensors[o.name] = np.stack([d.outputs[o.name] for d in done])  # type: ignore[index]
-    out = []
-    for o in wanted:
-        value = tensors[o.name]
-        if o.classification:
-            out.append(
-                oip.OutputTensor(
-                    o.name, oip.BYTES, oip.classify(value, o.classification, sig.labels)
-                )
-            )
-        else:
-            out.append(oip.OutputTensor(o.name, oip.datatype_of(value.dtype), value))
-    return out
-
-
-def _checked(outcomes: list[ItemOutcome | Rejection | Retry]) -> list[ItemOutcome]:
-    """Every item's outcome, or the error that answers the whole call."""
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, Retry):
-            status = 429 if outcome.overloaded else 503
-            raise _Unavailable(outcome.message, str(max(1, round(outcome.retry_after_s))), status)
-        if isinstance(outcome, Rejection):
-            status = 404 if outcome.reason is ErrorReason.UNKNOWN_VERSION else 400
-            raise oip.ProtocolError(f"element {i}: {outcome.message}", status, outcome.reason.value)
-        if outcome.error_reason is not None:
-            raise oip.ProtocolError(
-                f"element {i}: {outcome.error_message or outcome.error_reason.value}",
-                400,
-                outcome.error_reason.value,
-            )
-    return outcomes  # type: ignore[return-value]
-
-
-def _detection_tensors(done: list[ItemOutcome]) -> dict[str, np.ndarray]:
-    counts = [len(d.detections or []) for d in done]
-    most = max(counts, default=0)
-    boxes = np.zeros((len(done), most, 4), np.float32)
-    scores = np.zeros((len(done), most), np.float32)
-    classes = np.zeros((len(done), most), np.int32)
-    for i, d in enumerate(done):
-        for j, det in enumerate(d.detections or []):
-            boxes[i, j] = (det.ymin, det.xmin, det.ymax, det.xmax)
-            scores[i, j] = det.score
-            classes[i, j] = det.class_id
-    return {
-        "detection_boxes": boxes,
-        "detection_scores": scores,
-        "detection_classes": classes,
-        "num_detections": np.asarray(counts, np.int32),
-    }
 
 
 __all__ = ["HandleOipClient", "IMAGE_INPUT", "InferCall", "OipModelClient", "OipService"]

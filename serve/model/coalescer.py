@@ -6,14 +6,28 @@ upload, a one-URI message), an ingress replica handles many small requests at
 once; :class:`CallCoalescer` keeps at most ``max_in_flight`` calls per model
 going and sends whatever arrived meanwhile as the next call. A lone request is
 sent at once (no timer), so coalescing adds no latency on a quiet replica.
+
+A merged call is capped by items and by bytes: a caller's items may be split over
+several calls (parts), so that one call never exceeds the transport's message limit
+(960x960x3 detector inputs are 2.76 MB each; gRPC between deployments takes 256 MiB).
+Items are answered one by one: a part that fails answers only its own items (with
+``on_error``), never every caller merged with it.
+
+Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
+that were not sent yet are dropped; a part carries the latest deadline of the callers
+still in it, so one caller's short deadline never cuts the others' work short.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from shared.errors import TransientError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -21,69 +35,146 @@ R = TypeVar("R")
 Send = Callable[[list[T], float | None], Awaitable[Sequence[R]]]
 
 
+class CallerDeadlinePassed(TransientError):
+    """A caller's deadline passed before its answers came back; its unsent items were dropped."""
+
+
 @dataclass(slots=True)
 class _Waiting(Generic[T, R]):
     items: list[T]
     deadline: float | None
+    answers: list[R | None] = field(init=False)
+    left: int = field(init=False)
     future: asyncio.Future[list[R]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def __post_init__(self) -> None:
+        self.answers = [None] * len(self.items)
+        self.left = len(self.items)
+
+    def answer(self, index: int, value: R) -> None:
+        self.answers[index] = value
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(list(self.answers))  # type: ignore[arg-type]
+
+    def fail(self, err: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(err)
 
 
 class CallCoalescer(Generic[T, R]):
     """Sends the items of concurrent :meth:`call` s through ``send`` in merged calls.
 
     Args:
-        send: One call with many items and the latest deadline among them; returns
-            one answer per item, in order.
+        send: One call with many items and the latest deadline among their callers;
+            returns one answer per item, in order.
         max_in_flight: Calls allowed at once; more callers wait and are merged.
-        max_items: Largest merged call.
+        max_items: Most items in one call.
+        max_bytes: Most bytes (``size_of`` summed) in one call; one item alone may exceed it.
+        size_of: An item's size in bytes (default: every item counts 1).
+        on_error: The answer that stands for an item of a failed call; without it,
+            the failure is raised to the item's caller.
+        clock: Wall-clock seconds, the deadlines' clock.
     """
 
-    def __init__(self, send: Send[T, R], max_in_flight: int = 2, max_items: int = 256) -> None:
-        if max_in_flight < 1 or max_items < 1:
-            raise ValueError(f"max_in_flight and max_items must be >= 1, got {max_in_flight}, {max_items}")
+    def __init__(
+        self,
+        send: Send[T, R],
+        max_in_flight: int = 2,
+        max_items: int = 256,
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] | None = None,
+        on_error: Callable[[Exception], R] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_in_flight < 1 or max_items < 1 or (max_bytes is not None and max_bytes < 1):
+            raise ValueError(
+                f"max_in_flight, max_items and max_bytes must be >= 1, got {max_in_flight}, {max_items}, {max_bytes}"
+            )
         self._send = send
         self._max_in_flight = max_in_flight
         self._max_items = max_items
-        self._waiting: list[_Waiting[T, R]] = []
+        self._max_bytes = max_bytes
+        self._size_of = size_of or (lambda _item: 1)
+        self._on_error = on_error
+        self._clock = clock
+        self._queue: deque[tuple[_Waiting[T, R], int]] = deque()
         self._in_flight = 0
 
     async def call(self, items: list[T], deadline: float | None) -> list[R]:
-        """The answers for ``items``, sent alone or merged with other callers' items."""
+        """The answers for ``items``, sent alone or merged with other callers' items.
+
+        Raises:
+            CallerDeadlinePassed: ``deadline`` passed first (items not yet sent are dropped).
+        """
+        if not items:
+            return []
+        if deadline is not None and deadline <= self._clock():
+            raise CallerDeadlinePassed(f"deadline passed before {len(items)} item(s) were sent")
         waiting: _Waiting[T, R] = _Waiting(list(items), deadline)
-        self._waiting.append(waiting)
+        self._queue.extend((waiting, i) for i in range(len(items)))
         self._pump()
-        return await waiting.future
+        if deadline is None:
+            return await waiting.future
+        try:
+            # On timeout the future is cancelled, so its unsent items are skipped.
+            return await asyncio.wait_for(waiting.future, max(0.0, deadline - self._clock()))
+        except TimeoutError as err:
+            raise CallerDeadlinePassed(f"deadline passed with {waiting.left} of {len(items)} item(s) unanswered") from err
+
+    def _next_part(self) -> list[tuple[_Waiting[T, R], int]]:
+        part: list[tuple[_Waiting[T, R], int]] = []
+        size, now = 0, self._clock()
+        while self._queue:
+            waiting, index = self._queue[0]
+            if waiting.future.done() or (waiting.deadline is not None and waiting.deadline <= now):
+                self._queue.popleft()  # its caller has stopped waiting: drop the work
+                waiting.fail(CallerDeadlinePassed("deadline passed before the items were sent"))
+                continue
+            item_size = self._size_of(waiting.items[index])
+            if part and (
+                len(part) >= self._max_items
+                or (self._max_bytes is not None and size + item_size > self._max_bytes)
+            ):
+                break
+            self._queue.popleft()
+            part.append((waiting, index))
+            size += item_size
+        return part
 
     def _pump(self) -> None:
-        while self._waiting and self._in_flight < self._max_in_flight:
-            group, size = [], 0
-            while self._waiting and (not group or size + len(self._waiting[0].items) <= self._max_items):
-                waiting = self._waiting.pop(0)
-                group.append(waiting)
-                size += len(waiting.items)
+        while self._queue and self._in_flight < self._max_in_flight:
+            part = self._next_part()
+            if not part:
+                return
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._flush(group))
+            asyncio.get_running_loop().create_task(self._flush(part))
 
-    async def _flush(self, group: list[_Waiting[T, R]]) -> None:
-        items = [item for waiting in group for item in waiting.items]
-        deadlines = [w.deadline for w in group]
-        deadline = None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None)
+    async def _flush(self, part: list[tuple[_Waiting[T, R], int]]) -> None:
+        items = [waiting.items[index] for waiting, index in part]
+        deadlines = {waiting.deadline for waiting, _ in part}
+        deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
             answers = list(await self._send(items, deadline))
             if len(answers) != len(items):
                 raise RuntimeError(f"merged call returned {len(answers)} answers for {len(items)} items")
-        except BaseException as err:  # noqa: BLE001 - every caller of the group gets the failure
-            for waiting in group:
-                if not waiting.future.done():
-                    waiting.future.set_exception(err if isinstance(err, Exception) else RuntimeError(repr(err)))
-            if not isinstance(err, Exception):
-                raise
+        except Exception as err:  # noqa: BLE001 - only this part's items get the failure
+            for waiting, index in part:
+                if self._on_error is None:
+                    waiting.fail(err)
+                else:
+                    waiting.answer(index, self._on_error(err))
+        except BaseException as err:  # cancelled: nobody will answer these callers
+            for waiting, _ in part:
+                waiting.fail(RuntimeError(f"merged call stopped: {err!r}"))
+            raise
         else:
-            start = 0
-            for waiting in group:
+            for (waiting, index), answer in zip(part, answers, strict=True):
                 if not waiting.future.done():
-                    waiting.future.set_result(answers[start : start + len(waiting.items)])
-                start += len(waiting.items)
+                    waiting.answer(index, answer)
         finally:
             self._in_flight -= 1
             self._pump()
+
+
+__all__ = ["CallCoalescer", "CallerDeadlinePassed"]

@@ -464,6 +464,10 @@ def test_internal_form_cannot_plant_a_future_generation(client: StackClient) -> 
 DEADLINE_HEADERS = {
     "nan": "nan",
     "inf": "inf",
+    "negative": "-5",
+    "zero": "0",
+    "milliseconds": "1800000000000",
+    "exponent": "1e9",
     "not_a_number": "abc",
     "digits_5000": "9" * 5000,
     "hex": "0x10",
@@ -471,17 +475,45 @@ DEADLINE_HEADERS = {
 
 
 @pytest.mark.parametrize("kind", list(DEADLINE_HEADERS))
-def test_hostile_deadline_header_is_ignored(client: StackClient, kind: str) -> None:
-    uri, generation = client.upload(SAMPLES / "cat.jpg", name=unique(f"deadline-{kind}"))
+def test_hostile_deadline_header_is_a_400_naming_it(client: StackClient, kind: str) -> None:
     response = infer(
         client.state,
-        json={"uri": str(uri)},
+        json={"uri": GOOD_URI},
         headers={"x-triggerfish-deadline": DEADLINE_HEADERS[kind]},
     )
 
-    assert response.status_code == 200, response.text
-    [answer] = response.json()["results"]
-    assert reason(answer) == "ok" and answer["source"]["generation"] == generation
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_deadline"
+    assert "x-triggerfish-deadline" in response.json()["message"]
+
+
+def test_hostile_and_short_deadlines_alongside_normal_traffic_fail_none_of_it(client: StackClient) -> None:
+    """Merged into the same model calls as normal callers, hostile or short deadlines cut nothing short."""
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=unique("deadline-mix"))
+    normal_calls, rounds = 24, 3
+
+    def normal(_: int) -> httpx.Response:
+        return infer(client.state, json={"uri": str(uri)})
+
+    def hostile(i: int) -> httpx.Response:
+        kinds = list(DEADLINE_HEADERS.values())
+        # Valid but short deadlines too: they join the same merged calls as the normal ones.
+        header = kinds[i % len(kinds)] if i % 3 else f"{time.time() + 2.05:.3f}"
+        return infer(client.state, json={"uris": [str(uri)] * 4}, headers={"x-triggerfish-deadline": header})
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(normal, i) for i in range(normal_calls)]
+        others = [pool.submit(hostile, i) for i in range(rounds * len(DEADLINE_HEADERS))]
+        answers = [f.result() for f in futures]
+        hostile_statuses = {f.result().status_code for f in others}
+
+    assert [a.status_code for a in answers] == [200] * normal_calls, [a.text[:200] for a in answers]
+    for answer in answers:
+        [result] = answer.json()["results"]
+        assert reason(result) == "ok" and result["source"]["generation"] == generation
+    assert hostile_statuses <= {200, 400, 503}, hostile_statuses
 
 
 # -- 6. oversize and malformed HTTP bodies ---------------------------------------------------------

@@ -27,6 +27,9 @@ def test_every_variable_is_read() -> None:
             "TRIGGERFISH_MAX_IMAGE_BYTES": "1000",
             "TRIGGERFISH_MAX_IMAGE_PIXELS": "2000",
             "TRIGGERFISH_REQUEST_TIMEOUT_S": "2.5",
+            "TRIGGERFISH_MAX_INFLIGHT": "64",
+            "TRIGGERFISH_MAX_INFLIGHT_BYTES": "1048576",
+            "TRIGGERFISH_ADMISSION_WAIT_S": "0",
         }
     )
 
@@ -42,6 +45,9 @@ def test_every_variable_is_read() -> None:
         max_image_bytes=1000,
         max_image_pixels=2000,
         request_timeout_s=2.5,
+        max_inflight_inputs=64,
+        max_inflight_bytes=1048576,
+        admission_wait_s=0.0,
     )
 
 
@@ -81,6 +87,11 @@ def test_a_local_model_repository_is_accepted(path: str) -> None:
         ("TRIGGERFISH_MODEL_REPOSITORY", "gs://", "gs:// prefix or a filesystem path"),
         ("TRIGGERFISH_MODEL_REPOSITORY", "gs:///", "gs:// prefix or a filesystem path"),
         ("TRIGGERFISH_ENGINE_CACHE", "cache", "gs:// prefix or a filesystem path"),
+        ("TRIGGERFISH_REQUEST_TIMEOUT_S", "inf", "must be positive and finite"),
+        ("TRIGGERFISH_MAX_INFLIGHT", "0", "must be >= 1"),
+        ("TRIGGERFISH_MAX_INFLIGHT_BYTES", "lots", "must be an integer"),
+        ("TRIGGERFISH_ADMISSION_WAIT_S", "-1", "must be non-negative and finite"),
+        ("TRIGGERFISH_ADMISSION_WAIT_S", "nan", "must be non-negative and finite"),
     ],
 )
 def test_a_bad_value_raises_naming_the_variable_and_the_value(

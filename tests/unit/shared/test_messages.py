@@ -371,3 +371,27 @@ def test_a_deeply_nested_notification_payload_is_malformed() -> None:
 
     assert info.value.reason is ErrorReason.MALFORMED_MESSAGE
     assert "nested deeper" in info.value.message
+
+
+# --- public request ids ---------------------------------------------------------------------
+
+
+def test_a_public_callers_request_id_is_namespaced_and_cannot_pose_as_another_entry_paths() -> None:
+    from shared.messages import PUBLIC_REQUEST_ID_PREFIX, RequestMessage, public_requests
+
+    upload_id = "triggerfish-images/cat.jpg#1795239515643133"
+    [posing] = public_requests(RequestMessage(uri=CAT, request_id=upload_id), "http-fresh")
+    several = public_requests(RequestMessage(uris=[CAT, DOG], request_id="job"), "http-fresh")
+    [anonymous] = public_requests(RequestMessage(uri=CAT), "http-fresh")
+
+    assert posing.request_id == PUBLIC_REQUEST_ID_PREFIX + upload_id != upload_id
+    assert [r.request_id for r in several] == ["http:job/0", "http:job/1"]
+    assert anonymous.request_id == "http-fresh"
+    assert {posing.entry_path, anonymous.entry_path} == {EntryPath.HTTP}
+
+
+def test_the_depth_scan_skips_strings_whole_and_stops_past_the_limit() -> None:
+    from shared.messages import _depth
+
+    assert _depth('["[[[[", {"a": ["\\"[[", 1]}]') == 3
+    assert _depth("[" * 10_000, stop_above=32) == 33

@@ -5,25 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from serve.http.ingress import (
-    DEFAULT_VERSION_TTL_S,
-    MAX_REQUESTS_PER_CALL,
-    HandleModelClient,
-    Ingress,
-    _deadline,
-    parse_infer_body,
-)
+from serve.http.admission import AdmissionGate
+from serve.http.deadline import ANSWER_MARGIN_S
+from serve.http.ingress import MAX_REQUESTS_PER_CALL, Ingress, parse_infer_body
+from serve.http.model_client import ModelStarting
 from serve.http.pipeline import Processed, ShedError
-from serve.model.model_server import Rejection, Retry, VersionInfo
-from serve.model_config import InputSpec, PreprocessSpec
-from shared.auth import AuthError
+from shared.auth import AuthError, AuthUnavailable
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.messages import DEADLINE_HEADER, EntryPath, InferenceRequest
@@ -60,10 +53,10 @@ def test_a_client_uri_becomes_one_http_request_with_a_fresh_id() -> None:
     assert parse_infer_body({"uri": CAT})[0].request_id != request.request_id
 
 
-def test_client_uris_become_indexed_http_requests() -> None:
+def test_client_uris_become_indexed_http_requests_in_the_public_namespace() -> None:
     requests = parse_infer_body({"uris": [CAT, CAT], "request_id": "batch-1"})
 
-    assert [r.request_id for r in requests] == ["batch-1/0", "batch-1/1"]
+    assert [r.request_id for r in requests] == ["http:batch-1/0", "http:batch-1/1"]
     assert {r.entry_path for r in requests} == {EntryPath.HTTP}
 
 
@@ -133,114 +126,6 @@ def _http_request(
     return Request(scope, receive)
 
 
-def test_the_callers_deadline_header_is_used() -> None:
-    wanted = time.time() + 12.5
-
-    deadline = _deadline(_http_request(headers={DEADLINE_HEADER: f"{wanted:.3f}"}), 60)
-
-    assert deadline == pytest.approx(wanted, abs=0.01)
-
-
-@pytest.mark.parametrize(
-    ("header", "offset"),
-    [
-        (lambda now: None, 60),
-        (lambda now: "soon", 60),
-        (lambda now: "", 60),
-        (lambda now: str(now + 3600), 60),
-        (lambda now: str(now - 5), 0),
-    ],
-    ids=["missing", "garbage", "empty", "beyond-the-default", "in-the-past"],
-)
-def test_a_missing_or_odd_deadline_is_bounded_by_now_and_the_default(
-    header: Callable[[float], str | None], offset: float
-) -> None:
-    value = header(time.time())
-    headers = {} if value is None else {DEADLINE_HEADER: value}
-
-    deadline = _deadline(_http_request(headers=headers), 60)
-
-    assert deadline == pytest.approx(time.time() + offset, abs=0.5)
-
-
-# --- the model client over deployment handles -----------------------------------------
-
-
-class _Method:
-    def __init__(self, answer: Callable[..., Awaitable[Any]]) -> None:
-        self.answer = answer
-        self.calls: list[tuple] = []
-
-    def remote(self, *args: Any) -> Awaitable[Any]:
-        self.calls.append(args)
-        return self.answer(*args)
-
-
-class _Handle:
-    """A deployment handle whose ``describe``/``infer_many`` answer as told."""
-
-    def __init__(self, describe: Any = None, delay_s: float = 0.0) -> None:
-        async def describe_answer(version: str | None) -> Any:
-            return describe
-
-        async def infer_answer(items: list, deadline: float | None) -> list:
-            await asyncio.sleep(delay_s)
-            return ["done"] * len(items)
-
-        self.describe = _Method(describe_answer)
-        self.infer_many = _Method(infer_answer)
-
-
-INFO = VersionInfo("mobilenet_v2", "3", InputSpec(height=32, width=32), PreprocessSpec())
-
-
-def test_describe_keeps_explicit_versions_and_asks_again_for_the_default_after_the_ttl() -> None:
-    handle = _Handle(describe=INFO)
-    now = [100.0]
-    client = HandleModelClient({"mobilenet_v2": handle}, clock=lambda: now[0])  # type: ignore[dict-item]
-
-    async def run() -> None:
-        assert await client.describe("mobilenet_v2", None) == INFO
-        assert await client.describe("mobilenet_v2", None) == INFO  # within the TTL
-        assert await client.describe("mobilenet_v2", "3") == INFO  # learnt from the default
-        now[0] += DEFAULT_VERSION_TTL_S + 0.1
-        assert await client.describe("mobilenet_v2", None) == INFO
-
-    asyncio.run(run())
-
-    assert handle.describe.calls == [(None,), (None,)]
-    assert client.models() == ["mobilenet_v2"]
-
-
-def test_describe_turns_rejections_and_retries_into_errors() -> None:
-    rejected = HandleModelClient(
-        {"m": _Handle(describe=Rejection(ErrorReason.UNKNOWN_VERSION, "no 9"))}
-    )  # type: ignore[dict-item]
-    retried = HandleModelClient({"m": _Handle(describe=Retry("not loaded yet"))})  # type: ignore[dict-item]
-
-    with pytest.raises(PermanentError) as info:
-        asyncio.run(rejected.describe("m", "9"))
-    with pytest.raises(TransientError, match="not loaded yet"):
-        asyncio.run(retried.describe("m", None))
-
-    assert (info.value.reason, info.value.message) == (ErrorReason.UNKNOWN_VERSION, "no 9")
-
-
-def test_infer_many_passes_the_deadline_and_gives_up_when_it_passes() -> None:
-    fast = _Handle()
-    slow = _Handle(delay_s=5.0)
-    deadline = time.time() + 30
-
-    answers = asyncio.run(HandleModelClient({"m": fast}).infer_many("m", [1, 2], deadline))  # type: ignore[dict-item, list-item]
-
-    assert answers == ["done", "done"]
-    assert fast.infer_many.calls == [([1, 2], deadline)]
-    started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        asyncio.run(HandleModelClient({"m": slow}).infer_many("m", [1], time.time() - 1))  # type: ignore[dict-item, list-item]
-    assert time.monotonic() - started < 2.0
-
-
 # --- the HTTP routes ------------------------------------------------------------------
 
 
@@ -274,15 +159,26 @@ def _processed(request_id: str) -> Processed:
     return Processed(request_id, None, f"gs://r/{request_id}.json", superseded=True)
 
 
-def _ingress(pipeline: _Pipeline, verifier: Any = None, max_inflight: int = 1024) -> Any:
+class _Client:
+    def models(self) -> list[str]:
+        return ["mobilenet_v2", "text_detector"]
+
+
+def _ingress(
+    pipeline: _Pipeline,
+    verifier: Any = None,
+    max_inflight: int = 1024,
+    max_bytes: int = 1 << 30,
+    wait_s: float = 0.0,
+) -> Any:
     # The class as written, below Serve's ASGI wrapper; built without Ray or a GcsClient.
     cls = next(c for c in Ingress.func_or_class.__mro__[1:] if c.__name__ == "Ingress")
     ingress = object.__new__(cls)
     ingress._settings = Settings(max_image_bytes=1000, request_timeout_s=60)
     ingress._pipeline = pipeline
     ingress._verifier = verifier
-    ingress._max_inflight = max_inflight
-    ingress._inflight = 0
+    ingress._client = _Client()
+    ingress._gate = AdmissionGate(max_inflight, max_bytes, max_wait_s=wait_s)
     return ingress
 
 
@@ -291,23 +187,6 @@ def _post(
 ) -> tuple[int, dict, Any]:
     response = asyncio.run(type(ingress).infer(ingress, _http_request(body, headers, query)))
     return response.status_code, response.headers, json.loads(response.body)
-
-
-def test_infer_runs_the_requests_with_the_callers_deadline() -> None:
-    pipeline = _Pipeline()
-    wanted = time.time() + 20
-
-    status, _, body = _post(
-        _ingress(pipeline),
-        json.dumps({"requests": [NORMALIZED]}).encode(),
-        {"content-type": "application/json", DEADLINE_HEADER: str(wanted)},
-    )
-
-    assert status == 200
-    assert body == {"results": [_processed(NORMALIZED["request_id"]).to_dict()]}
-    [(requests, deadline)] = pipeline.many
-    assert requests == [InferenceRequest(**NORMALIZED)]
-    assert deadline == pytest.approx(wanted, abs=0.01)
 
 
 @pytest.mark.parametrize(
@@ -372,7 +251,21 @@ def test_an_image_body_goes_to_process_bytes_with_model_version_and_deadline() -
     [(data, model, version, request_id, deadline)] = pipeline.bytes
     assert (data, model, version) == (b"\xff\xd8jpeg", "text_detector", "2")
     assert request_id.startswith("http-")
-    assert deadline == pytest.approx(time.time() + 60, abs=1)
+    assert deadline == pytest.approx(time.time() + 60 - ANSWER_MARGIN_S, abs=1)
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [(b"model=resnet_9000", "unknown model 'resnet_9000'"), (b"version=../x", "version '../x'")],
+    ids=["unknown-model", "bad-version"],
+)
+def test_a_bad_model_or_version_on_the_raw_route_is_a_400_naming_it(query: bytes, words: str) -> None:
+    pipeline = _Pipeline()
+
+    status, _, body = _post(_ingress(pipeline), b"\xff\xd8", {"content-type": "image/jpeg"}, query)
+
+    assert (status, body["error"]) == (400, "bad_request") and words in body["message"]
+    assert pipeline.bytes == []
 
 
 @pytest.mark.parametrize(
@@ -423,19 +316,40 @@ class _Verifier:
 def test_a_call_beyond_the_in_flight_bound_is_shed_before_any_work() -> None:
     pipeline = _Pipeline()
     ingress = _ingress(pipeline, max_inflight=2)
+    busy = asyncio.run(_hold(ingress, 1))
 
-    status, headers, body = _post(ingress, json.dumps({"uris": [CAT] * 3}).encode(), {})
-    image_status, _, _ = _post(
-        _ingress(pipeline, max_inflight=0), b"\xff\xd8", {"content-type": "image/jpeg"}
-    )
+    status, headers, body = _post(busy, json.dumps({"uris": [CAT] * 2}).encode(), {})
 
     assert (status, headers["retry-after"], body["error"]) == (429, "2", "overloaded")
-    assert "limit 2" in body["message"]
-    assert image_status == 429
+    assert "limit 2 inputs" in body["message"]
     assert pipeline.many == [] and pipeline.bytes == []
-    assert (
-        _post(ingress, json.dumps({"uris": [CAT] * 2}).encode(), {})[0] == 200
-    )  # within the bound
+    assert _post(_ingress(pipeline, max_inflight=2), json.dumps({"uris": [CAT] * 2}).encode(), {})[0] == 200
+
+
+async def _hold(ingress: Any, inputs: int, size: int = 0) -> Any:
+    """``ingress`` with ``inputs`` inputs (and ``size`` bytes) held by a call that never ends."""
+    from serve.http.admission import Cost
+
+    await ingress._gate.admit(Cost(inputs, size))
+    return ingress
+
+
+def test_a_raw_image_is_admitted_by_its_declared_bytes_before_it_is_read() -> None:
+    pipeline = _Pipeline()
+    ingress = _ingress(pipeline, max_bytes=500)
+    busy = asyncio.run(_hold(ingress, 1, 400))
+    read = []
+
+    async def receive() -> dict:
+        read.append(True)
+        return {"type": "http.request", "body": b"\xff" * 200, "more_body": False}
+
+    request = _http_request(b"", {"content-type": "image/jpeg", "content-length": "200"})
+    request._receive = receive
+    response = asyncio.run(type(busy).infer(busy, request))
+
+    assert response.status_code == 429
+    assert read == [] and pipeline.bytes == []  # shed before a byte of the body was read
 
 
 def test_inputs_in_flight_count_against_concurrent_calls_until_they_finish() -> None:
@@ -454,14 +368,51 @@ def test_inputs_in_flight_count_against_concurrent_calls_until_they_finish() -> 
     async def run() -> tuple[int, int, int, int]:
         first = asyncio.ensure_future(type(ingress).infer(ingress, _http_request(body, {})))
         await asyncio.sleep(0.01)
-        during = ingress._inflight
+        during = ingress._gate.held.inputs
         second = await type(ingress).infer(ingress, _http_request(body, {}))
         gate.set()
-        return during, second.status_code, (await first).status_code, ingress._inflight
+        return during, second.status_code, (await first).status_code, ingress._gate.held.inputs
 
     during, second, first, after = asyncio.run(run())
 
     assert (during, second, first, after) == (2, 429, 200, 0)
+
+
+def test_a_large_call_waits_in_line_and_later_small_calls_queue_behind_it() -> None:
+    """A 100-input call is not starved by one-input calls that would each fit."""
+    release = asyncio.Event()
+    order: list[int] = []
+
+    class Slow(_Pipeline):
+        async def process_many(
+            self, requests: list[InferenceRequest], deadline: float | None
+        ) -> list[Any]:
+            order.append(len(requests))
+            if len(requests) == 100:
+                release.set()
+            await release.wait()
+            return await super().process_many(requests, deadline)
+
+    ingress = _ingress(Slow(), max_inflight=100, wait_s=30)
+
+    def call(n: int) -> Any:
+        return type(ingress).infer(ingress, _http_request(json.dumps({"uris": [CAT] * n}).encode(), {}))
+
+    async def run() -> list[int]:
+        first = asyncio.ensure_future(call(1))  # holds 1 of 100
+        await asyncio.sleep(0.01)
+        big = asyncio.ensure_future(call(100))  # does not fit: waits at the head of the line
+        await asyncio.sleep(0.01)
+        small = [asyncio.ensure_future(call(1)) for _ in range(5)]  # would fit, but queue behind
+        await asyncio.sleep(0.01)
+        assert order == [1]
+        release.set()
+        return [(await t).status_code for t in [first, big, *small]]
+
+    statuses = asyncio.run(run())
+
+    assert statuses == [200] * 7
+    assert order[:2] == [1, 100]  # the large call ran before the small ones that came after it
 
 
 def test_a_failing_call_releases_its_in_flight_inputs() -> None:
@@ -476,11 +427,103 @@ def test_a_failing_call_releases_its_in_flight_inputs() -> None:
     with pytest.raises(RuntimeError):
         _post(ingress, json.dumps({"uris": [CAT] * 3}).encode(), {})
 
-    assert ingress._inflight == 0
+    assert ingress._gate.held.inputs == 0 and ingress._gate.held.bytes == 0
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer forged"], ids=["no-token", "bad-token"])
-def test_the_internal_form_needs_a_verified_caller(authorization: str | None) -> None:
+# --- deadlines ------------------------------------------------------------------------------
+
+
+def test_infer_runs_the_requests_with_the_work_deadline_below_the_callers() -> None:
+    pipeline = _Pipeline()
+    wanted = time.time() + 20
+
+    status, _, _ = _post(
+        _ingress(pipeline),
+        json.dumps({"requests": [NORMALIZED]}).encode(),
+        {"content-type": "application/json", DEADLINE_HEADER: f"{wanted:.3f}"},
+    )
+
+    assert status == 200
+    [(_, deadline)] = pipeline.many
+    assert deadline == pytest.approx(wanted - ANSWER_MARGIN_S, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["nan", "NaN", "inf", "-inf", "-5", "0", "1e12", "1_795_000_000", "soon", "", "9" * 400, "0x10"],
+)
+def test_a_hostile_deadline_header_is_a_400_naming_the_value_before_any_work(header: str) -> None:
+    pipeline = _Pipeline()
+
+    status, _, body = _post(
+        _ingress(pipeline), json.dumps({"uri": CAT}).encode(), {DEADLINE_HEADER: header}
+    )
+
+    assert status == 400 and body["error"] == "bad_deadline"
+    assert DEADLINE_HEADER in body["message"] and repr(header[:64]) in body["message"]
+    assert pipeline.many == []
+
+
+def test_a_deadline_far_ahead_is_refused_and_one_in_the_past_is_a_retryable_503() -> None:
+    pipeline = _Pipeline()
+    ingress = _ingress(pipeline)
+
+    far, _, far_body = _post(ingress, json.dumps({"uri": CAT}).encode(), {DEADLINE_HEADER: str(time.time() * 1000)})
+    past, headers, past_body = _post(
+        ingress, json.dumps({"uri": CAT}).encode(), {DEADLINE_HEADER: f"{time.time() - 5:.3f}"}
+    )
+
+    assert far == 400 and "milliseconds" in far_body["message"]
+    assert (past, past_body["error"]) == (503, "deadline_passed") and headers["retry-after"] == "1"
+    assert pipeline.many == []
+
+
+def test_a_call_that_outlives_its_deadline_is_answered_503_before_the_caller_gives_up() -> None:
+    class Stuck(_Pipeline):
+        async def process_many(self, requests: list[InferenceRequest], deadline: float | None) -> list[Any]:
+            await asyncio.sleep(60)
+            return []
+
+    ingress = _ingress(Stuck())
+    caller = time.time() + ANSWER_MARGIN_S + 0.2
+
+    status, headers, body = _post(
+        ingress, json.dumps({"uri": CAT}).encode(), {DEADLINE_HEADER: f"{caller:.3f}"}
+    )
+
+    # Answered by the work deadline plus the handle's grace: while the caller still reads.
+    assert status == 503 and headers["retry-after"] == "5"
+    assert ingress._gate.held.inputs == 0
+
+
+# --- authentication -------------------------------------------------------------------------
+
+
+class _Verifier:
+    """Accepts ``good`` (an invoker) everywhere and ``user`` (a caller) on the public routes."""
+
+    def __init__(self, unavailable: bool = False) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self.unavailable = unavailable
+
+    def caller(self, authorization: str | None) -> str:
+        self.seen.append(("internal", authorization))
+        return self._check(authorization, {"Bearer good"})
+
+    def public_caller(self, authorization: str | None) -> str:
+        self.seen.append(("public", authorization))
+        return self._check(authorization, {"Bearer good", "Bearer user"})
+
+    def _check(self, authorization: str | None, allowed: set[str]) -> str:
+        if self.unavailable:
+            raise AuthUnavailable("cannot fetch Google's certificates: non-JSON")
+        if authorization not in allowed:
+            raise AuthError("no bearer token" if authorization is None else "invalid token")
+        return "someone@project.iam.gserviceaccount.com"
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer forged", "Bearer user"], ids=["no-token", "bad-token", "not-an-invoker"])
+def test_the_internal_form_needs_a_verified_invoker(authorization: str | None) -> None:
     pipeline, verifier = _Pipeline(), _Verifier()
     headers = {} if authorization is None else {"authorization": authorization}
 
@@ -489,11 +532,10 @@ def test_the_internal_form_needs_a_verified_caller(authorization: str | None) ->
     )
 
     assert status == 403 and body["error"] == "unauthorized"
-    assert verifier.seen == [authorization]
     assert pipeline.many == []
 
 
-def test_a_verified_caller_may_send_the_internal_form() -> None:
+def test_a_verified_invoker_may_send_the_internal_form() -> None:
     pipeline, verifier = _Pipeline(), _Verifier()
 
     status, _, _ = _post(
@@ -502,16 +544,57 @@ def test_a_verified_caller_may_send_the_internal_form() -> None:
         {"authorization": "Bearer good"},
     )
 
-    assert status == 200 and verifier.seen == ["Bearer good"]
+    assert status == 200 and verifier.seen == [("public", "Bearer good"), ("internal", "Bearer good")]
     assert [r.request_id for r in pipeline.many[0][0]] == [NORMALIZED["request_id"]]
 
 
-def test_the_client_form_needs_no_token() -> None:
+def test_the_client_forms_need_a_token_of_an_allowed_caller() -> None:
     pipeline, verifier = _Pipeline(), _Verifier()
+    ingress = _ingress(pipeline, verifier)
 
-    status, _, _ = _post(_ingress(pipeline, verifier), json.dumps({"uri": CAT}).encode(), {})
+    anonymous = _post(ingress, json.dumps({"uri": CAT}).encode(), {})[0]
+    raw = _post(ingress, b"\xff\xd8", {"content-type": "image/jpeg"})[0]
+    allowed = _post(ingress, json.dumps({"uri": CAT}).encode(), {"authorization": "Bearer user"})[0]
 
-    assert status == 200 and verifier.seen == []
+    assert (anonymous, raw, allowed) == (403, 403, 200)
+    assert pipeline.bytes == [] and len(pipeline.many) == 1
+
+
+def test_a_failure_of_auth_infrastructure_is_a_503_never_a_400() -> None:
+    pipeline = _Pipeline()
+
+    status, headers, body = _post(
+        _ingress(pipeline, _Verifier(unavailable=True)),
+        json.dumps({"requests": [NORMALIZED]}).encode(),
+        {"authorization": "Bearer good"},
+    )
+
+    assert (status, body["error"]) == (503, "auth_unavailable") and headers["retry-after"] == "5"
+    assert pipeline.many == []
+
+
+def test_only_health_routes_are_open_without_a_token() -> None:
+    ingress = _ingress(_Pipeline(), _Verifier())
+    cls = type(ingress)
+
+    stats = asyncio.run(cls.stats(ingress, _http_request()))
+    models = asyncio.run(cls.models(ingress, _http_request()))
+    metadata = asyncio.run(cls.oip_server_metadata(ingress, _http_request()))
+
+    assert (stats.status_code, models.status_code, metadata.status_code) == (403, 403, 403)
+    ingress._oip = __import__("serve.http.oip_service", fromlist=["OipService"]).OipService(
+        Settings(), None, None  # type: ignore[arg-type]
+    )
+    assert asyncio.run(cls.oip_live(ingress)).status_code == 200
+
+
+def test_a_starting_model_is_a_503_with_its_retry_after() -> None:
+    pipeline = _Pipeline([ModelStarting("model mobilenet_v2: no replica ready yet", 30)])
+
+    status, headers, body = _post(_ingress(pipeline), json.dumps({"uri": CAT}).encode(), {})
+
+    assert status == 503 and headers["retry-after"] == "30"
+    assert body["results"][0]["status"] == "retry"
 
 
 def test_the_decoder_is_pillow_unless_a_gpu_decoder_is_asked_for_and_present(monkeypatch) -> None:  # noqa: ANN001
@@ -528,3 +611,18 @@ def test_the_decoder_is_pillow_unless_a_gpu_decoder_is_asked_for_and_present(mon
     monkeypatch.setenv("TRIGGERFISH_DECODE", "tpu")
     with pytest.raises(ConfigError, match="TRIGGERFISH_DECODE"):
         _decoder()
+
+
+def test_an_ingress_that_requires_auth_without_an_audience_refuses_to_start(monkeypatch) -> None:  # noqa: ANN001
+    from shared.errors import ConfigError
+
+    cls = next(c for c in Ingress.func_or_class.__mro__[1:] if c.__name__ == "Ingress")
+    monkeypatch.setattr("serve.http.ingress.configure_json_logging", lambda: None)
+    monkeypatch.delenv("TRIGGERFISH_SERVE_AUDIENCE", raising=False)
+    monkeypatch.delenv("TRIGGERFISH_AUTH", raising=False)
+
+    with pytest.raises(ConfigError, match="TRIGGERFISH_SERVE_AUDIENCE is unset"):
+        cls.__init__(object.__new__(cls), {})
+    monkeypatch.setenv("TRIGGERFISH_AUTH", "sometimes")
+    with pytest.raises(ConfigError, match="TRIGGERFISH_AUTH must be 'required' or 'off', got 'sometimes'"):
+        cls.__init__(object.__new__(cls), {})

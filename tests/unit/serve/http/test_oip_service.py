@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +22,11 @@ from PIL import Image
 from starlette.requests import Request
 
 from serve.http import oip
-from serve.http.oip_service import MAX_IMAGES_PER_CALL, InferCall, OipService
+from serve.http.admission import AdmissionGate, Cost
+from serve.http.deadline import ANSWER_MARGIN_S, parse_deadline
+from serve.http.model_client import ModelStarting
+from serve.http.oip_checks import MAX_IMAGES_PER_CALL
+from serve.http.oip_service import MAX_BODY_BYTES, InferCall, OipService
 from serve.model.batch import BatchItem, ItemOutcome, LoadedVersion, run_batch, validate_item
 from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature, signature_of
@@ -366,3 +371,99 @@ def test_an_unknown_model_is_a_404_whatever_the_body() -> None:
     status, response = _infer(_service(FakeModels()), "nope", b"{not even json")
 
     assert status == 404 and "unknown model 'nope'" in json.loads(response.body)["error"]
+
+
+# --- admission, deadlines, models that start from zero ----------------------------------------
+
+
+def _gated(models: FakeModels, gate: AdmissionGate) -> OipService:
+    return OipService(Settings(max_image_bytes=100_000), models, ThreadPoolExecutor(max_workers=1), gate)
+
+
+def _jpeg_call(count: int) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "image", "shape": [count], "datatype": "BYTES", "data": [_b64(_jpeg(9))] * count}]}
+    ).encode()
+
+
+def test_a_call_is_admitted_by_its_declared_body_before_a_byte_is_read() -> None:
+    models = FakeModels()
+    gate = AdmissionGate(max_inputs=100, max_bytes=1000, max_wait_s=0)
+    read: list[bool] = []
+    body = _jpeg_call(1)
+    request = _http(body, {"content-length": str(len(body))})
+    original = request._receive
+
+    async def receive() -> Any:
+        read.append(True)
+        return await original()
+
+    request._receive = receive
+
+    async def run() -> Any:
+        await gate.admit(Cost(1, 900))  # another call holds most of the bytes
+        return await _gated(models, gate).infer("cls", None, request, parse_deadline(None, 60))
+
+    response = asyncio.run(run())
+
+    assert response.status_code == 429 and response.headers["retry-after"] == "2"
+    assert "limit 100 inputs and 1000 bytes" in json.loads(response.body)["error"]
+    assert read == [] and models.calls == []
+
+
+def test_an_admitted_call_holds_its_images_and_bytes_until_it_is_answered() -> None:
+    models = FakeModels()
+    gate = AdmissionGate(max_inputs=100, max_bytes=10**9, max_wait_s=0)
+    body = _jpeg_call(3)
+    held: list[Cost] = []
+
+    async def run() -> Any:
+        service = _gated(models, gate)
+        call = await service.prepare("cls", None, _http(body, {"content-length": str(len(body))}), parse_deadline(None, 60))
+        assert isinstance(call, InferCall)
+        held.append(gate.held)
+        call.ticket.release()  # type: ignore[union-attr]
+        held.append(gate.held)
+        return await service.infer("cls", None, _http(body), parse_deadline(None, 60))
+
+    response = asyncio.run(run())
+
+    assert response.status_code == 200
+    # Three images, the body, and a model-size tensor each (the classifier's input).
+    assert held[0].inputs == 3 and held[0].bytes > len(body)
+    assert held[1] == Cost(0, 0) and gate.held == Cost(0, 0)
+
+
+def test_a_body_declared_over_the_limit_is_refused_before_admission() -> None:
+    gate = AdmissionGate(max_inputs=1, max_bytes=1, max_wait_s=0)
+    request = _http(b"", {"content-length": str(MAX_BODY_BYTES + 1)})
+
+    response = asyncio.run(_gated(FakeModels(), gate).infer("cls", None, request, parse_deadline(None, 60)))
+
+    assert response.status_code == 413 and gate.held == Cost(0, 0)
+
+
+def test_a_model_starting_from_zero_is_a_503_with_its_retry_after() -> None:
+    class Cold(FakeModels):
+        async def signature(self, model: str, version: str | None) -> ModelSignature:
+            raise ModelStarting("model cls: no replica ready yet", 30)
+
+    status, response = _infer(_service(Cold()), "cls", _jpeg_call(1))
+
+    assert status == 503 and response.headers["retry-after"] == "30"
+    assert "no replica ready yet" in json.loads(response.body)["error"]
+
+
+def test_a_call_that_outlives_its_deadline_is_answered_503_and_releases_its_hold() -> None:
+    class Stuck(FakeModels):
+        async def infer_many(self, model: str, items: list[BatchItem], deadline: float | None) -> list[Any]:
+            await asyncio.sleep(60)
+            return []
+
+    gate = AdmissionGate(max_inputs=100, max_bytes=10**9, max_wait_s=0)
+    deadline = parse_deadline(f"{time.time() + ANSWER_MARGIN_S + 0.2:.3f}", 60)
+
+    response = asyncio.run(_gated(Stuck(), gate).infer("cls", None, _http(_jpeg_call(1)), deadline))
+
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert gate.held == Cost(0, 0)

@@ -1,4 +1,5 @@
-"""Merging concurrent model calls: answers go back to their callers, in order."""
+"""Merging concurrent model calls: answers go back to their callers, in order; parts are
+capped by items and bytes; deadlines stay per caller; a failed part answers only its items."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from serve.model.coalescer import CallCoalescer
+from serve.model.coalescer import CallCoalescer, CallerDeadlinePassed
 
 
 class Recorder:
@@ -23,11 +24,21 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+class Clock:
+    """Wall-clock seconds the test moves by hand."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_lone_call_is_sent_at_once() -> None:
     async def run() -> None:
         rec = Recorder()
         rec.release.set()
-        coalescer = CallCoalescer(rec.send, max_in_flight=2)
+        coalescer = CallCoalescer(rec.send, max_in_flight=2, clock=Clock())
         assert await coalescer.call([1, 2], 5.0) == [10, 20]
         assert rec.calls == [([1, 2], 5.0)]
 
@@ -37,7 +48,7 @@ def test_a_lone_call_is_sent_at_once() -> None:
 def test_callers_beyond_the_in_flight_limit_are_merged_and_answered_in_order() -> None:
     async def run() -> None:
         rec = Recorder()
-        coalescer = CallCoalescer(rec.send, max_in_flight=1)
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=Clock())
         first = asyncio.ensure_future(coalescer.call([1], 1.0))
         await asyncio.sleep(0)
         rest = [asyncio.ensure_future(coalescer.call([n, n + 1], float(n))) for n in (2, 4, 6)]
@@ -46,29 +57,61 @@ def test_callers_beyond_the_in_flight_limit_are_merged_and_answered_in_order() -
         assert await first == [10]
         assert [await r for r in rest] == [[20, 30], [40, 50], [60, 70]]
         # One call for the first caller, one merged call for the three that waited,
-        # carrying the latest of their deadlines.
+        # carrying the latest of their deadlines: no caller's deadline cuts the others short.
         assert rec.calls == [([1], 1.0), ([2, 3, 4, 5, 6, 7], 6.0)]
 
     asyncio.run(run())
 
 
-def test_a_merged_call_respects_max_items() -> None:
+def test_a_merged_call_respects_max_items_splitting_a_caller_if_needed() -> None:
     async def run() -> None:
         rec = Recorder()
-        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=3)
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=3, clock=Clock())
         calls = [asyncio.ensure_future(coalescer.call([n, n], None)) for n in range(4)]
         await asyncio.sleep(0)
         rec.release.set()
         assert [await c for c in calls] == [[n * 10, n * 10] for n in range(4)]
-        assert [len(items) for items, _ in rec.calls] == [2, 2, 2, 2]
+        # The first caller goes out alone at once; the others follow in parts of at most three.
+        assert [items for items, _ in rec.calls] == [[0, 0], [1, 1, 2], [2, 3, 3]]
 
     asyncio.run(run())
 
 
-def test_a_failed_call_fails_every_caller_merged_into_it() -> None:
+def test_a_merged_call_is_capped_by_bytes_and_one_large_call_is_split_in_parts() -> None:
+    """960x960x3 detector inputs (2.76 MB) in a 100-input call: parts below the byte cap."""
+
+    async def run() -> None:
+        rec = Recorder()
+        rec.release.set()
+        item_bytes = 960 * 960 * 3
+        cap = 64 * 1024 * 1024
+        coalescer = CallCoalescer(
+            rec.send, max_in_flight=2, max_bytes=cap, size_of=lambda _i: item_bytes, clock=Clock()
+        )
+        answers = await coalescer.call(list(range(100)), None)
+        assert answers == [i * 10 for i in range(100)]
+        sizes = [len(items) for items, _ in rec.calls]
+        assert sum(sizes) == 100 and len(sizes) > 1
+        assert all(n * item_bytes <= cap for n in sizes), sizes
+
+    asyncio.run(run())
+
+
+def test_one_item_larger_than_the_byte_cap_is_still_sent_alone() -> None:
+    async def run() -> None:
+        rec = Recorder()
+        rec.release.set()
+        coalescer = CallCoalescer(rec.send, max_bytes=10, size_of=lambda i: i, clock=Clock())
+        assert await coalescer.call([50, 3], None) == [500, 30]
+        assert [items for items, _ in rec.calls] == [[50], [3]]
+
+    asyncio.run(run())
+
+
+def test_without_on_error_a_failed_call_fails_the_callers_in_it() -> None:
     async def run() -> None:
         rec = Recorder(fail=True)
-        coalescer = CallCoalescer(rec.send, max_in_flight=1)
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=Clock())
         calls = [asyncio.ensure_future(coalescer.call([n], None)) for n in range(3)]
         await asyncio.sleep(0)
         rec.release.set()
@@ -82,6 +125,66 @@ def test_a_failed_call_fails_every_caller_merged_into_it() -> None:
     asyncio.run(run())
 
 
+def test_a_failed_part_answers_only_its_own_items() -> None:
+    async def run() -> None:
+        sent: list[list[int]] = []
+
+        async def send(items: list[int], deadline: float | None) -> list[int]:
+            sent.append(list(items))
+            await asyncio.sleep(0)
+            if 4 in items:
+                raise ConnectionError("message too large")
+            return [i * 10 for i in items]
+
+        coalescer = CallCoalescer(
+            send, max_in_flight=1, max_items=2, on_error=lambda err: -1, clock=Clock()
+        )
+        first = asyncio.ensure_future(coalescer.call([0], None))
+        await asyncio.sleep(0)
+        # Merged behind the first call, in parts of two: [1, 2], [3, 4], [5].
+        a = asyncio.ensure_future(coalescer.call([1, 2], None))
+        b = asyncio.ensure_future(coalescer.call([3, 4, 5], None))
+        assert await first == [0]
+        assert await a == [10, 20]  # in a part that did not fail
+        assert await b == [-1, -1, 50]  # only the failed part's items get the error's answer
+        assert sent == [[0], [1, 2], [3, 4], [5]]
+
+    asyncio.run(run())
+
+
+def test_a_caller_whose_deadline_passes_stops_waiting_and_its_unsent_items_are_dropped() -> None:
+    async def run() -> None:
+        clock = Clock(100.0)
+        rec = Recorder()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=clock)
+        blocker = asyncio.ensure_future(coalescer.call([1], 1000.0))
+        await asyncio.sleep(0)
+        short = asyncio.ensure_future(coalescer.call([2], 100.001))  # expires while waiting
+        long = asyncio.ensure_future(coalescer.call([3], 1000.0))
+        with pytest.raises(CallerDeadlinePassed):
+            await short
+        clock.now = 200.0
+        rec.release.set()
+        assert await blocker == [10] and await long == [30]
+        # The expired caller's item never went out, and the part carries the live caller's deadline.
+        assert rec.calls == [([1], 1000.0), ([3], 1000.0)]
+
+    asyncio.run(run())
+
+
+def test_a_deadline_already_past_is_refused_without_a_call() -> None:
+    async def run() -> None:
+        rec = Recorder()
+        coalescer = CallCoalescer(rec.send, clock=Clock(50.0))
+        with pytest.raises(CallerDeadlinePassed, match="before 2 item"):
+            await coalescer.call([1, 2], 49.0)
+        assert rec.calls == []
+
+    asyncio.run(run())
+
+
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
         CallCoalescer(Recorder().send, max_in_flight=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        CallCoalescer(Recorder().send, max_bytes=0)

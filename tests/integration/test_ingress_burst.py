@@ -1,0 +1,224 @@
+"""The Ingress replica under the bursts of the production-shape issue, with its default bounds.
+
+1. 256 concurrent ``POST /v1/infer`` calls of 16 URIs each (4,096 inputs), each retried
+   after ``Retry-After`` as a function would, while one other caller sends one-URI calls
+   one after another;
+2. 4 concurrent Open Inference Protocol calls of 100 MiB each (binary tensor data:
+   100 encoded "images" of 1 MiB that are not images).
+
+Every call is answered (no timeouts, no 5xx but a retryable 503), every input of the
+URI burst ends ``ok``, and the Ingress replica's resident memory stays bounded. The
+figures (resident memory before and at its peak, the other caller's p50/p95) are
+printed; run with ``-s`` to see them::
+
+    .venv/bin/python -m pytest -q -p no:cacheprovider -s tests/integration/test_ingress_burst.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from infra.local.client import StackClient
+from infra.local.processes import pid_alive
+from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
+from tests.integration.conftest import SAMPLES
+from tests.integration.test_overload import ingress_pid, rss_mb
+
+pytestmark = pytest.mark.integration
+
+MODEL = "mobilenet_v2"
+BUCKET = "triggerfish-burst"
+CALLS, URIS_PER_CALL = 256, 16
+OIP_CALLS, OIP_BODY_BYTES, OIP_IMAGES = 4, 100 * 1024 * 1024, 100
+# How long a caller keeps retrying (a function's 120 s wait plus Pub/Sub redeliveries).
+PATIENCE_S = 600
+# Resident growth allowed: the URI burst is held to the admission budget (192 MiB of
+# fetched images and tensors, estimated at 1 MiB per URI input); a 100 MiB OIP body runs
+# alone, held once as read plus its elements' copies.
+MAX_URI_BURST_GROWTH_MB = 200
+MAX_OIP_BURST_GROWTH_MB = 400
+
+
+@pytest.fixture(scope="module")
+def burst_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
+    if not (DEFAULT_MODEL_REPOSITORY / MODEL).is_dir():
+        pytest.fail(f"{DEFAULT_MODEL_REPOSITORY} is missing: run `make model` first")
+    local = LocalStack(
+        StackOptions(
+            state_dir=tmp_path_factory.mktemp("burst-stack"),
+            extra_env={
+                "TRIGGERFISH_MODELS": MODEL,
+                "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{BUCKET}",
+                "TRIGGERFISH_REQUEST_TIMEOUT_S": "120",
+            },
+        )
+    )
+    state = local.start()
+    yield state
+    groups = dict(state.process_groups)
+    local.stop()
+    assert not [name for name, pgid in groups.items() if pid_alive(pgid)]
+
+
+@pytest.fixture(scope="module")
+def uris(burst_stack: StackState) -> list[list[str]]:
+    client = StackClient(burst_stack)
+    client.storage.create_bucket(BUCKET)
+    samples = [p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))]
+    bucket = client.storage.bucket(BUCKET)
+    names = [f"b/{i:05d}.jpg" for i in range(CALLS * URIS_PER_CALL)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: bucket.blob(names[i]).upload_from_string(samples[i % len(samples)]), range(len(names))))
+    flat = [f"gs://{BUCKET}/{n}" for n in names]
+    return [flat[i : i + URIS_PER_CALL] for i in range(0, len(flat), URIS_PER_CALL)]
+
+
+class Watch:
+    """Samples the Ingress's resident memory, and times one other caller's one-URI calls."""
+
+    def __init__(self, state: StackState, pid: int, probe_uri: str) -> None:
+        self.state, self.pid, self.probe_uri = state, pid, probe_uri
+        self.rss: list[float] = []
+        self.latencies: list[float] = []
+        self.statuses: Counter[int] = Counter()
+        self._stop = threading.Event()
+
+    def _memory(self) -> None:
+        while not self._stop.is_set():
+            self.rss.append(rss_mb(self.pid))
+            self._stop.wait(0.1)
+
+    def _other_caller(self) -> None:
+        with httpx.Client(timeout=180) as http:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                response = http.post(f"{self.state.serve_url}/v1/infer", json={"uri": self.probe_uri})
+                self.statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    self.latencies.append(time.monotonic() - started)
+                self._stop.wait(0.2)
+
+    def __enter__(self) -> Watch:
+        self._threads = [threading.Thread(target=t, daemon=True) for t in (self._memory, self._other_caller)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def _percentiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{len(values)} samples"
+    q = statistics.quantiles(values, n=20)
+    return f"p50 {statistics.median(values) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms ({len(values)} calls)"
+
+
+def idle_latency(state: StackState, uri: str) -> list[float]:
+    times = []
+    with httpx.Client(timeout=60) as http:
+        for _ in range(20):
+            started = time.monotonic()
+            assert http.post(f"{state.serve_url}/v1/infer", json={"uri": uri}).status_code == 200
+            times.append(time.monotonic() - started)
+    return times
+
+
+def call_until_answered(http: httpx.Client, url: str, uris: list[str], give_up: float) -> list[int]:
+    statuses = []
+    while True:
+        response = http.post(url, json={"uris": uris})
+        statuses.append(response.status_code)
+        if response.status_code not in (429, 503) or time.monotonic() > give_up:
+            return statuses
+        time.sleep(float(response.headers.get("retry-after") or 1) * random.uniform(1, 1.5))
+
+
+def test_a_burst_of_256_calls_of_16_uris_is_answered_within_bounded_memory(
+    burst_stack: StackState, uris: list[list[str]]
+) -> None:
+    url = f"{burst_stack.serve_url}/v1/infer"
+    idle = idle_latency(burst_stack, uris[0][0])
+    pid = ingress_pid(burst_stack)
+    baseline = rss_mb(pid)
+    gate = threading.Barrier(CALLS)
+    give_up = time.monotonic() + PATIENCE_S
+
+    def caller(batch: list[str]) -> list[int]:
+        with httpx.Client(timeout=180) as http:
+            gate.wait()
+            return call_until_answered(http, url, batch, give_up)
+
+    started = time.monotonic()
+    with Watch(burst_stack, pid, uris[0][0]) as watch, ThreadPoolExecutor(CALLS) as pool:
+        answers = list(pool.map(caller, uris))
+    elapsed = time.monotonic() - started
+    statuses = Counter(s for a in answers for s in a)
+    print(
+        f"\nURI burst {CALLS} x {URIS_PER_CALL}: answers {dict(statuses)} in {elapsed:.0f} s; "
+        f"ingress RSS {baseline:.0f} MB idle -> {max(watch.rss):.0f} MB peak "
+        f"(+{max(watch.rss) - baseline:.0f} MB); other caller idle {_percentiles(idle)}, "
+        f"during {_percentiles(watch.latencies)}, its statuses {dict(watch.statuses)}"
+    )
+    assert all(a[-1] == 200 for a in answers), Counter(a[-1] for a in answers)
+    assert set(statuses) <= {200, 429, 503}, dict(statuses)
+    assert max(watch.rss) - baseline < MAX_URI_BURST_GROWTH_MB, (baseline, max(watch.rss))
+
+
+def _oip_body() -> tuple[bytes, dict[str, str]]:
+    element = OIP_BODY_BYTES // OIP_IMAGES - 4
+    data = b"".join(struct.pack("<I", element) + os.urandom(16) * (element // 16) for _ in range(OIP_IMAGES))
+    header = json.dumps(
+        {"inputs": [{"name": "image", "shape": [OIP_IMAGES], "datatype": "BYTES",
+                     "parameters": {"binary_data_size": len(data)}}]}
+    ).encode()  # fmt: skip
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    return header + data, headers
+
+
+def test_four_concurrent_100_mib_oip_bodies_are_answered_within_bounded_memory(burst_stack: StackState) -> None:
+    body, headers = _oip_body()
+    url = f"{burst_stack.serve_url}/v2/models/{MODEL}/infer"
+    pid = ingress_pid(burst_stack)
+    baseline = rss_mb(pid)
+    gate = threading.Barrier(OIP_CALLS)
+    give_up = time.monotonic() + PATIENCE_S
+
+    def caller(_: int) -> list[int]:
+        statuses = []
+        with httpx.Client(timeout=180) as http:
+            gate.wait()
+            while True:
+                response = http.post(url, content=body, headers=headers)
+                statuses.append(response.status_code)
+                if response.status_code not in (429, 503) or time.monotonic() > give_up:
+                    return statuses
+                time.sleep(float(response.headers.get("retry-after") or 1))
+
+    started = time.monotonic()
+    with Watch(burst_stack, pid, f"gs://{BUCKET}/b/00000.jpg") as watch, ThreadPoolExecutor(OIP_CALLS) as pool:
+        answers = list(pool.map(caller, range(OIP_CALLS)))
+    print(
+        f"\nOIP burst {OIP_CALLS} x {OIP_BODY_BYTES >> 20} MiB: answers {answers} in "
+        f"{time.monotonic() - started:.0f} s; ingress RSS {baseline:.0f} MB -> {max(watch.rss):.0f} MB peak "
+        f"(+{max(watch.rss) - baseline:.0f} MB); other caller during {_percentiles(watch.latencies)}, "
+        f"its statuses {dict(watch.statuses)}"
+    )
+    # 100 1-MiB "images" that are not images: each call ends with a 400 naming the first element.
+    assert all(a[-1] == 400 for a in answers), answers
+    assert max(watch.rss) - baseline < MAX_OIP_BURST_GROWTH_MB, (baseline, max(watch.rss))
