@@ -10,7 +10,7 @@ from the first upload/publish/POST until the last result JSON is stored:
 * the peer: an Apache Beam RunInference pipeline (``infra/bench/beam_peer.py``, in
   the ``bench`` extra's environment) reading the HTTP path's objects from the same
   emulator and writing its results there, once with a full decode and once with
-  reduced-scale decode, each timed warm (see :meth:`Bench.beam_path`),
+  reduced-scale decode, each timed warm (:mod:`infra.bench.peer`),
 
 and reports the engine-only and decode-only ceilings, ``ok`` results per second,
 CPU-ms per image summed over every process of the stack, cores busy, the batch
@@ -26,7 +26,6 @@ import asyncio
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,11 +41,11 @@ import numpy as np
 from PIL import Image
 
 from infra.bench.cpu import CpuMeter
+from infra.bench.peer import BEAM_PYTHON, run_peer
 from infra.bench.report import MODEL, format_report, ratios
 from infra.local.client import StackClient
 from infra.local.stack import (
     DEFAULT_MODEL_REPOSITORY,
-    REPO_ROOT,
     LocalStack,
     StackOptions,
     StackState,
@@ -65,10 +64,6 @@ UPLOAD_CONCURRENCY = 8
 RESULT_POLL_S = 1.0
 # One image at a time, this many times: the p50 of a warm series (noisy on small machines).
 SINGLE_IMAGE_REPEATS = 120
-BEAM_PYTHON = REPO_ROOT / ".venv-bench" / "bin" / "python"
-BEAM_SCRIPT = Path(__file__).resolve().with_name("beam_peer.py")
-# The peer runs with one DirectRunner worker and with this many worker processes; the best counts.
-BEAM_WORKERS = (1, 2)
 # A result JSON is a few hundred bytes; anything near this is not one.
 MAX_RESULT_BYTES = 1 << 20
 
@@ -327,58 +322,6 @@ class Bench:
         self._with_gcs(names, read)
         return found
 
-    def _beam_run(self, uris: list[str], reduced: bool, workers: int, prefix: str) -> dict[str, Any]:
-        """One run of the peer's pipeline over ``uris``; its figures and its results' top-1."""
-        model_dir = DEFAULT_MODEL_REPOSITORY / MODEL / "1"
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write("\n".join(uris))
-        argv = [str(BEAM_PYTHON), str(BEAM_SCRIPT),
-                "--model", str(model_dir / "model.onnx"), "--labels", str(model_dir / "labels.txt"),
-                "--uris", f.name, "--results-bucket", self.state.results_bucket, "--prefix", prefix,
-                "--batch-size", str(self.batch_size), "--workers", str(workers)]  # fmt: skip
-        if reduced:
-            argv.append("--reduced")
-        env = {**os.environ, **self.state.client_env()}
-        self.meter.start()
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
-        emulator = self.meter.stop().get("fake-gcs-server", 0.0)
-        os.unlink(f.name)
-        if out.returncode != 0:
-            raise RuntimeError(f"the Beam pipeline ({prefix}) failed: {out.stderr[-2000:]}")
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
-        top1 = self.top1(self.state.results_bucket, f"{prefix}/")
-        self.delete([(self.state.results_bucket, f"{prefix}/")])
-        return {**figures, "emulator_cpu_seconds": emulator, "top1": top1,
-                "results": len(top1), "ok": sum(1 for c in top1.values() if c is not None)}  # fmt: skip
-
-    def beam_path(self, uris: list[str], reduced: bool, tag: str, reference: dict[str, int | None]) -> dict[str, Any]:
-        """The peer, timed warm, the best of one and of two DirectRunner workers.
-
-        Each worker count runs the pipeline over one object and over all of them:
-        ``(ok(N) - ok(1)) / (T(N) - T(1))`` leaves pipeline construction, worker start,
-        model load and teardown out of the clock, as the triggerfish paths meet a warm
-        stack. CPU likewise: the pipeline's processes plus the emulator, N's run minus
-        1's. ``reference`` is triggerfish's top-1 on the same objects.
-        """
-        variant = "reduced" if reduced else "full"
-        by_workers: dict[str, dict[str, Any]] = {}
-        for workers in BEAM_WORKERS:
-            base = f"beam-{tag}-{variant}-{workers}w"
-            one = self._beam_run(uris[:1], reduced, workers, f"{base}-one")
-            full = self._beam_run(uris, reduced, workers, f"{base}-all")
-            seconds, ok = full["seconds"] - one["seconds"], full["ok"] - one["ok"]
-            pipeline_cpu = full["cpu_seconds"] - one["cpu_seconds"]
-            emulator_cpu = full["emulator_cpu_seconds"] - one["emulator_cpu_seconds"]
-            by_workers[str(workers)] = {
-                "workers": workers, "results": full["results"], "ok": full["ok"],
-                "warm_seconds": seconds, "cold_seconds": full["seconds"],
-                "images_per_s": ok / seconds if seconds > 0 and ok > 0 else None,
-                "cold_images_per_s": full["ok"] / full["seconds"],
-                "cpu_seconds": {"beam": max(0.0, pipeline_cpu), "fake-gcs-server": max(0.0, emulator_cpu)},
-                "warm_ok": ok, "top1": full["top1"],
-            }  # fmt: skip
-        return _beam_row(variant, len(uris), by_workers, reference)
-
     def single_image_ms(self, data: bytes, repeats: int = SINGLE_IMAGE_REPEATS, via_proxy: bool = False) -> float:
         """p50 of one raw-body image at a time; ``via_proxy``: through Serve's proxy actor."""
         base = self.state.serve_proxy_url if via_proxy else self.state.serve_url
@@ -391,33 +334,6 @@ class Bench:
                 r.raise_for_status()
                 latencies.append((time.perf_counter() - started) * 1000)
         return float(np.median(latencies[len(latencies) // 4 :]))
-
-
-def _beam_row(
-    variant: str, images: int, by_workers: dict[str, dict[str, Any]], reference: dict[str, int | None]
-) -> dict[str, Any]:
-    """The peer's row: its best worker count, timed warm when the difference is measurable."""
-    warm = [r for r in by_workers.values() if r["images_per_s"] is not None]
-    best = max(warm, key=lambda r: r["images_per_s"]) if warm else max(
-        by_workers.values(), key=lambda r: r["cold_images_per_s"])  # fmt: skip
-    timing = "warm" if warm else "cold"  # a run too short for T(N) - T(1) to be positive
-    seconds = best["warm_seconds"] if warm else best["cold_seconds"]
-    rate = best["images_per_s"] if warm else best["cold_images_per_s"]
-    ok = best["warm_ok"] if warm else best["ok"]
-    cpu = best["cpu_seconds"]
-    shared = [name for name, c in best["top1"].items() if c is not None and reference.get(name) is not None]
-    agree = sum(1 for name in shared if best["top1"][name] == reference[name])
-    return {
-        "path": f"Beam RunInference, {'reduced-scale' if variant == 'reduced' else 'full'} decode",
-        "images": images, "results": best["results"], "ok": best["ok"], "timing": timing,
-        "workers": best["workers"], "seconds": seconds, "images_per_s": rate,
-        "images_per_s_by_workers": {k: r["images_per_s"] for k, r in by_workers.items()},
-        "cold_images_per_s_by_workers": {k: r["cold_images_per_s"] for k, r in by_workers.items()},
-        "cpu_ms_per_image": sum(cpu.values()) * 1000 / max(1, ok),
-        "cpu_ms_by_process": {k: round(v * 1000 / max(1, ok), 1) for k, v in cpu.items()},
-        "cores_busy": sum(cpu.values()) / seconds if seconds > 0 else 0.0,
-        "top1_agreement": agree / len(shared) if shared else None, "top1_compared": len(shared),
-    }  # fmt: skip
 
 
 def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> list[dict[str, Any]]:
@@ -436,7 +352,7 @@ def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> l
         # triggerfish's results go first, so the peer too meets an empty results bucket.
         reference = bench.top1(bench.state.results_bucket, f"{MODEL}{marker}")
         bench.delete([(bench.state.results_bucket, f"{MODEL}{marker}")])
-        rows += [bench.beam_path(uris, reduced, tag, reference) for reduced in (False, True)]
+        rows += [run_peer(bench, uris, reduced, tag, reference) for reduced in (False, True)]
     bench.clear(marker)
     return rows
 

@@ -12,7 +12,8 @@ import os
 
 import pytest
 
-from infra.bench.entry_paths import BEAM_PYTHON, BEAM_WORKERS, format_report, run_bench
+from infra.bench.entry_paths import format_report, run_bench
+from infra.bench.peer import BEAM_PYTHON, BEAM_WORKERS
 from infra.bench.report import PEER_FULL, PEER_REDUCED
 
 pytestmark = pytest.mark.integration

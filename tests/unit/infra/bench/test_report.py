@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from infra.bench.entry_paths import _beam_row
+from infra.bench.peer import peer_row
 from infra.bench.report import PEER_FULL, PEER_REDUCED, format_report, ratios
 
 
@@ -15,14 +15,15 @@ def _run(workers: int, warm: float | None, cold: float, top1: dict[str, int | No
     return {
         "workers": workers, "results": len(top1), "ok": ok, "warm_seconds": ok / warm if warm else -0.5,
         "cold_seconds": ok / cold, "images_per_s": warm, "cold_images_per_s": cold,
-        "cpu_seconds": {"beam": 2.0, "fake-gcs-server": 0.5}, "warm_ok": ok - 1, "top1": top1,
+        "cpu_seconds": {"beam": 2.0, "fake-gcs-server": 0.5}, "cold_cpu_seconds": {"beam": 4.0, "fake-gcs-server": 1.0},
+        "warm_ok": ok - 1, "top1": top1,
     }  # fmt: skip
 
 
 def test_the_peer_row_takes_the_faster_warm_worker_count_and_compares_top1() -> None:
     top1 = {"00000.jpg": 285, "00001.jpg": 967, "00002.jpg": 1}
     reference = {"00000.jpg": 285, "00001.jpg": 967, "00002.jpg": 2}
-    row = _beam_row("reduced", 3, {"1": _run(1, 10.0, 8.0, top1), "2": _run(2, 15.0, 6.0, top1)}, reference)
+    row = peer_row("reduced", 3, {"1": _run(1, 10.0, 8.0, top1), "2": _run(2, 15.0, 6.0, top1)}, reference)
 
     assert row["path"] == PEER_REDUCED and row["timing"] == "warm" and row["workers"] == 2
     assert row["images_per_s"] == 15.0
@@ -33,10 +34,11 @@ def test_the_peer_row_takes_the_faster_warm_worker_count_and_compares_top1() -> 
 
 def test_without_a_measurable_warm_difference_the_peer_row_says_it_is_cold() -> None:
     top1 = {"00000.jpg": 285, "00001.jpg": None}
-    row = _beam_row("full", 2, {"1": _run(1, None, 4.0, top1), "2": _run(2, None, 5.0, top1)}, {"00000.jpg": 285})
+    row = peer_row("full", 2, {"1": _run(1, None, 4.0, top1), "2": _run(2, None, 5.0, top1)}, {"00000.jpg": 285})
 
     assert row["path"] == PEER_FULL and row["timing"] == "cold" and row["workers"] == 2
     assert row["images_per_s"] == 5.0 and row["ok"] == 1
+    assert row["cpu_ms_per_image"] == pytest.approx(5000 / 1)  # the whole run's CPU over its ok results
     assert row["top1_compared"] == 1 and row["top1_agreement"] == 1.0
 
 
@@ -55,8 +57,8 @@ def _rows() -> list[dict[str, Any]]:
         _path("pubsub, 1 URI/message", 90.0),
         _path("pubsub, 16 URIs/message", 120.0),
         _path("HTTP, 16 URIs/call, 4 in flight", 150.0),
-        _beam_row("full", 1, {"1": _run(1, 25.0, 20.0, top1)}, top1),
-        _beam_row("reduced", 1, {"1": _run(1, 50.0, 40.0, top1)}, top1),
+        peer_row("full", 1, {"1": _run(1, 25.0, 20.0, top1)}, top1),
+        peer_row("reduced", 1, {"1": _run(1, 50.0, 40.0, top1)}, top1),
     ]
 
 
