@@ -87,3 +87,19 @@ def test_the_text_report_quotes_the_reduced_peer_first_and_the_agreement() -> No
     assert "HTTP 16/call 3.00x" in text and "pubsub 16/message 2.40x" in text
     assert "peer top-1 agreement with triggerfish (1 objects): full decode 1.000, reduced-scale decode 1.000" in text
     assert "warm, 1 worker(s)" in text
+
+
+def test_without_the_peer_the_report_has_no_peer_ratios() -> None:
+    rows = _rows()[:4]
+    q = ratios(rows)
+    assert set(q) == {"pubsub_1_uri_over_http"}
+    report = {
+        "started_at": "now", "cpus": 2, "small": rows, "ratios": {"small": q}, "peer_skipped": ".venv-bench is missing",
+        "ceilings": {"small": {"engine_images_per_s": 400.0, "engine_batch_size": 16, "backend": "onnxruntime:CPU",
+                               "decode_images_per_s": 900.0, "decode_threads": 2, "engine_batch1_ms_p50": 4.0}},
+        "single_image_http_ms_p50": 12.0,
+    }  # fmt: skip
+    text = format_report(report)
+    assert "the Beam peer was skipped: .venv-bench is missing" in text
+    assert "against the reduced-decode peer" not in text and "agreement" not in text
+    assert "pubsub 1 URI / HTTP 0.60x" in text
