@@ -50,6 +50,8 @@ demo: $(MODEL_STAMP)
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
+# The extra's requirements as bare words: quotes printed by a command substitution reach pip
+# literally (the shell does not parse them again), so none are printed.
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install \
