@@ -50,10 +50,12 @@ demo: $(MODEL_STAMP)
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
+# The extra's requirements as bare words: quotes printed by a command substitution reach pip
+# literally (the shell does not parse them again), so none are printed.
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip --disable-pip-version-check -q install \
-	  $$($(PYTHON) -c "import tomllib; print(' '.join(repr(r) for r in tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['bench']))")
+	  $$($(PYTHON) -c "import tomllib; print(' '.join(r.replace(' ', '') for r in tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['bench']))")
 	touch $@
 
 bench: $(MODEL_STAMP) $(BENCH_STAMP)

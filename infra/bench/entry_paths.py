@@ -8,12 +8,15 @@ from the first upload/publish/POST until the last result JSON is stored:
 * Pub/Sub with one URI per message and with ``--per-message`` URIs per message,
 * HTTP: ``--per-message`` URIs per call, ``--http-in-flight`` calls in flight,
 * the peer: an Apache Beam RunInference pipeline (``infra/bench/beam_peer.py``, in
-  the ``bench`` extra's environment) reading and writing the same emulator,
-  once with a full decode and once with reduced-scale decode,
+  the ``bench`` extra's environment) reading the HTTP path's objects from the same
+  emulator and writing its results there, once with a full decode and once with
+  reduced-scale decode, each timed warm (:mod:`infra.bench.peer`),
 
-and reports the engine-only and decode-only ceilings, CPU-ms per image summed
-over every process of the stack, cores busy, the batch sizes formed, p50/p95 end
-to end, and one image over HTTP (raw body) next to the engine's batch-1 latency.
+and reports the engine-only and decode-only ceilings, ``ok`` results per second,
+CPU-ms per image summed over every process of the stack, cores busy, the batch
+sizes formed, p50/p95 end to end, the peer's top-1 agreement with triggerfish on
+the same objects, and one image over HTTP (raw body) next to the engine's batch-1
+latency. Every path starts against emptied results and its own objects only.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import asyncio
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,28 +41,31 @@ import numpy as np
 from PIL import Image
 
 from infra.bench.cpu import CpuMeter
+from infra.bench.peer import BEAM_PYTHON, run_peer
+from infra.bench.report import MODEL, format_report, ratios
 from infra.local.client import StackClient
 from infra.local.stack import (
     DEFAULT_MODEL_REPOSITORY,
-    REPO_ROOT,
     LocalStack,
     StackOptions,
     StackState,
 )
 from shared.gcs import GcsClient
+from shared.result_store import STATUS_METADATA_KEY
+from shared.uris import GcsUri
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "text.jpg")
 PHONE_SIZE = (4032, 3024)  # 12 MP, a typical phone camera frame
 STAGING_BUCKET = "triggerfish-bench-staging"  # readable by Serve, not notified
-MODEL = "mobilenet_v2"
 # Uploads in flight from the benchmark's client.
 UPLOAD_CONCURRENCY = 8
 # How often the results bucket is listed while a path runs.
 RESULT_POLL_S = 1.0
 # One image at a time, this many times: the p50 of a warm series (noisy on small machines).
 SINGLE_IMAGE_REPEATS = 120
-BEAM_PYTHON = REPO_ROOT / ".venv-bench" / "bin" / "python"
+# A result JSON is a few hundred bytes; anything near this is not one.
+MAX_RESULT_BYTES = 1 << 20
 
 
 def bench_images(large: bool) -> list[bytes]:
@@ -128,8 +133,11 @@ def ceilings(images: list[bytes], total: int) -> dict[str, Any]:
 class Bench:
     """Runs the entry paths against one stack and collects their figures."""
 
-    def __init__(self, state: StackState, roots: dict[str, int], count: int, per_message: int, in_flight: int):
+    def __init__(
+        self, state: StackState, roots: dict[str, int], count: int, per_message: int, in_flight: int, batch_size: int
+    ) -> None:
         self.state = state
+        self.batch_size = batch_size  # the model's max batch size: the peer batches as much
         self.client = StackClient(state)
         self.meter = CpuMeter(roots)
         self.count = count
@@ -222,6 +230,8 @@ class Bench:
         started = time.time()
         submit_times = submit()
         found = self.wait_results(marker, self.count, timeout=60 + self.count)
+        # Only ``ok`` results count: an error result is stored just as fast and proves nothing.
+        ok = [b for b in found if (b.metadata or {}).get(STATUS_METADATA_KEY) == "ok"]
         stored = [b.updated.timestamp() for b in found]
         ended = max(stored) if stored else time.time()
         cpu = self.meter.stop()
@@ -233,10 +243,10 @@ class Bench:
             for b in found
         ]
         return {
-            "path": name, "images": self.count, "results": len(found), "seconds": seconds,
-            "images_per_s": len(found) / seconds if seconds > 0 else 0.0,
-            "cpu_ms_per_image": sum(cpu.values()) * 1000 / max(1, len(found)),
-            "cpu_ms_by_process": {k: round(v * 1000 / max(1, len(found)), 1) for k, v in cpu.items()},
+            "path": name, "images": self.count, "results": len(found), "ok": len(ok), "seconds": seconds,
+            "images_per_s": len(ok) / seconds if seconds > 0 else 0.0,
+            "cpu_ms_per_image": sum(cpu.values()) * 1000 / max(1, len(ok)),
+            "cpu_ms_by_process": {k: round(v * 1000 / max(1, len(ok)), 1) for k, v in cpu.items()},
             "cores_busy": sum(cpu.values()) / seconds if seconds > 0 else 0.0,
             "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
             "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies else None,
@@ -297,36 +307,20 @@ class Bench:
         name = f"HTTP, {self.per_message} URIs/call, {self.in_flight} in flight"
         return self.measure(name, marker, submit)
 
-    def beam_path(self, uris: list[str], reduced: bool, tag: str) -> dict[str, Any] | None:
-        if not BEAM_PYTHON.exists():
-            return None
-        prefix = f"beam-{tag}-{'reduced' if reduced else 'full'}"
-        model_dir = DEFAULT_MODEL_REPOSITORY / MODEL / "1"
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write("\n".join(uris))
-        argv = [str(BEAM_PYTHON), str(REPO_ROOT / "infra" / "_bench_beam.py"),
-                "--model", str(model_dir / "model.onnx"), "--labels", str(model_dir / "labels.txt"),
-                "--uris", f.name, "--results-bucket", self.state.results_bucket, "--prefix", prefix]  # fmt: skip
-        if reduced:
-            argv.append("--reduced")
-        env = {**os.environ, **self.state.client_env()}
-        self.meter.start()
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
-        cpu = self.meter.stop()
-        os.unlink(f.name)
-        if out.returncode != 0:
-            raise RuntimeError(f"the Beam pipeline failed: {out.stderr[-2000:]}")
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
-        # The pipeline's own CPU (its imports excluded) plus the emulator that serves it;
-        # the rest of the stack is idle meanwhile.
-        used = figures["cpu_seconds"] + cpu.get("fake-gcs-server", 0.0)
-        return {
-            "path": f"Beam RunInference, {'reduced-scale' if reduced else 'full'} decode",
-            "images": figures["images"], "results": figures["images"], "seconds": figures["seconds"],
-            "images_per_s": figures["images"] / figures["seconds"],
-            "cpu_ms_per_image": used * 1000 / figures["images"],
-            "cores_busy": used / figures["seconds"],
-        }  # fmt: skip
+    def top1(self, bucket: str, prefix: str) -> dict[str, int | None]:
+        """Top-1 class of each result under ``prefix`` by the source object's base name
+        (every path's objects are ``<i>.jpg``); ``None`` for a result that is not ``ok``."""
+        names = [b.name for b in self.client.storage.list_blobs(bucket, prefix=prefix)]
+        found: dict[str, int | None] = {}
+
+        async def read(gcs: GcsClient, name: str) -> None:
+            body, _ = await gcs.read(GcsUri(bucket, name), None, MAX_RESULT_BYTES)
+            result = json.loads(body)
+            ok = result.get("status") == "ok" and result.get("labels")
+            found[name.rsplit("/", 1)[-1].removesuffix(".json")] = result["labels"][0]["class_id"] if ok else None
+
+        self._with_gcs(names, read)
+        return found
 
     def single_image_ms(self, data: bytes, repeats: int = SINGLE_IMAGE_REPEATS, via_proxy: bool = False) -> float:
         """p50 of one raw-body image at a time; ``via_proxy``: through Serve's proxy actor."""
@@ -350,16 +344,16 @@ def run_suite(bench: Bench, images: list[bytes], tag: str, with_beam: bool) -> l
         uris = bench.stage(STAGING_BUCKET, marker.split("/")[2], images)
         rows.append(bench.pubsub_path(uris, per_message, marker))
         bench.clear(marker)
+    marker = f"/{STAGING_BUCKET}/bench-{tag}-http/"
     uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-http", images)
-    rows.append(bench.http_path(uris, f"/{STAGING_BUCKET}/bench-{tag}-http/"))
-    bench.clear(f"/{STAGING_BUCKET}/bench-{tag}-http/")
+    rows.append(bench.http_path(uris, marker))
     if with_beam:
-        uris = bench.stage(STAGING_BUCKET, f"bench-{tag}-beam", images)
-        for reduced in (False, True):
-            row = bench.beam_path(uris, reduced, tag)
-            if row is not None:
-                rows.append(row)
-        bench.delete([(bench.state.results_bucket, f"beam-{tag}-"), (STAGING_BUCKET, f"bench-{tag}-beam/")])
+        # The peer reads the HTTP path's objects, so its top-1 is compared on the same bytes;
+        # triggerfish's results go first, so the peer too meets an empty results bucket.
+        reference = bench.top1(bench.state.results_bucket, f"{MODEL}{marker}")
+        bench.delete([(bench.state.results_bucket, f"{MODEL}{marker}")])
+        rows += [run_peer(bench, uris, reduced, tag, reference) for reduced in (False, True)]
+    bench.clear(marker)
     return rows
 
 
@@ -380,64 +374,31 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         StackClient(state).storage.create_bucket(STAGING_BUCKET)
         roots = {p.name: p.pid for p in stack.processes}
-        bench = Bench(state, roots, args.images, args.per_message, args.http_in_flight)
+        batch_size = report["ceilings"]["small"]["engine_batch_size"]  # the model's max_batch_size
+        bench = Bench(state, roots, args.images, args.per_message, args.http_in_flight, batch_size)
         # Warm every path once so that no figure includes a first-call cost.
         warm = bench.stage(STAGING_BUCKET, "warm", small[:1], count=1)
         bench.client.publish(warm)
         bench.single_image_ms(small[0], repeats=3)
         bench.single_image_ms(small[0], repeats=3, via_proxy=True)
         progress("small JPEGs")
-        report["small"] = run_suite(bench, small, "small", not args.no_beam)
+        with_beam = not args.no_beam and BEAM_PYTHON.exists()
+        if not args.no_beam and not with_beam:
+            report["peer_skipped"] = f"{BEAM_PYTHON} is missing: make .venv-bench/.installed (or make bench)"
+        report["small"] = run_suite(bench, small, "small", with_beam)
+        report["ratios"] = {"small": ratios(report["small"])}
         report["single_image_http_ms_p50"] = bench.single_image_ms(small[0])
         if state.serve_proxy_url:
             report["single_image_proxy_ms_p50"] = bench.single_image_ms(small[0], via_proxy=True)
         if not args.small_only:
             progress("12 MP JPEGs")
             bench.count = args.large_images
-            report["large"] = run_suite(bench, large, "large", not args.no_beam)
+            report["large"] = run_suite(bench, large, "large", with_beam)
+            report["ratios"]["large"] = ratios(report["large"])
     finally:
         progress("stopping the local stack")
         stack.stop()
     return report
-
-
-def _row(r: dict[str, Any]) -> str:
-    lat = f"p50 {r['latency_ms_p50']:6.0f}  p95 {r['latency_ms_p95']:6.0f}" if r.get("latency_ms_p50") else " " * 23
-    return (f"  {r['path']:<42} {r['images_per_s']:7.1f}  {r['cpu_ms_per_image']:7.1f}  "
-            f"{r['cores_busy']:5.2f}  {lat}  {r.get('batches_formed', '')}")  # fmt: skip
-
-
-def format_report(r: dict[str, Any]) -> str:
-    lines = [f"triggerfish bench, {r['started_at']}, {r['cpus']} CPUs, model {MODEL}"]
-    for size in ("small", "large"):
-        if size not in r:
-            continue
-        c = r["ceilings"][size]
-        lines.append(f"\n{size} JPEGs ({r[size][0]['images']} objects)"
-                     f"   ceilings: engine {c['engine_images_per_s']:.1f} images/s (batch {c['engine_batch_size']}, "
-                     f"{c['backend']}), decode {c['decode_images_per_s']:.1f} images/s ({c['decode_threads']} threads)")
-        lines.append(f"  {'path':<42} {'img/s':>7}  {'CPU-ms':>7}  {'cores':>5}  {'end to end ms':<23}  batches formed")
-        lines += [_row(row) for row in r[size]]
-        by = {row["path"].split(",")[0] + ("" if "Beam" not in row["path"] else row["path"].split(",")[1]): row
-              for row in r[size]}  # fmt: skip
-        up = r[size][0]["images_per_s"]
-        ps1 = next(x for x in r[size] if x["path"] == "pubsub, 1 URI/message")["images_per_s"]
-        http = next(x for x in r[size] if x["path"].startswith("HTTP"))["images_per_s"]
-        ratios = [f"pubsub 1 URI / HTTP {ps1 / http:.2f}x"]
-        for key, label in ((" full decode", "full"), (" reduced-scale decode", "reduced")):
-            beam = by.get(f"Beam RunInference{key}")
-            if beam:
-                ratios.insert(0, f"upload / Beam {label} {up / beam['images_per_s']:.2f}x")
-        lines.append("  ratios: " + ", ".join(ratios))
-        top = max(r[size][:4], key=lambda x: x["cpu_ms_per_image"])
-        lines.append(f"  CPU-ms per image by process ({top['path']}): {top.get('cpu_ms_by_process')}")
-    c = r["ceilings"]["small"]
-    lines.append(f"\nsingle image over HTTP (raw body) p50 {r['single_image_http_ms_p50']:.1f} ms; "
-                 f"engine batch 1 p50 {c['engine_batch1_ms_p50']:.1f} ms "
-                 f"(+{r['single_image_http_ms_p50'] - c['engine_batch1_ms_p50']:.1f} ms)")  # fmt: skip
-    if "single_image_proxy_ms_p50" in r:
-        lines.append(f"  the same through Serve's proxy actor: p50 {r['single_image_proxy_ms_p50']:.1f} ms")
-    return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -445,7 +406,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report) if args.json else format_report(report))
-    incomplete = [row["path"] for s in ("small", "large") for row in report.get(s, []) if row["results"] < row["images"]]
+    incomplete = [row["path"] for s in ("small", "large") for row in report.get(s, []) if row["ok"] < row["images"]]
     if incomplete:
         print(f"incomplete paths: {incomplete}", file=sys.stderr)
     return 1 if incomplete else 0

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     results.add_argument("--model")
     results.set_defaults(func=_cli_client.cmd_results)
 
+    env = sub.add_parser(
+        "env", parents=[common], help="print export lines that point gcloud and the client libraries at the stack"
+    )
+    env.add_argument("--unset", action="store_true", help="print the line that undoes them")
+    env.set_defaults(func=_lazy("infra.cli.env", "cmd_env"))
+
     demo = sub.add_parser("demo", parents=[common], help="start the stack, run samples through all entry paths, stop")
     demo.set_defaults(func=_lazy("infra.cli.demo", "cmd_demo"))
 
