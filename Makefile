@@ -15,8 +15,12 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
 	@echo "make test   - install and run the whole test suite (unit, integration, terraform checks)"
-	@echo "make bench  - every entry path vs a Beam RunInference peer, CPU per image (about 2 min)"
+	@echo "make bench  - every entry path vs a Beam RunInference peer timed warm, CPU per image (a few minutes; creates .venv-bench)"
 	@echo "make model  - build the local model repository in $(MODEL_REPO)"
+	@echo "make reliability  - delivery scenarios on the production shape (2 replicas, 2 Ray nodes)"
+	@echo "make gpu-check    - the GPU node's service path against engine-only and the CPU (says what it could not run)"
+	@echo "make deploy-check - after terraform apply: address, RayService, functions' concurrency, one round trip"
+	@echo "make lint   - ruff and terraform fmt"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
