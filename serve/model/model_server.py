@@ -34,7 +34,6 @@ and the watcher is woken: never with a permanent ``unknown_version``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -406,8 +405,12 @@ class ModelServer:
         assert self._wake is not None
         while True:
             due = [b.due - self._clock() for b in self._backoff.values()]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, min([interval, *due])))
+            # asyncio.wait, not wait_for: wait_for can swallow a cancellation (Python < 3.12).
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait([waiter], timeout=max(0.05, min([interval, *due])))
+            finally:
+                waiter.cancel()
             self._wake.clear()
             try:
                 await self.check_versions()
