@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 GENERATION_METADATA_KEY = "triggerfish-source-generation"
 VERSION_METADATA_KEY = "triggerfish-model-version"
 STATUS_METADATA_KEY = "triggerfish-status"
+# Not part of the rank: lets a listing tell which errors say nothing about the input.
+ERROR_REASON_METADATA_KEY = "triggerfish-error-reason"
 # Each retry means another writer changed the object in between; a handful is plenty.
 _MAX_ATTEMPTS = 8
 
@@ -60,8 +62,10 @@ def result_name(result: InferenceResult, source: GcsUri | None) -> str:
 
 
 def result_metadata(result: InferenceResult) -> dict[str, str]:
-    """The custom metadata that carries a result's rank."""
+    """The custom metadata that carries a result's rank (and an error's reason)."""
     meta = {STATUS_METADATA_KEY: result.status.value}
+    if result.error is not None:
+        meta[ERROR_REASON_METADATA_KEY] = result.error.reason.value
     if result.source.generation:
         meta[GENERATION_METADATA_KEY] = result.source.generation
     if result.model.version:

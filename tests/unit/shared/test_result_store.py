@@ -16,6 +16,7 @@ import pytest
 from shared.errors import ErrorReason, TransientError
 from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import (
+    ERROR_REASON_METADATA_KEY,
     GENERATION_METADATA_KEY,
     STATUS_METADATA_KEY,
     VERSION_METADATA_KEY,
@@ -83,6 +84,8 @@ def _stored_body(gcs: InMemoryGcs, name: str = NAME) -> dict:
 
 def _meta(generation: str | None, version: str | None, status: str) -> dict[str, str]:
     meta = {STATUS_METADATA_KEY: status}
+    if status == "error":
+        meta[ERROR_REASON_METADATA_KEY] = "not_an_image"
     if generation is not None:
         meta[GENERATION_METADATA_KEY] = generation
     if version is not None:
