@@ -249,13 +249,18 @@ class ModelServer:
         return loaded
 
     def _attempt(self, version: str, work: Callable[[], LoadedVersion]) -> _Attempt:
-        """Run ``work`` (on any thread) and classify its failure; never raises."""
+        """Run ``work`` (on any thread) and classify its failure; never raises.
+
+        The files' fingerprint is taken *before* the load: an upload completing while
+        the load fails then shows as a change at the next poll, never as the state
+        the quarantine started from.
+        """
+        fingerprint = self._fingerprint(version)
         try:
             return _Attempt(version, loaded=work())
         except Exception as err:  # noqa: BLE001 - classified below, settled on the event loop
             permanent = load_error_is_permanent(err) and not _absent(err)
-            fingerprint = self._fingerprint(version) if permanent else None
-            return _Attempt(version, error=err, permanent=permanent, fingerprint=fingerprint)
+            return _Attempt(version, error=err, permanent=permanent, fingerprint=fingerprint if permanent else None)
 
     def _fingerprint(self, version: str) -> str | None:
         try:
