@@ -275,6 +275,10 @@ class ModelServer:
         if err is None:
             self._backoff.pop(version, None)
             return attempt.loaded
+        if _absent(err):
+            # Not listed (never published, or deleted): nothing to retry or refuse; every
+            # caller asks the repository again (a listing), as a version may appear any time.
+            return None
         if attempt.permanent:
             self._quarantine(version, err, attempt.fingerprint)
         else:

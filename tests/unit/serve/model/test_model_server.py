@@ -382,3 +382,18 @@ def test_an_out_of_memory_item_is_retried_and_the_version_kept(repo: Path, loads
     assert isinstance(outcome, Retry) and "out of memory" in outcome.message
     assert not s._quarantined and s._runtime_faults["1"] == 0
     s.check_health()
+
+
+def test_every_request_for_a_version_that_does_not_exist_is_rejected_alike(
+    repo: Path, loads: list[str]
+) -> None:
+    publish(repo, "1")
+    s = server()
+
+    async def scenario() -> list[VersionInfo | Rejection | Retry]:
+        return [await s.describe("99") for _ in range(3)]
+
+    answers = run(scenario())
+
+    assert all(isinstance(a, Rejection) and a.reason is ErrorReason.UNKNOWN_VERSION for a in answers), answers
+    assert not s._backoff and not s._quarantined
