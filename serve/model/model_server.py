@@ -186,6 +186,7 @@ class ModelServer:
         self._quarantine_entries: dict[str, _Quarantine] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._runtime_faults: Counter[str] = Counter()
+        self._load_failures: Counter[str] = Counter()  # transient load failures per version, ever
         self._users: Counter[int] = Counter()  # in-flight items per loaded version (by id)
         self._retired: dict[int, LoadedVersion] = {}
         self._batch_sizes: Counter[int] = Counter()
@@ -282,6 +283,7 @@ class ModelServer:
         if attempt.permanent:
             self._quarantine(version, err, attempt.fingerprint)
         else:
+            self._load_failures[version] += 1
             previous = self._backoff.get(version)
             failures = previous.failures + 1 if previous else 1
             delay = LOAD_BACKOFF_S[min(failures, len(LOAD_BACKOFF_S)) - 1]
@@ -593,6 +595,7 @@ class ModelServer:
             "loaded_versions": list(self._versions),
             "quarantined_versions": self._quarantined,
             "retrying_versions": {v: b.cause for v, b in self._backoff.items()},
+            "transient_load_failures": dict(self._load_failures),
             "backends": {v: lv.engine.backend_name for v, lv in self._versions.items()},
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
             "queue_depth": self._queue.depth,

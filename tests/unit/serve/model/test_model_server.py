@@ -278,6 +278,7 @@ def test_a_transient_load_failure_is_retried_with_backoff_not_quarantined(
 
     assert s._default == "2" and not s._backoff
     assert loads == ["1", "2"]
+    assert run(s.stats())["transient_load_failures"] == {"2": 1}
 
 
 def test_the_chaos_knob_fails_only_the_first_load_on_the_machine(
