@@ -141,15 +141,21 @@ def load_version(
     return loaded
 
 
-def warm_up(loaded: LoadedVersion) -> None:
+def warm_up(loaded: LoadedVersion, pause: float = 0.0) -> None:
     """Run each engine batch size once so the first real request pays no lazy init.
 
     Also records the engine's output dtypes and shapes (``loaded.output_specs``).
+    ``pause`` > 0 sleeps that many times each batch's duration after it: a version
+    warmed up next to one that is serving leaves the cores to the served batches
+    for part of the time instead of taking them all in one burst.
     """
     cfg = loaded.config
     for size in cfg.batching.engine_batch_sizes:
         pixels = np.zeros((size, cfg.input.height, cfg.input.width, cfg.input.channels), np.uint8)
+        started = time.monotonic()
         outputs = loaded.engine.infer(to_model_input(pixels, cfg.input, cfg.preprocess))
+        if pause > 0:
+            time.sleep(pause * (time.monotonic() - started))
         missing = [n for n in loaded.postprocess.output_names if n not in outputs]
         if missing:
             raise ConfigError(f"{loaded.model}/{loaded.version} warm-up produced no outputs {missing}")

@@ -78,6 +78,8 @@ LOAD_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 RUNTIME_FAULT_LIMIT = 3
 #: Niceness of the background loader thread (the serving threads keep 0).
 LOADER_NICE = 10
+#: A background warm-up sleeps this many times each warm-up batch's duration after it.
+WARM_UP_PAUSE = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -242,8 +244,9 @@ class ModelServer:
             )
 
     def _warm(self, loaded: LoadedVersion) -> LoadedVersion:
+        """Warm up a version loaded next to the one serving, paced (see :func:`warm_up`)."""
         try:
-            warm_up(loaded)
+            warm_up(loaded, pause=WARM_UP_PAUSE)
         except BaseException:
             loaded.engine.close()
             raise

@@ -304,3 +304,17 @@ def test_warm_up_fails_when_the_engine_lacks_an_output_the_postprocessor_reads()
 
     with pytest.raises(ConfigError, match=r"tiny/2 warm-up produced no outputs \['logits'\]"):
         warm_up(loaded)
+
+
+def test_a_paced_warm_up_sleeps_after_each_batch_in_proportion_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine("fake")
+    loaded = LoadedVersion("tiny", "2", CONFIG, engine, TopKClassifier(CONFIG.postprocess), ())  # type: ignore[arg-type]
+    ticks = iter([10.0, 10.5, 20.0, 21.0, 30.0, 32.0])  # batches of 0.5 s, 1 s and 2 s
+    slept: list[float] = []
+    monkeypatch.setattr(loader.time, "monotonic", lambda: next(ticks))
+    monkeypatch.setattr(loader.time, "sleep", slept.append)
+
+    warm_up(loaded, pause=2.0)
+
+    assert slept == [1.0, 2.0, 4.0]
+    assert len(engine.shapes) == 3

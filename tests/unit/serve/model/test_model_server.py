@@ -104,7 +104,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return LoadedVersion(mv.name, mv.version, mv.config, engine, make_postprocessor(mv.config.postprocess), mv.labels)
 
     monkeypatch.setattr(model_server, "load_version", load_version)
-    monkeypatch.setattr(model_server, "warm_up", lambda loaded: None)
+    monkeypatch.setattr(model_server, "warm_up", lambda loaded, pause=0.0: None)
     return seen
 
 
