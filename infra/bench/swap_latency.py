@@ -76,14 +76,21 @@ def split(
 
 
 def summarize(
-    samples: Sequence[Sample], warmup_s: float, swap_start_s: float, window_s: float
-) -> dict[str, Any]:
+    samples: Sequence[Sample], warmup_s: float, swap_start_s: float, window_s: float,
+    promoted_s: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Steady state against the swap window; with ``promoted_s``, the window split at the promotion
+    (``loading``: while the new version loads and warms, ``promoted``: the rest of the window)."""
     steady, swap = split(samples, warmup_s, swap_start_s, window_s)
     report: dict[str, Any] = {
         "steady": percentiles(steady),
         "swap_window": percentiles(swap),
         "failed_requests": sum(1 for s in samples if s.status != 200),
     }
+    if promoted_s is not None:
+        _, loading = split(samples, warmup_s, swap_start_s, promoted_s - swap_start_s)
+        _, promoted = split(samples, warmup_s, promoted_s, swap_start_s + window_s - promoted_s)
+        report["loading"], report["promoted"] = percentiles(loading), percentiles(promoted)
     if steady and swap:
         for key in ("p50_ms", "p99_ms", "p99_9_ms"):
             report[f"{key.removesuffix('_ms')}_ratio"] = round(report["swap_window"][key] / report["steady"][key], 3)
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress("stopping the local stack")
         stack.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report = summarize(samples, args.warmup_s, published_s, args.window_s)
+    report = summarize(samples, args.warmup_s, published_s, args.window_s, promoted_s)
     report.update(
         clients=args.clients, duration_s=args.duration_s, published_at_s=round(published_s, 2),
         promoted_after_s=round(promoted_s - published_s, 2) if promoted_s is not None else None,
@@ -176,6 +183,8 @@ def format_report(r: dict[str, Any]) -> str:
         row("steady", r["steady"]),
         row(f"swap {r['window_s']:.0f}s", r["swap_window"]),
     ]
+    if "loading" in r:
+        lines += [row("  loading", r["loading"]), row("  promoted", r["promoted"])]
     if "p99_ratio" in r:
         lines.append(f"  swap/steady: p50 {r['p50_ratio']:.2f}x  p99 {r['p99_ratio']:.2f}x  p99.9 {r['p99_9_ratio']:.2f}x")
     lines.append(f"  failed requests: {r['failed_requests']}")

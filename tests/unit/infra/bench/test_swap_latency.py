@@ -41,3 +41,14 @@ def test_the_publish_must_fall_inside_the_run() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--duration-s", "20", "--publish-at-s", "30"])
     assert parse_args([]).duration_s == 90.0
+
+
+def test_the_window_splits_at_the_promotion() -> None:
+    samples = [Sample(float(t), 10.0, 200) for t in range(5, 30)]
+    samples += [Sample(30.0 + t / 2, 20.0, 200) for t in range(10)]  # 30..34.5: loading
+    samples += [Sample(35.0 + t, 12.0, 200) for t in range(25)]  # 35..59: promoted
+
+    report = summarize(samples, 3.0, 30.0, 30.0, promoted_s=35.0)
+
+    assert report["loading"]["count"] == 10 and report["loading"]["p99_ms"] == 20.0
+    assert report["promoted"]["count"] == 25 and report["promoted"]["p99_ms"] == 12.0
