@@ -2,8 +2,8 @@
 requests keep succeeding throughout, and older versions stay addressable.
 
 The rollout-under-load case needs the chaos knob in Serve's environment when the
-stack starts (``TRIGGERFISH_CHAOS_FAIL_LOAD``, see :mod:`serve.model.chaos`): the
-``chaos`` fixture below sets it for a stack this module starts.
+stack starts (``TRIGGERFISH_CHAOS_FAIL_LOAD``, see :mod:`serve.model.chaos`), set
+below when this module is collected.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from infra.local.client import StackClient
 from infra.local.emulators import upload_tree
 from infra.local.stack import DEFAULT_MODEL_REPOSITORY
 from serve.http.ingress import DEFAULT_VERSION_TTL_S
-from serve.model.chaos import CHAOS_DIR_ENV, FAIL_LOAD_ENV
+from serve.model.chaos import FAIL_LOAD_ENV, marker_path
 from tests.integration.conftest import SAMPLES
 
 pytestmark = pytest.mark.integration
@@ -34,23 +33,10 @@ MODEL = "mobilenet_v2"
 # Newer than any version another test publishes; its first load on this machine fails once.
 CHAOS_VERSION = "50"
 ROLLOUT_MESSAGES = 200
-
-
-@pytest.fixture(scope="session", autouse=True)
-def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The chaos knob for a stack started after this (Serve inherits the environment)."""
-    env = {
-        FAIL_LOAD_ENV: f"{MODEL}/{CHAOS_VERSION}",
-        CHAOS_DIR_ENV: str(tmp_path_factory.mktemp("chaos")),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+# Serve inherits this process's environment when the session's stack starts, which may
+# be before this module's tests run: the chaos knob is armed when the module is
+# collected. Only version 50 is targeted, which no other test publishes.
+os.environ.setdefault(FAIL_LOAD_ENV, f"{MODEL}/{CHAOS_VERSION}")
 
 
 def publish_version(client: StackClient, root: Path, version: str, top_k: int) -> None:
@@ -118,6 +104,8 @@ def test_rollout_under_load_with_a_failing_first_load_ends_every_input_ok(
     data = (SAMPLES / "coffee.jpg").read_bytes()
     prefix = f"rollout-{uuid.uuid4().hex[:8]}"
     published = threading.Event()
+    # Re-arm the fault: a marker left by an earlier run on this machine would disarm it.
+    marker_path(MODEL, CHAOS_VERSION, os.environ).unlink(missing_ok=True)
 
     def upload(index: int) -> str:
         if index == ROLLOUT_MESSAGES // 4:
