@@ -398,3 +398,49 @@ def test_every_request_for_a_version_that_does_not_exist_is_rejected_alike(
 
     assert all(isinstance(a, Rejection) and a.reason is ErrorReason.UNKNOWN_VERSION for a in answers), answers
     assert not s._backoff and not s._quarantined
+
+
+def test_a_request_for_a_newer_version_wakes_the_watcher_without_waiting_for_the_poll(
+    repo: Path, loads: list[str]
+) -> None:
+    publish(repo, "1")
+    s = server()  # polls hourly
+    publish(repo, "2")
+
+    async def scenario() -> tuple[ItemOutcome | Rejection | Retry, ItemOutcome | Rejection | Retry]:
+        [first] = await s.infer_many([item("2")])
+        for _ in range(200):  # the watcher loads and promotes in the background
+            if s._default == "2":
+                break
+            await asyncio.sleep(0.01)
+        [second] = await s.infer_many([item("2")])
+        return first, second
+
+    first, second = run(scenario())
+
+    assert isinstance(first, Retry)
+    assert isinstance(second, ItemOutcome) and second.version == "2"
+
+
+def test_callers_waiting_on_a_load_see_its_quarantine_without_loading_again(
+    repo: Path, loads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(repo, "1")
+    s = server()
+    publish(repo, "2", labels=False)
+    resolved: list[str] = []
+    real = s._repo.resolve
+
+    def resolve(model: str, version: str | None = None) -> ModelVersion:
+        resolved.append(version or "")
+        return real(model, version)
+
+    monkeypatch.setattr(s._repo, "resolve", resolve)
+
+    async def scenario() -> list[VersionInfo | Rejection | Retry]:
+        return list(await asyncio.gather(s.describe("2"), s.describe("2"), s.describe("2")))
+
+    answers = run(scenario())
+
+    assert all(isinstance(a, Rejection) and a.reason is ErrorReason.UNKNOWN_VERSION for a in answers), answers
+    assert resolved == ["2"]  # one load; the others re-checked the quarantine under the lock
