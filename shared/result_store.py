@@ -35,6 +35,7 @@ from shared.results import (
     Status,
     invalid_source_object_name,
     result_object_name,
+    superseded_error_object_name,
     version_sort_key,
 )
 from shared.uris import GcsUri
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 GENERATION_METADATA_KEY = "triggerfish-source-generation"
 VERSION_METADATA_KEY = "triggerfish-model-version"
 STATUS_METADATA_KEY = "triggerfish-status"
+# Not part of the rank: lets a listing tell which errors say nothing about the input.
+ERROR_REASON_METADATA_KEY = "triggerfish-error-reason"
 # Each retry means another writer changed the object in between; a handful is plenty.
 _MAX_ATTEMPTS = 8
 
@@ -59,8 +62,10 @@ def result_name(result: InferenceResult, source: GcsUri | None) -> str:
 
 
 def result_metadata(result: InferenceResult) -> dict[str, str]:
-    """The custom metadata that carries a result's rank."""
+    """The custom metadata that carries a result's rank (and an error's reason)."""
     meta = {STATUS_METADATA_KEY: result.status.value}
+    if result.error is not None:
+        meta[ERROR_REASON_METADATA_KEY] = result.error.reason.value
     if result.source.generation:
         meta[GENERATION_METADATA_KEY] = result.source.generation
     if result.model.version:
@@ -93,6 +98,7 @@ class StoredResult:
     uri: str
     written: bool
     superseded: bool = False
+    error_record_uri: str | None = None  # where a superseded error result was kept instead
 
 
 class RecentWrites:
@@ -169,6 +175,25 @@ async def store_result(
         replacing_equal = theirs == ours
         if theirs > ours:
             logger.info("kept %s: it outranks the new result", uri, extra={"kept": str(theirs), "offered": str(ours)})
-            return StoredResult(uri, written=False, superseded=True)
+            record = await _keep_superseded_error(gcs, bucket, result, payload, metadata)
+            return StoredResult(uri, written=False, superseded=True, error_record_uri=record)
         expected = current.generation
     raise TransientError(f"{uri} kept changing during {_MAX_ATTEMPTS} conditional writes")
+
+
+async def _keep_superseded_error(
+    gcs: GcsClient, bucket: str, result: InferenceResult, payload: bytes, metadata: dict[str, str]
+) -> str | None:
+    """Write an outranked *error* result where its caller finds it by request id.
+
+    An ``ok`` result that loses changes nothing anyone needs to know; an error that
+    loses (an unknown version for an object that has a result) would otherwise
+    leave no trace on the Pub/Sub path. Written unconditionally: the name is unique
+    to the request and input, so a rewrite is a redelivery saying the same.
+    """
+    if result.status is not Status.ERROR:
+        return None
+    name = superseded_error_object_name(result.request_id, result.source.uri)
+    await gcs.write(bucket, name, payload, metadata=metadata)
+    logger.info("kept an outranked error result at gs://%s/%s", bucket, name)
+    return f"gs://{bucket}/{name}"

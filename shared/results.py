@@ -14,6 +14,14 @@ from shared.messages import EntryPath, InferenceRequest
 from shared.uris import GcsUri
 
 INVALID_SOURCE_PREFIX = "_invalid"
+# Error results that a stored result outranks (an unknown version for an object with an
+# ``ok`` result): kept where the caller finds them by request id.
+SUPERSEDED_ERROR_PREFIX = "_superseded"
+#: Cloud Storage refuses object names longer than this many bytes of UTF-8.
+MAX_OBJECT_NAME_BYTES = 1024
+# The folder of hashed result names. No escaped source name has this segment:
+# :func:`_safe_segment` leaves a ``%`` only before ``25``, ``2E`` or ``00``.
+HASHED_NAME_SEGMENT = "%sha256"
 
 
 class Status(StrEnum):
@@ -144,9 +152,18 @@ def result_object_name(model: str, source: GcsUri) -> str:
     result the object keeps is decided by :mod:`shared.result_store`. Segments of
     the source name that a filesystem would interpret (``..``, ``.``, empty) are
     escaped, so mirrored results never escape their folder.
+
+    A name that would exceed Cloud Storage's :data:`MAX_OBJECT_NAME_BYTES` (a long
+    source name, or one with many escaped ``%``) becomes
+    ``MODEL/BUCKET/%sha256/<sha256 of the source name>.json``: as deterministic, and
+    the result JSON names the full source in ``source.uri``.
     """
     name = "/".join(_safe_segment(part) for part in source.name.split("/"))
-    return f"{model}/{source.bucket}/{name}.json"
+    full = f"{model}/{source.bucket}/{name}.json"
+    if len(full.encode()) <= MAX_OBJECT_NAME_BYTES:
+        return full
+    digest = hashlib.sha256(source.name.encode()).hexdigest()
+    return f"{model}/{source.bucket}/{HASHED_NAME_SEGMENT}/{digest}.json"
 
 
 def invalid_source_object_name(request_id: str, uri: str) -> str:
@@ -154,3 +171,13 @@ def invalid_source_object_name(request_id: str, uri: str) -> str:
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     safe_id = hashlib.sha256(request_id.encode()).hexdigest()[:16]
     return f"{INVALID_SOURCE_PREFIX}/{safe_id}/{digest}.json"
+
+
+def superseded_error_object_name(request_id: str, uri: str) -> str:
+    """Where an error result goes when the stored result for its object outranks it.
+
+    Keyed like :func:`invalid_source_object_name`: by the request id's hash, then the URI's.
+    """
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    safe_id = hashlib.sha256(request_id.encode()).hexdigest()[:16]
+    return f"{SUPERSEDED_ERROR_PREFIX}/{safe_id}/{digest}.json"

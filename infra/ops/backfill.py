@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import PermanentError
+from shared.errors import ErrorReason, PermanentError
 from shared.messages import MAX_URIS_PER_MESSAGE, RequestMessage
 from shared.result_store import (
+    ERROR_REASON_METADATA_KEY,
     GENERATION_METADATA_KEY,
     STATUS_METADATA_KEY,
     VERSION_METADATA_KEY,
@@ -25,6 +26,8 @@ from shared.result_store import (
 from shared.results import result_object_name, version_sort_key
 from shared.uris import GcsUri, parse_gcs_uri
 
+# Error reasons that describe the fleet's state rather than the input.
+_NOT_ABOUT_THE_INPUT = frozenset({ErrorReason.UNKNOWN_VERSION.value, ErrorReason.UNKNOWN_MODEL.value})
 # A result without a generation is matched by time; allow for clocks that disagree.
 CLOCK_SLACK_S = 60.0
 _NAME_TAKES_VERSION = "version" in inspect.signature(result_object_name).parameters
@@ -105,6 +108,7 @@ class ResultRecord:
     version: str | None
     status: str | None
     updated: float
+    reason: str | None = None  # an error result's reason, when its metadata names one
 
     @classmethod
     def from_listing(
@@ -118,6 +122,7 @@ class ResultRecord:
             version=meta.get(VERSION_METADATA_KEY) or None,
             status=meta.get(STATUS_METADATA_KEY) or None,
             updated=updated,
+            reason=meta.get(ERROR_REASON_METADATA_KEY) or None,
         )
 
 
@@ -132,9 +137,13 @@ def answers(
     A result for a newer version or source generation counts: the result store
     never replaces it with an older one, so waiting for that would never end.
     A result that names no generation (the object was missing when it was
-    written) counts only when written after ``published_at``.
+    written) counts only when written after ``published_at``. An error saying
+    the model or version could not be resolved never counts: it is about the
+    serving fleet (a replica that did not have the version yet), not the input.
     """
     if record is None:
+        return False
+    if record.reason in _NOT_ABOUT_THE_INPUT:
         return False
     if record.version is not None and version_sort_key(record.version) < version_sort_key(version):
         return False

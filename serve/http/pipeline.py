@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from serve.engines.errors import is_out_of_memory
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
 from serve.model.batch import BatchItem, ItemOutcome
 from serve.model.model_server import Rejection, Retry, VersionInfo
@@ -56,13 +57,17 @@ class Processed:
     """The pipeline's answer for one input.
 
     ``superseded`` means a newer generation or model version is already recorded
-    for this input (at ``result_uri``); the result computed here was dropped.
+    for this input (at ``result_uri``); the result computed here was dropped. An
+    error result dropped that way is kept at ``error_record_uri`` (see
+    :func:`shared.results.superseded_error_object_name`): the response names it so
+    that a caller (the functions log it at WARNING) can find it by request id.
     """
 
     request_id: str
     result: InferenceResult | None
     result_uri: str | None
     superseded: bool = False
+    error_record_uri: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         if self.result is None:
@@ -72,6 +77,8 @@ class Processed:
         if self.superseded:
             # Computed and returned, but the stored result (a newer generation or version) was kept.
             body["superseded"] = True
+        if self.error_record_uri is not None:
+            body["error_record_uri"] = self.error_record_uri
         return body
 
 
@@ -212,9 +219,11 @@ class InferencePipeline:
             image = await asyncio.get_running_loop().run_in_executor(
                 self._decode, self._prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
             )
-        except PermanentError:
+        except (PermanentError, TransientError):
             raise
         except Exception as err:  # noqa: BLE001 - pinned on this one input's bytes
+            if is_out_of_memory(err):  # the machine's state, not the image's bytes
+                raise TransientError(f"out of memory decoding an image: {err!r}"[:500]) from err
             # Decoders raise far more than they document (SyntaxError on broken PNG
             # chunks, struct errors in EXIF blocks): any of it condemns only this image.
             raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err!r}"[:500]) from err
@@ -245,8 +254,11 @@ class InferencePipeline:
                         return ShedError(outcome.message, outcome.retry_after_s)
                     return TransientError(outcome.message)
                 if isinstance(outcome, Rejection):
+                    # A version another replica resolved and this one refuses says nothing
+                    # about the input: recorded without a version, it never outranks a result.
+                    unresolved = outcome.reason in (ErrorReason.UNKNOWN_VERSION, ErrorReason.UNKNOWN_MODEL)
                     return await self._record_failure(
-                        p.request, model, p.info.version, outcome.to_error(), p.source
+                        p.request, model, None if unresolved else p.info.version, outcome.to_error(), p.source
                     )
                 return await self._store(_result(p, outcome), p.source)
             except BaseException as err:  # noqa: BLE001 - kept per input
@@ -266,7 +278,10 @@ class InferencePipeline:
         stored: StoredResult = await store_result(
             self._gcs, self._settings.results_bucket, result, source, self._recent
         )
-        return Processed(result.request_id, result, stored.uri, superseded=stored.superseded)
+        return Processed(
+            result.request_id, result, stored.uri, superseded=stored.superseded,
+            error_record_uri=stored.error_record_uri,
+        )  # fmt: skip
 
 
 def _result(p: _Prepared, outcome: ItemOutcome) -> InferenceResult:

@@ -19,20 +19,22 @@ neighbours: each position of the result holds a ``PreparedImage`` or the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from serve.engines.errors import is_out_of_memory
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.postprocess.base import ImageGeometry
-from shared.errors import ErrorReason, PermanentError
+from shared.errors import ErrorReason, PermanentError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +220,28 @@ def prepare_batch_gpu(
         if chw is None:
             results[i] = _cpu_prepare(datas[i], spec, pre, max_pixels)
         else:
-            ready[i] = _resize_on_gpu(_upright(chw, orientation), spec, pre)
+            with _device_memory_is_transient():
+                ready[i] = _resize_on_gpu(_upright(chw, orientation), spec, pre)
     if ready:
         import torch
 
         # One device-to-host copy for the whole batch: model-sized uint8 images only.
-        host = torch.stack([t for t, _ in ready.values()]).cpu().numpy()
+        with _device_memory_is_transient():
+            host = torch.stack([t for t, _ in ready.values()]).cpu().numpy()
         for row, (i, (_, geometry)) in enumerate(ready.items()):
             results[i] = PreparedImage(pixels=np.ascontiguousarray(host[row]), geometry=geometry)
     return results
+
+
+@contextlib.contextmanager
+def _device_memory_is_transient() -> Iterator[None]:
+    """A GPU out of memory says nothing about the image: retry it, never ``not_an_image``."""
+    try:
+        yield
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise TransientError(f"GPU out of memory preparing an image: {err}"[:500]) from err
+        raise
 
 
 def _cpu_prepare(

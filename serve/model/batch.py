@@ -5,6 +5,15 @@ The model deployment's ``@serve.batch`` method hands a list of
 in order. Items were validated before they joined the batch; if the engine
 still fails on a batch, each item is retried alone so that one bad input cannot
 fail its neighbours.
+
+Fault attribution, when an item fails alone:
+
+- an out-of-memory error (host or device) blames nobody: the item is retried later;
+- otherwise a blank image is run (the *probe*), up to :data:`PROBE_ATTEMPTS` times:
+  if it never succeeds the engine is at fault (:class:`EngineFailure`); one probe
+  that fails and one that passes is an intermittent fault, not the engine's;
+- after a passing probe the item runs once more: only an item that fails again,
+  with an error that is not out-of-memory, is recorded as ``inference_failed``.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serve.engines.base import Engine, EngineFault
+from serve.engines.errors import is_out_of_memory
 from serve.imaging.cpu_decode import to_model_input
 from serve.model_config import InputSpec, ModelConfig
 from serve.postprocess.base import ImageGeometry, Postprocessor
@@ -58,6 +68,9 @@ class ItemOutcome:
     error_reason: ErrorReason | None = None
     error_message: str | None = None
     outputs: dict[str, np.ndarray] | None = None  # this item's engine outputs, for ``raw`` items
+    # Set when the item could not be run for a reason that is not its own (out of
+    # memory, an intermittent device error): it is to be retried, nothing recorded.
+    retry_message: str | None = None
 
 
 @dataclass(slots=True)
@@ -134,12 +147,21 @@ def _infer(loaded: LoadedVersion, items: Sequence[BatchItem]) -> dict[str, np.nd
     return outputs
 
 
+#: Blank-image probes before the engine is blamed: one failing probe may be an intermittent fault.
+PROBE_ATTEMPTS = 2
+
+
 class EngineFailure(TransientError):
     """The engine failed on a known-good input: a device or engine fault, not a bad image.
 
-    Transient: the items are retried elsewhere, and the replica reports itself
-    unhealthy so that Serve replaces it.
+    Transient: the items are retried. ``sticky`` is true when the engine reported
+    its device gone (the replica must be replaced); otherwise the fault counts
+    against the version (see :mod:`serve.model.model_server`).
     """
+
+    def __init__(self, message: str, *, sticky: bool = False) -> None:
+        super().__init__(message)
+        self.sticky = sticky
 
 
 def run_batch(
@@ -147,10 +169,9 @@ def run_batch(
 ) -> list[ItemOutcome]:
     """Infer ``items`` (all of ``loaded``'s version) and postprocess each; one outcome per item.
 
-    When the engine raises, each item is retried alone; an item that still fails
-    is blamed only if the engine then succeeds on a known-good input. Otherwise
-    the engine itself is at fault and :class:`EngineFailure` is raised: no
-    input gets an error record for a fault that is not its own.
+    When the engine raises, each item is retried alone and blamed only as the
+    module docstring describes: no input gets an error record for a fault that
+    is not its own.
 
     Raises:
         EngineFailure: the engine fails on a known-good input too.
@@ -160,15 +181,21 @@ def run_batch(
         outputs = _infer(loaded, items)
     except EngineFault as err:
         # The engine says its device is gone (a sticky CUDA error): no input is to blame.
-        raise EngineFailure(f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}") from err
+        raise EngineFailure(
+            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
+        ) from err
     except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
         if len(items) == 1:
-            _probe(loaded, err)
-            logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
-            return [_failed(loaded, items[0], started, f"inference failed for this image: {err}")]
+            return [_isolate(loaded, items[0], err, started, clock)]
         logger.warning("batch of %d failed; retrying items one by one", len(items), exc_info=True)
         return [outcome for item in items for outcome in run_batch(loaded, [item], clock)]
-    inference_ms = (clock() - started) * 1000
+    return _outcomes(loaded, items, outputs, started, (clock() - started) * 1000)
+
+
+def _outcomes(
+    loaded: LoadedVersion, items: Sequence[BatchItem], outputs: dict[str, np.ndarray], started: float,
+    inference_ms: float,
+) -> list[ItemOutcome]:  # fmt: skip
     outcomes = []
     for i, item in enumerate(items):
         try:
@@ -192,17 +219,65 @@ def run_batch(
     return outcomes
 
 
+def _isolate(
+    loaded: LoadedVersion, item: BatchItem, cause: Exception, started: float, clock: Callable[[], float]
+) -> ItemOutcome:
+    """Decide who is to blame for ``item`` failing alone (see the module docstring)."""
+    if is_out_of_memory(cause):
+        logger.warning("out of memory running one item of %s/%s: %s", loaded.model, loaded.version, cause)
+        return _to_retry(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {cause}")
+    _probe(loaded, cause)
+    try:
+        outputs = _infer(loaded, [item])
+    except EngineFault as err:
+        raise EngineFailure(
+            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
+        ) from err
+    except Exception as err:  # noqa: BLE001 - the second failure alone on a healthy engine
+        if is_out_of_memory(err):
+            return _to_retry(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {err}")
+        logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
+        return _failed(loaded, item, started, f"inference failed for this image: {err}")
+    logger.warning(
+        "one item of %s/%s failed once and then passed (%r): an intermittent fault",
+        loaded.model, loaded.version, cause,
+    )  # fmt: skip
+    return _outcomes(loaded, [item], outputs, started, (clock() - started) * 1000)[0]
+
+
 def _probe(loaded: LoadedVersion, cause: BaseException) -> None:
-    """Run a blank image; if the engine fails on that too, the fault is the engine's."""
+    """Run a blank image; if the engine fails on that every time, the fault is the engine's."""
     cfg = loaded.config.input
     blank = np.zeros((cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
-    try:
-        _infer(loaded, [BatchItem(blank, ImageGeometry(cfg.height, cfg.width, cfg.height, cfg.width, 1.0, 1.0), loaded.version)])
-    except Exception as err:  # noqa: BLE001 - any failure here condemns the engine
-        raise EngineFailure(
-            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version} fails on a "
-            f"blank image too ({err!r}; first failure {cause!r})"
-        ) from cause
+    geometry = ImageGeometry(cfg.height, cfg.width, cfg.height, cfg.width, 1.0, 1.0)
+    failures: list[BaseException] = []
+    for _ in range(PROBE_ATTEMPTS):
+        try:
+            _infer(loaded, [BatchItem(blank, geometry, loaded.version)])
+        except EngineFault as err:
+            raise EngineFailure(
+                f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
+            ) from err
+        except Exception as err:  # noqa: BLE001 - counted; only repeated failures blame the engine
+            failures.append(err)
+            continue
+        if failures:
+            logger.warning("blank probe of %s/%s failed once, then passed: %r", loaded.model, loaded.version, failures)
+        return
+    raise EngineFailure(
+        f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version} fails on a "
+        f"blank image too ({failures[-1]!r}, {len(failures)} times; first failure {cause!r})"
+    ) from cause
+
+
+def _to_retry(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:
+    return ItemOutcome(
+        version=loaded.version,
+        backend=loaded.engine.backend_name,
+        queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
+        batch_size=1,
+        retry_message=message,
+    )
 
 
 def _failed(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:

@@ -12,13 +12,14 @@ import numpy as np
 from serve.engines.base import Engine, EngineCompatibility, EngineSpec, HardwareCompatibility
 from serve.engines.build import load_cached_engine
 from serve.engines.cache import EngineCache
+from serve.engines.errors import load_error_is_permanent
 from serve.imaging.cpu_decode import to_model_input
 from serve.model.batch import LoadedVersion
 from serve.model.repository import ModelVersion
 from serve.model.validation import calibration_set, validation_set
 from serve.model_config import Backend
 from serve.postprocess.factory import make_postprocessor
-from shared.errors import ConfigError, TriggerfishError
+from shared.errors import ConfigError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,13 @@ def open_engine(
     """Load through the engine cache on the first backend that works.
 
     A fallback (TensorRT missing, or refused by the accuracy guard) is logged and
-    visible in every result's ``backend``.
+    visible in every result's ``backend``. Only a permanent refusal falls back: a
+    transient failure (out of memory while building, an I/O error) is raised as it
+    is, so that a retry gets the preferred backend rather than a slower one for good.
+
+    Raises:
+        ConfigError: every backend refused the version for good.
+        TransientError: a backend failed for a reason that may pass.
     """
     failures = []
     for backend in backends:
@@ -89,7 +96,13 @@ def open_engine(
                 # One file: the backend detects and replaces a cache from another GPU/TensorRT.
                 timing_cache_path=work_dir / "timing" / "tensorrt.timing-cache",
             )
-        except (TriggerfishError, ImportError) as err:
+        except Exception as err:  # noqa: BLE001 - classified: permanent falls back, transient is raised
+            if not load_error_is_permanent(err):
+                if isinstance(err, TransientError):
+                    raise
+                raise TransientError(
+                    f"backend {backend.value} failed to load {spec.model}/{spec.version}: {err!r}"
+                ) from err
             logger.warning("backend %s unavailable for %s/%s: %s", backend.value, spec.model, spec.version, err)
             failures.append(f"{backend.value}: {err}")
             continue
@@ -104,30 +117,45 @@ def open_engine(
 
 
 def load_version(
-    mv: ModelVersion, cache: EngineCache, work_dir: Path, workers: int = 1
+    mv: ModelVersion, cache: EngineCache, work_dir: Path, workers: int = 1, *, warm: bool = True
 ) -> LoadedVersion:
-    """Load the engine for ``mv`` and run a warm-up batch at every built batch size."""
+    """Load the engine for ``mv`` and run a warm-up batch at every built batch size.
+
+    ``warm=False`` leaves the warm-up to the caller (:func:`warm_up`), which may run
+    it on another thread than the load.
+    """
     postprocess = make_postprocessor(mv.config.postprocess)
     spec = engine_spec(mv, postprocess.output_names, workers)
     started = time.monotonic()
     engine = open_engine(mv, spec, cache, backend_preference(mv.config.backends), work_dir)
     loaded = LoadedVersion(mv.name, mv.version, mv.config, engine, postprocess, mv.labels)
-    warm_up(loaded)
+    if warm:
+        try:
+            warm_up(loaded)
+        except BaseException:
+            engine.close()  # a version that cannot warm up is not kept: release its memory now
+            raise
     logger.info(
         "loaded %s/%s on %s in %.2fs", mv.name, mv.version, engine.backend_name, time.monotonic() - started
     )
     return loaded
 
 
-def warm_up(loaded: LoadedVersion) -> None:
+def warm_up(loaded: LoadedVersion, pause: float = 0.0) -> None:
     """Run each engine batch size once so the first real request pays no lazy init.
 
     Also records the engine's output dtypes and shapes (``loaded.output_specs``).
+    ``pause`` > 0 sleeps that many times each batch's duration after it: a version
+    warmed up next to one that is serving leaves the cores to the served batches
+    for part of the time instead of taking them all in one burst.
     """
     cfg = loaded.config
     for size in cfg.batching.engine_batch_sizes:
         pixels = np.zeros((size, cfg.input.height, cfg.input.width, cfg.input.channels), np.uint8)
+        started = time.monotonic()
         outputs = loaded.engine.infer(to_model_input(pixels, cfg.input, cfg.preprocess))
+        if pause > 0:
+            time.sleep(pause * (time.monotonic() - started))
         missing = [n for n in loaded.postprocess.output_names if n not in outputs]
         if missing:
             raise ConfigError(f"{loaded.model}/{loaded.version} warm-up produced no outputs {missing}")

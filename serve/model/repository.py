@@ -1,13 +1,19 @@
 """The model repository: ``<repo>/<model>/<version>/{model.onnx, config.yaml, labels.txt}``.
 
 The repository is a local folder or a ``gs://bucket/prefix``. A GCS version is
-copied once into a local cache folder (atomically, by renaming a finished
-download) because ONNX Runtime and TensorRT read models from local files.
+copied into a local cache folder because ONNX Runtime and TensorRT read models
+from local files. The copy is named by the *fingerprint* of the version's files
+(object names and generations), downloaded into a folder of its own and renamed
+into place: two replicas on one node racing the same copy each finish their own
+download and the loser uses the winner's, and a version whose files change (a
+half upload completed) gets a fresh copy instead of the stale one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.model_config import ModelConfig, load_model_config
-from shared.errors import ConfigError, ErrorReason, PermanentError
+from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 from shared.results import version_sort_key
 from shared.storage import get_storage_client
 
@@ -72,7 +78,8 @@ class ModelRepository:
 
         Raises:
             PermanentError: ``unknown_model`` / ``unknown_version``.
-            ConfigError: when the version's config is invalid.
+            ConfigError: when the version's config is invalid or a file it names is missing.
+            TransientError: the files could not be read or fetched (I/O, Cloud Storage).
         """
         versions = self.models().get(model)
         if versions is None or (version is not None and version not in versions):
@@ -92,8 +99,37 @@ class ModelRepository:
         with self._lock:
             key = (model, chosen)
             if key not in self._loaded:
-                self._loaded[key] = self._load(model, chosen)
+                try:
+                    self._loaded[key] = self._load(model, chosen)
+                except (ConfigError, PermanentError, TransientError):
+                    raise
+                except Exception as err:  # noqa: BLE001 - I/O and Cloud Storage errors are worth a retry
+                    raise TransientError(f"reading {model}/{chosen} from {self._location} failed: {err!r}") from err
             return self._loaded[key]
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop what was read of ``model/version``: the next :meth:`resolve` reads its files again."""
+        with self._lock:
+            self._loaded.pop((model, version), None)
+
+    def fingerprint(self, model: str, version: str) -> str:
+        """A digest of the version's files (names and generations, or sizes and mtimes).
+
+        It changes whenever a file of the version is added, replaced or removed, so a
+        version refused for its files is looked at again once they change.
+        """
+        try:
+            if self._location.startswith("gs://"):
+                return _digest(sorted((name, str(generation)) for name, generation, _ in self._gcs_files(model, version)))
+            directory = Path(self._location) / model / version
+            entries = sorted(
+                (str(p.relative_to(directory)), f"{p.stat().st_size}:{p.stat().st_mtime_ns}")
+                for p in directory.rglob("*")
+                if p.is_file()
+            )
+        except Exception as err:  # noqa: BLE001 - a listing that fails says nothing about the files
+            raise TransientError(f"listing {model}/{version} in {self._location} failed: {err!r}") from err
+        return _digest(entries)
 
     def _list(self) -> dict[str, list[str]]:
         if self._location.startswith("gs://"):
@@ -128,26 +164,45 @@ class ModelRepository:
         # (each GCS object appears whole, so neither can be half-written).
         return {pair for pair, files in seen.items() if files == {CONFIG_FILE, MODEL_FILE}}
 
+    def _gcs_files(self, model: str, version: str) -> list[tuple[str, int | None, object]]:
+        """``(relative name, generation, blob)`` of every object of one version."""
+        bucket, prefix = self._gcs_root()
+        base = f"{prefix}{model}/{version}/"
+        return [
+            (blob.name[len(base) :], blob.generation, blob)
+            for blob in get_storage_client().list_blobs(bucket, prefix=base)
+            if not blob.name.endswith("/")
+        ]
+
     def _local_dir(self, model: str, version: str) -> Path:
         if not self._location.startswith("gs://"):
             return Path(self._location) / model / version
         bucket, prefix = self._gcs_root()
-        target = self._cache_dir / "models" / bucket / prefix / model / version
+        files = self._gcs_files(model, version)
+        fingerprint = _digest(sorted((name, str(generation)) for name, generation, _ in files))
+        parent = self._cache_dir / "models" / bucket / prefix / model
+        target = parent / f"{version}@{fingerprint[:16]}"
         if (target / CONFIG_FILE).is_file() and (target / MODEL_FILE).is_file():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}-"))
-        base = f"{prefix}{model}/{version}/"
-        count = 0
-        for blob in get_storage_client().list_blobs(bucket, prefix=base):
-            dest = staging / blob.name[len(base) :]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(dest))
-            count += 1
-        logger.info("fetched %d files of %s/%s from gs://%s/%s", count, model, version, bucket, base)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        parent.mkdir(parents=True, exist_ok=True)
+        # A folder of its own per download: another replica on this node may be
+        # downloading the same version right now.
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}-"))
+        try:
+            for name, _, blob in files:
+                dest = staging / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                blob.download_to_filename(str(dest))  # type: ignore[attr-defined]
+            logger.info("fetched %d files of %s/%s from gs://%s/%s", len(files), model, version, bucket, prefix)
+            try:
+                os.rename(staging, target)  # atomic; fails when the target exists
+            except OSError:
+                if not ((target / CONFIG_FILE).is_file() and (target / MODEL_FILE).is_file()):
+                    raise
+                logger.info("%s/%s was fetched by another process meanwhile; using its copy", model, version)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def _load(self, model: str, version: str) -> ModelVersion:
@@ -162,3 +217,7 @@ class ModelRepository:
                 raise ConfigError(f"model {model}/{version} names labels {config.labels!r}, missing")
             labels = tuple(line.rstrip("\n") for line in path.read_text().splitlines())
         return ModelVersion(model, version, config, directory, labels)
+
+
+def _digest(entries: list[tuple[str, str]]) -> str:
+    return hashlib.sha256(repr(entries).encode()).hexdigest()

@@ -14,7 +14,14 @@ from infra.local.client import StackClient
 from shared.gcs import GcsClient
 from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import StoredResult, store_result
-from shared.results import InferenceResult, ModelRef, SourceRef, Status
+from shared.results import (
+    HASHED_NAME_SEGMENT,
+    MAX_OBJECT_NAME_BYTES,
+    InferenceResult,
+    ModelRef,
+    SourceRef,
+    Status,
+)
 from shared.uris import parse_gcs_uri
 from tests.integration.conftest import SAMPLES
 
@@ -94,3 +101,17 @@ def test_an_older_result_never_overwrites_a_newer_one(client: StackClient, monke
     assert third.written and third.uri == first.uri == second.uri
     stored = json.loads(body)
     assert (stored["request_id"], stored["source"]["generation"]) == ("newest", "300")
+
+
+def test_a_source_name_near_the_limit_gets_a_result_name_cloud_storage_accepts(client: StackClient) -> None:
+    """A valid ~1,000-byte source name would give a result name over GCS's 1,024 bytes: hashed instead."""
+    name = f"long-{uuid.uuid4().hex[:6]}/" + "é" * 300 + "a" * 384 + ".jpg"  # 1,000 bytes of UTF-8
+    assert len(name.encode()) == 1000
+    uri, generation = client.upload(SAMPLES / "cat.jpg", name=name)
+
+    result = client.wait_result(str(uri), 60, generation=generation)
+
+    object_name = result["result_uri"].removeprefix(f"gs://{client.state.results_bucket}/")
+    assert len(object_name.encode()) <= MAX_OBJECT_NAME_BYTES
+    assert f"/{HASHED_NAME_SEGMENT}/" in object_name
+    assert result["status"] == "ok" and result["source"]["uri"] == str(uri)  # the full name, in the JSON

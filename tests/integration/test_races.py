@@ -7,6 +7,12 @@ again at the same moment, the older one redelivered after the newer result, and
 errors offered for G2 itself. Every stored result must stay G2's ``ok`` result,
 with G2's labels: the conditional writes in ``shared.result_store`` decide, not
 the order of arrival.
+
+The images bucket has object versioning on for these tests, so G1 stays readable
+after G2 replaced it: an older notification is then read, inferred and offered to
+the result store, whose generation ranking has to keep G2's result. (Without
+versioning a read of G1 is a 404 and the message is dropped before inference, and
+the ranking would never be reached.)
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -109,8 +115,23 @@ def wait_for_newest(client: StackClient, objects: list[Raced], timeout_s: float)
     )
 
 
+def set_versioning(client: StackClient, enabled: bool) -> None:
+    bucket = client.storage.bucket(client.state.images_bucket)
+    bucket.versioning_enabled = enabled
+    bucket.patch()
+    assert client.storage.get_bucket(client.state.images_bucket).versioning_enabled is enabled
+
+
 @pytest.fixture(scope="module")
-def raced(client: StackClient) -> list[Raced]:
+def versioned(client: StackClient) -> Iterator[None]:
+    """Object versioning on the images bucket for this module (G1 readable after G2)."""
+    set_versioning(client, True)
+    yield
+    set_versioning(client, False)
+
+
+@pytest.fixture(scope="module")
+def raced(client: StackClient, versioned: None) -> list[Raced]:
     """Fifty objects, each uploaded as G1 and at once as G2; both notifications handled."""
     prefix = f"race-{uuid.uuid4().hex[:8]}"
     cat, coffee = (SAMPLES / "cat.jpg").read_bytes(), (SAMPLES / "coffee.jpg").read_bytes()
@@ -131,6 +152,28 @@ def raced(client: StackClient) -> list[Raced]:
     # The older notifications are pushed alongside the newer ones; any still in flight lands meanwhile.
     time.sleep(SETTLE_S)
     return objects
+
+
+def test_an_older_generation_is_inferred_and_then_outranked_by_the_store(
+    client: StackClient, raced: list[Raced]
+) -> None:
+    """G1 read after G2's result: Serve computes G1's result and the store keeps G2's."""
+    objects = raced[:10]
+    requests = [
+        {"uri": o.uri, "generation": o.older, "request_id": f"rank-{uuid.uuid4().hex[:8]}", "entry_path": "pubsub"}
+        for o in objects
+    ]
+    response = httpx.post(f"{client.state.serve_url}/v1/infer", json={"requests": requests}, timeout=120)
+
+    assert response.status_code == 200, response.text[:500]
+    answers = response.json()["results"]
+    for o, answer in zip(objects, answers, strict=True):
+        # Inferred on G1's bytes (a cat, not G2's espresso) ...
+        assert answer["status"] == "ok" and answer["source"]["generation"] == o.older, answer
+        assert answer["labels"][0]["label"] != NEWEST_LABEL, answer
+        # ... and ranked below G2's stored result by the conditional writes.
+        assert answer.get("superseded") is True, answer
+    assert_newest_wins(client, objects)
 
 
 def test_back_to_back_uploads_leave_the_newest_generation(
@@ -203,6 +246,7 @@ def test_a_replay_after_the_source_was_deleted_never_replaces_ok(
 ) -> None:
     """G2 replayed once the object is gone: object_missing for G2, which must not replace G2's ok."""
     replayed = raced[:10]
+    set_versioning(client, False)  # a delete now removes G2 for good: its read is a 404
     bucket = client.storage.bucket(client.state.images_bucket)
     for o in replayed:
         bucket.delete_blob(o.name)

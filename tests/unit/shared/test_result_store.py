@@ -16,6 +16,7 @@ import pytest
 from shared.errors import ErrorReason, TransientError
 from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import (
+    ERROR_REASON_METADATA_KEY,
     GENERATION_METADATA_KEY,
     STATUS_METADATA_KEY,
     VERSION_METADATA_KEY,
@@ -26,7 +27,13 @@ from shared.result_store import (
     result_name,
     store_result,
 )
-from shared.results import InferenceResult, ModelRef, SourceRef, Status
+from shared.results import (
+    InferenceResult,
+    ModelRef,
+    SourceRef,
+    Status,
+    superseded_error_object_name,
+)
 from shared.uris import GcsUri
 from tests.fakes.fake_gcs import InMemoryGcs
 
@@ -77,6 +84,8 @@ def _stored_body(gcs: InMemoryGcs, name: str = NAME) -> dict:
 
 def _meta(generation: str | None, version: str | None, status: str) -> dict[str, str]:
     meta = {STATUS_METADATA_KEY: status}
+    if status == "error":
+        meta[ERROR_REASON_METADATA_KEY] = "not_an_image"
     if generation is not None:
         meta[GENERATION_METADATA_KEY] = generation
     if version is not None:
@@ -197,9 +206,34 @@ def test_a_lower_rank_is_dropped_and_reported_superseded(
 
     stored = _store(gcs, offered)
 
-    assert stored == StoredResult(URI, written=False, superseded=True)
-    assert [w.succeeded for w in gcs.writes] == [True, False]
+    assert (stored.uri, stored.written, stored.superseded) == (URI, False, True)
+    assert [w.succeeded for w in gcs.writes[:2]] == [True, False]
     assert gcs.get(BUCKET, NAME).metadata == result_metadata(kept)  # type: ignore[union-attr]
+
+
+def test_an_outranked_error_is_kept_where_its_request_id_finds_it() -> None:
+    gcs = InMemoryGcs()
+    _store(gcs, _ok("5", "1"))
+    # An unknown version: recorded without a version, so the ok result outranks it.
+    offered = _error("5", None)
+
+    stored = _store(gcs, offered)
+
+    record = superseded_error_object_name(offered.request_id, offered.source.uri)
+    assert stored.superseded and stored.error_record_uri == f"gs://{BUCKET}/{record}"
+    assert record.startswith("_superseded/")
+    assert InferenceResult.model_validate_json(gcs.get(BUCKET, record).data) == offered  # type: ignore[union-attr]
+    assert gcs.get(BUCKET, NAME).metadata == result_metadata(_ok("5", "1"))  # type: ignore[union-attr]
+
+
+def test_an_outranked_ok_result_leaves_no_record() -> None:
+    gcs = InMemoryGcs()
+    _store(gcs, _ok("6", "1"))
+
+    stored = _store(gcs, _ok("5", "1"))
+
+    assert stored.superseded and stored.error_record_uri is None
+    assert len(gcs.writes) == 2
 
 
 def test_a_result_without_rank_metadata_is_replaced() -> None:

@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from shared.errors import ErrorReason
 from shared.messages import EntryPath, InferenceRequest
 from shared.results import (
+    HASHED_NAME_SEGMENT,
+    MAX_OBJECT_NAME_BYTES,
     Detection,
     ErrorInfo,
     InferenceResult,
@@ -20,6 +22,7 @@ from shared.results import (
     Timings,
     invalid_source_object_name,
     result_object_name,
+    superseded_error_object_name,
     version_sort_key,
 )
 from shared.uris import GcsUri
@@ -208,3 +211,56 @@ def test_invalid_source_name_is_deterministic_and_distinct_per_uri_and_request()
     assert invalid_source_object_name("m-1", "http://other") != name
     assert invalid_source_object_name("m-2", "http://nope") != name
     assert len({name.split("/")[1], name.split("/")[2]}) == 2
+
+
+# --- names over Cloud Storage's limit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 1000, "dir/" * 250 + "x.jpg", "%" * 400, "é" * 500],
+    ids=["1000-bytes", "many-segments", "percent-escapes", "multi-byte-utf8"],
+)
+def test_a_result_name_over_the_limit_falls_back_to_a_hashed_name(name: str) -> None:
+    source = GcsUri("bucket", name)
+
+    result_name = result_object_name("mobilenet_v2", source)
+
+    assert len(result_name.encode()) <= MAX_OBJECT_NAME_BYTES
+    assert result_name.startswith(f"mobilenet_v2/bucket/{HASHED_NAME_SEGMENT}/")
+    assert result_name == result_object_name("mobilenet_v2", GcsUri("bucket", name))  # deterministic
+    assert result_name != result_object_name("mobilenet_v2", GcsUri("bucket", name + "b"))
+
+
+def test_the_limit_counts_utf8_bytes_not_characters() -> None:
+    # 510 characters, 1020 bytes of UTF-8: within the limit only when counted as characters.
+    two_byte = "é" * 510
+    name = result_object_name("m", GcsUri("b", two_byte))
+
+    assert len(f"m/b/{two_byte}.json") < MAX_OBJECT_NAME_BYTES < len(f"m/b/{two_byte}.json".encode())
+    assert HASHED_NAME_SEGMENT in name
+
+
+def test_a_name_exactly_at_the_limit_is_kept_readable() -> None:
+    prefix = "m/b/"
+    name = "x" * (MAX_OBJECT_NAME_BYTES - len(prefix) - len(".json"))
+
+    assert result_object_name("m", GcsUri("b", name)) == f"{prefix}{name}.json"
+    assert HASHED_NAME_SEGMENT in result_object_name("m", GcsUri("b", name + "x"))
+
+
+def test_no_escaped_source_name_can_collide_with_the_hashed_folder() -> None:
+    # A source literally named like the hashed folder is escaped ('%' -> '%25').
+    digest = "0" * 64
+    source = GcsUri("b", f"{HASHED_NAME_SEGMENT}/{digest}")
+
+    assert result_object_name("m", source) == f"m/b/%25sha256/{digest}.json"
+
+
+def test_superseded_error_name_is_keyed_by_request_id_then_uri() -> None:
+    a = superseded_error_object_name("req-1", "gs://b/x.jpg")
+
+    assert a.startswith("_superseded/") and a.endswith(".json")
+    assert a == superseded_error_object_name("req-1", "gs://b/x.jpg")
+    assert a.split("/")[1] == superseded_error_object_name("req-1", "gs://b/y.jpg").split("/")[1]
+    assert a.split("/")[1] != superseded_error_object_name("req-2", "gs://b/x.jpg").split("/")[1]

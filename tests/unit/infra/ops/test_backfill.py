@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,10 @@ from infra.ops.backfill_run import (
     Journal,
     newest_version,
 )
-from shared.messages import RequestMessage, parse_request_message
-from shared.results import result_object_name
+from shared.errors import ErrorReason
+from shared.messages import EntryPath, InferenceRequest, RequestMessage, parse_request_message
+from shared.result_store import result_metadata
+from shared.results import InferenceResult, result_object_name
 from shared.uris import GcsUri, parse_gcs_uri
 
 
@@ -114,6 +116,30 @@ def test_parse_uri_list_skips_comments_and_reports_bad_lines() -> None:
 )
 def test_answers(rec, source, published_at, expected) -> None:  # noqa: ANN001
     assert answers(rec, source, "1", published_at) is expected
+
+
+@pytest.mark.parametrize("reason", ["unknown_version", "unknown_model"])
+def test_an_error_about_the_fleet_never_answers_an_input(reason: str) -> None:
+    # Same generation and version, written after publishing: only the reason tells it apart.
+    refused = replace(record("r", 100, status="error", updated=2000.0), reason=reason)
+    assert not answers(refused, src("a", 100), "1", 1000.0)
+    assert not answers(replace(refused, generation=None), src("a", 100), "1", 1000.0)
+
+
+def test_an_error_about_the_input_answers_it() -> None:
+    failed = replace(record("r", 100, status="error"), reason="not_an_image")
+    assert answers(failed, src("a", 100), "1", None)
+
+
+def test_a_record_reads_the_error_reason_from_its_metadata() -> None:
+    meta = result_metadata(
+        InferenceResult.failure(
+            InferenceRequest(uri="gs://b/a.jpg", generation="100", request_id="r", entry_path=EntryPath.PUBSUB),
+            ErrorReason.UNKNOWN_VERSION, "no version 9", model="m",
+        )
+    )  # fmt: skip
+    listed = ResultRecord.from_listing("r", meta, 0.0)
+    assert (listed.status, listed.reason, listed.version) == ("error", "unknown_version", None)
 
 
 def test_make_plan_skips_answered_awaits_recent_and_publishes_the_rest() -> None:

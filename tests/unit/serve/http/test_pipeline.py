@@ -22,7 +22,14 @@ from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import GENERATION_METADATA_KEY, result_metadata
-from shared.results import InferenceResult, Label, ModelRef, SourceRef, Status
+from shared.results import (
+    InferenceResult,
+    Label,
+    ModelRef,
+    SourceRef,
+    Status,
+    superseded_error_object_name,
+)
 from tests.fakes.fake_gcs import InMemoryGcs
 
 CAT_BYTES = (Path(__file__).resolve().parents[4] / "infra" / "samples" / "cat.jpg").read_bytes()
@@ -648,3 +655,39 @@ def test_a_request_for_a_version_that_does_not_exist_keeps_the_stored_ok_result(
 
     assert _error(processed) is ErrorReason.UNKNOWN_VERSION
     assert (_stored(gcs).status, _stored(gcs).model.version) == (Status.OK, "1")
+    # The outranked error is kept where its request id finds it, and the answer says where.
+    record = superseded_error_object_name("bogus", CAT)
+    assert processed.superseded and processed.error_record_uri == f"gs://{RESULTS}/{record}"
+    assert processed.to_dict()["error_record_uri"] == processed.error_record_uri
+    assert _stored(gcs, record).error is not None
+
+
+def test_an_unknown_version_from_a_replica_never_outranks_a_stored_ok_result(
+    gcs: InMemoryGcs, executor: ThreadPoolExecutor
+) -> None:
+    _process(executor, gcs, _request(generation=str(GENERATION)))
+    # A replica that refuses the version another replica resolved (split brain).
+    models = FakeModels(answer=lambda item: Rejection(ErrorReason.UNKNOWN_VERSION, "no version '1' here"))
+
+    processed = _process(executor, gcs, _request(generation=str(GENERATION), request_id="m-2"), models)
+
+    assert processed.result is not None and processed.result.model.version is None
+    assert processed.superseded
+    assert (_stored(gcs).status, _stored(gcs).model.version) == (Status.OK, "1")
+
+
+def test_an_out_of_memory_decode_is_transient_not_a_bad_image(
+    gcs: InMemoryGcs, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    def prepare_image(data: bytes, *args: Any) -> Any:
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(pipeline_module, "prepare_image", prepare_image)
+
+    [answer] = _many(executor, gcs, [_request()])
+
+    assert isinstance(answer, TransientError) and "out of memory" in str(answer)
+    assert gcs.names(RESULTS) == []

@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import pytest
 
+from serve.engines.base import EngineFault
 from serve.model.batch import (
+    PROBE_ATTEMPTS,
     BatchItem,
     EngineFailure,
     LoadedVersion,
@@ -141,8 +143,9 @@ def test_a_poisoned_item_fails_alone_and_its_neighbours_get_labels() -> None:
     assert bad.error_message == "inference failed for this image: CUDA error: illegal memory access"
     assert bad.batch_size == 1
     # The whole batch once, then every item alone; the failing one is followed by a
-    # probe with a blank image, which the engine passes: the image is to blame.
-    assert engine.batches == [(3, 3, 4, 4)] + [(1, 3, 4, 4)] * 4
+    # probe with a blank image, which the engine passes, and by a second try of the
+    # item, which fails again: the image is to blame.
+    assert engine.batches == [(3, 3, 4, 4)] + [(1, 3, 4, 4)] * 5
     assert engine.probes == 1
     assert [o.batch_size for o in (good_before, good_after)] == [1, 1]
 
@@ -167,7 +170,8 @@ def test_an_engine_failing_the_blank_probe_too_is_an_engine_failure() -> None:
     assert "fails on a blank image too" in str(info.value)
     assert "tiny/3" in str(info.value) and "fake:cpu" in str(info.value)
     assert isinstance(info.value.__cause__, RuntimeError)
-    assert engine.probes == 1
+    assert engine.probes == PROBE_ATTEMPTS
+    assert not info.value.sticky  # counted against the version, not a dead device
 
 
 def test_a_broken_engine_fails_a_whole_batch_without_blaming_any_item() -> None:
@@ -176,9 +180,9 @@ def test_a_broken_engine_fails_a_whole_batch_without_blaming_any_item() -> None:
     with pytest.raises(EngineFailure):
         run_batch(_loaded(engine), [_item(10), _item(60), _item(130)])
 
-    # The batch, the first item alone and its probe: no further item is tried.
-    assert engine.batches == [(3, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4)]
-    assert engine.probes == 1
+    # The batch, the first item alone and its probes: no further item is tried.
+    assert engine.batches == [(3, 3, 4, 4), (1, 3, 4, 4)] + [(1, 3, 4, 4)] * PROBE_ATTEMPTS
+    assert engine.probes == PROBE_ATTEMPTS
 
 
 def test_an_engine_returning_the_wrong_leading_dimension_is_an_engine_failure() -> None:
@@ -261,3 +265,57 @@ def test_an_engine_fault_fails_the_batch_as_an_engine_failure_without_blaming_it
     with pytest.raises(EngineFailure, match="cudaErrorIllegalAddress"):
         run_batch(_loaded(engine), [_item(10), _item(60)])
     assert len(engine.batches) == 1  # no per-item retries on a dead device
+
+
+class FlakyEngine(FakeEngine):
+    """Fails the calls whose (1-based) numbers are in ``failing``, with ``error``."""
+
+    def __init__(self, failing: set[int], error: Exception) -> None:
+        super().__init__()
+        self._failing, self._error, self.calls = failing, error, 0
+
+    def infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
+        self.calls += 1
+        if self.calls in self._failing:
+            self.batches.append(batch.shape)
+            raise self._error
+        return super().infer(batch)
+
+
+def test_an_intermittent_device_error_does_not_condemn_a_good_image() -> None:
+    # The batch and the item alone fail, the probe passes, the item's second try passes.
+    engine = FlakyEngine({1, 2}, RuntimeError("CUDA error: unspecified launch failure"))
+
+    outcomes = run_batch(_loaded(engine), [_item(10), _item(60)])
+
+    assert [o.error_reason for o in outcomes] == [None, None]
+    assert [_winner(o.labels) for o in outcomes] == [0, 2]
+
+
+def test_a_probe_that_fails_once_does_not_blame_the_engine() -> None:
+    # Item alone fails (1), first probe fails (2), second probe passes, item passes.
+    engine = FlakyEngine({1, 2}, RuntimeError("cudnn status execution failed"))
+
+    [outcome] = run_batch(_loaded(engine), [_item(10)])
+
+    assert outcome.error_reason is None and _winner(outcome.labels) == 0
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 20 MiB")])
+def test_out_of_memory_blames_nobody_the_item_is_retried(error: Exception) -> None:
+    engine = FlakyEngine({1, 2, 3, 4}, error)
+
+    outcomes = run_batch(_loaded(engine), [_item(10), _item(60)])
+
+    assert all(o.error_reason is None and o.retry_message for o in outcomes)
+    assert all("out of memory" in (o.retry_message or "") for o in outcomes)
+    assert engine.probes == 0  # memory pressure says nothing about the engine
+
+
+def test_a_sticky_device_fault_is_a_sticky_engine_failure() -> None:
+    engine = FlakyEngine({1}, EngineFault("device lost"))
+
+    with pytest.raises(EngineFailure) as info:
+        run_batch(_loaded(engine), [_item(10)])
+
+    assert info.value.sticky

@@ -17,7 +17,7 @@ from serve.model.loader import BACKENDS_ENV, backend_preference, engine_spec, op
 from serve.model.repository import ModelVersion
 from serve.model_config import Backend, Precision, parse_model_config
 from serve.postprocess.classification import TopKClassifier
-from shared.errors import ConfigError
+from shared.errors import ConfigError, TransientError
 
 BOTH = (Backend.TENSORRT, Backend.ONNXRUNTIME)
 SPEC = EngineSpec(
@@ -219,14 +219,58 @@ def test_when_every_backend_fails_each_failure_is_listed(
 def test_an_unexpected_error_is_not_mistaken_for_an_unavailable_backend(
     monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, tmp_path: Path
 ) -> None:
+    tried: list[Backend] = []
+
     def load_cached_engine(
         spec: EngineSpec, backend: Backend, cache: object, **kw: object
     ) -> CacheResult:
+        tried.append(backend)
         raise ZeroDivisionError("bug")
 
     monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
 
-    with pytest.raises(ZeroDivisionError):
+    # Not a refusal of the backend: no fallback, and retried later rather than refused for good.
+    with pytest.raises(TransientError) as caught:
+        open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    assert tried == [BOTH[0]]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), OSError(5, "I/O error")],
+    ids=["host-oom", "device-oom", "io"],
+)
+def test_a_transient_load_failure_is_transient_and_does_not_fall_back(
+    monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, tmp_path: Path, failure: BaseException
+) -> None:
+    tried: list[Backend] = []
+
+    def load_cached_engine(spec: EngineSpec, backend: Backend, cache: object, **kw: object) -> CacheResult:
+        tried.append(backend)
+        raise failure
+
+    monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
+
+    with pytest.raises(TransientError):
+        open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
+    assert tried == [BOTH[0]]
+
+
+def test_every_backend_refusing_for_good_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, tmp_path: Path
+) -> None:
+    class InvalidProtobuf(Exception):  # the name ONNX Runtime gives an unparsable model
+        pass
+
+    def load_cached_engine(spec: EngineSpec, backend: Backend, cache: object, **kw: object) -> CacheResult:
+        if backend is BOTH[0]:
+            raise ConfigError("tensorrt is not installed")
+        raise InvalidProtobuf("Protobuf parsing failed")
+
+    monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
+
+    with pytest.raises(ConfigError, match="Protobuf parsing failed"):
         open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
 
 
@@ -260,3 +304,17 @@ def test_warm_up_fails_when_the_engine_lacks_an_output_the_postprocessor_reads()
 
     with pytest.raises(ConfigError, match=r"tiny/2 warm-up produced no outputs \['logits'\]"):
         warm_up(loaded)
+
+
+def test_a_paced_warm_up_sleeps_after_each_batch_in_proportion_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine("fake")
+    loaded = LoadedVersion("tiny", "2", CONFIG, engine, TopKClassifier(CONFIG.postprocess), ())  # type: ignore[arg-type]
+    ticks = iter([10.0, 10.5, 20.0, 21.0, 30.0, 32.0])  # batches of 0.5 s, 1 s and 2 s
+    slept: list[float] = []
+    monkeypatch.setattr(loader.time, "monotonic", lambda: next(ticks))
+    monkeypatch.setattr(loader.time, "sleep", slept.append)
+
+    warm_up(loaded, pause=2.0)
+
+    assert slept == [1.0, 2.0, 4.0]
+    assert len(engine.shapes) == 3

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+import serve.model.repository as repository
 from serve.model.repository import ModelRepository
-from shared.errors import ConfigError, ErrorReason, PermanentError
+from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 
 SHIPPED = Path(__file__).resolve().parents[4] / "infra" / "models" / "mobilenet_v2" / "1"
 
@@ -151,3 +154,87 @@ def test_named_versions_list_before_numbered_ones(root: Path, tmp_path: Path) ->
 
     assert repo.models()["mobilenet_v2"] == ["beta", "1", "2", "9", "10"]
     assert repo.resolve("mobilenet_v2").version == "10"  # a name is never "newest"
+
+
+# --- a repository in Cloud Storage ------------------------------------------------------------
+
+
+class FakeBlob:
+    def __init__(self, store: FakeStorage, name: str, data: bytes, generation: int) -> None:
+        self._store, self.name, self._data, self.generation = store, name, data, generation
+
+    def download_to_filename(self, path: str) -> None:
+        self._store.downloads.append(self.name)
+        if self._store.failing:
+            raise OSError(5, "Input/output error")
+        if self._store.gate is not None:
+            self._store.gate.wait(timeout=10)  # every downloader is mid-download at once
+        Path(path).write_bytes(self._data)
+
+
+class FakeStorage:
+    """``list_blobs`` over a dict of objects, as google-cloud-storage's client answers it."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, int]] = {}
+        self.downloads: list[str] = []
+        self.failing = False
+        self.gate: threading.Barrier | None = None
+
+    def put(self, name: str, data: bytes) -> None:
+        generation = self.objects.get(name, (b"", 0))[1] + 1
+        self.objects[name] = (data, generation)
+
+    def list_blobs(self, bucket: str, prefix: str = "") -> list[FakeBlob]:
+        assert bucket == "models"
+        return [FakeBlob(self, n, d, g) for n, (d, g) in sorted(self.objects.items()) if n.startswith(prefix)]
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> FakeStorage:
+    storage = FakeStorage()
+    for name in ("config.yaml", "labels.txt"):
+        storage.put(f"repo/mobilenet_v2/1/{name}", (SHIPPED / name).read_bytes())
+    storage.put("repo/mobilenet_v2/1/model.onnx", b"not really onnx")
+    monkeypatch.setattr(repository, "get_storage_client", lambda: storage)
+    return storage
+
+
+def test_two_replicas_fetching_one_version_at_once_both_get_a_whole_copy(gcs: FakeStorage, tmp_path: Path) -> None:
+    gcs.gate = threading.Barrier(2)
+    repos = [ModelRepository("gs://models/repo", tmp_path / "cache") for _ in range(2)]
+
+    with ThreadPoolExecutor(2) as pool:
+        resolved = list(pool.map(lambda r: r.resolve("mobilenet_v2", "1"), repos))
+
+    assert resolved[0].directory == resolved[1].directory
+    assert (resolved[0].directory / "model.onnx").read_bytes() == b"not really onnx"
+    assert len(resolved[0].labels) == 1000
+    leftovers = [p.name for p in resolved[0].directory.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # each download folder was renamed into place or removed
+
+
+def test_a_local_copy_is_reused_and_replaced_when_the_files_change(gcs: FakeStorage, tmp_path: Path) -> None:
+    first = ModelRepository("gs://models/repo", tmp_path / "cache").resolve("mobilenet_v2", "1")
+    fetched = len(gcs.downloads)
+    again = ModelRepository("gs://models/repo", tmp_path / "cache").resolve("mobilenet_v2", "1")
+    assert again.directory == first.directory and len(gcs.downloads) == fetched  # reused
+
+    repo = ModelRepository("gs://models/repo", tmp_path / "cache")
+    before = repo.fingerprint("mobilenet_v2", "1")
+    gcs.put("repo/mobilenet_v2/1/labels.txt", b"only\nthree\nlabels")
+    changed = repo.resolve("mobilenet_v2", "1")
+
+    assert repo.fingerprint("mobilenet_v2", "1") != before
+    assert changed.directory != first.directory and changed.labels == ("only", "three", "labels")
+
+
+def test_a_failed_download_is_transient_and_leaves_nothing_behind(gcs: FakeStorage, tmp_path: Path) -> None:
+    gcs.failing = True
+    repo = ModelRepository("gs://models/repo", tmp_path / "cache")
+
+    with pytest.raises(TransientError, match="Input/output error"):
+        repo.resolve("mobilenet_v2", "1")
+
+    folder = tmp_path / "cache" / "models" / "models" / "repo" / "mobilenet_v2"
+    assert list(folder.iterdir()) == []
