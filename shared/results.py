@@ -10,6 +10,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import ErrorReason
+from shared.gcs_limits import MAX_OBJECT_NAME_BYTES
 from shared.messages import EntryPath, InferenceRequest
 from shared.uris import GcsUri
 
@@ -17,8 +18,6 @@ INVALID_SOURCE_PREFIX = "_invalid"
 # Error results that a stored result outranks (an unknown version for an object with an
 # ``ok`` result): kept where the caller finds them by request id.
 SUPERSEDED_ERROR_PREFIX = "_superseded"
-#: Cloud Storage refuses object names longer than this many bytes of UTF-8.
-MAX_OBJECT_NAME_BYTES = 1024
 # The folder of hashed result names. No escaped source name has this segment:
 # :func:`_safe_segment` leaves a ``%`` only before ``25``, ``2E`` or ``00``.
 HASHED_NAME_SEGMENT = "%sha256"
