@@ -39,6 +39,11 @@ class Settings:
             holds at once (``TRIGGERFISH_MAX_INFLIGHT_BYTES``).
         admission_wait_s: How long a call that does not fit waits in line before it is shed
             with 429 (``TRIGGERFISH_ADMISSION_WAIT_S``; 0 sheds at once).
+        decode: Where a model replica decodes images (``TRIGGERFISH_DECODE``): ``auto``
+            decodes whole batches on the replica's GPU when it has one, its engine runs on
+            CUDA and nvImageCodec and CuPy import, and on the CPU otherwise; ``device``
+            requires the GPU path (a version that cannot have it is refused); ``cpu``
+            never uses it.
     """
 
     project: str = "triggerfish-local"
@@ -55,6 +60,11 @@ class Settings:
     max_inflight_inputs: int = 512
     max_inflight_bytes: int = 192 * 1024 * 1024
     admission_wait_s: float = 5.0
+    decode: str = "auto"
+
+
+#: The values ``TRIGGERFISH_DECODE`` takes.
+DECODE_MODES = ("auto", "device", "cpu")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -111,6 +121,16 @@ def _gs_or_path(env: Mapping[str, str], name: str, default: str, allow_empty: bo
     raise ConfigError(f"{name} must be a gs:// prefix or a filesystem path, got {raw!r}")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {'|'.join(choices)}, got {raw!r}")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: ``os.environ``)."""
     env = os.environ if env is None else env
@@ -131,4 +151,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_inflight_inputs=_int(env, p + "MAX_INFLIGHT", d.max_inflight_inputs),
         max_inflight_bytes=_int(env, p + "MAX_INFLIGHT_BYTES", d.max_inflight_bytes),
         admission_wait_s=_float(env, p + "ADMISSION_WAIT_S", d.admission_wait_s, allow_zero=True),
+        decode=_choice(env, p + "DECODE", d.decode, DECODE_MODES),
     )

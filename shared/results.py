@@ -83,12 +83,21 @@ class ErrorInfo(BaseModel):
 
 
 class InferenceResult(BaseModel):
-    """What triggerfish concluded about one input; serialized as the result JSON."""
+    """What triggerfish concluded about one input; serialized as the result JSON.
+
+    ``backend`` is what ran the model (``onnxruntime:CUDAExecutionProvider``,
+    ``tensorrt:fp16:sm90``); ``decode`` who decoded the image (``nvimgcodec:cuda:N``
+    on the model replica's GPU, ``cpu`` otherwise); ``engine_source`` where the engine
+    came from (the engine cache's ``memory``, ``disk``, ``gcs`` or ``shared``, or
+    ``built`` by the replica).
+    """
 
     source: SourceRef
     model: ModelRef
     status: Status
     backend: str | None = None
+    decode: str | None = None
+    engine_source: str | None = None
     labels: list[Label] | None = None
     detections: list[Detection] | None = None
     timings: Timings = Field(default_factory=Timings)

@@ -208,6 +208,11 @@ class OnnxRuntimeEngine:
         return f"onnxruntime:{self._provider}"
 
     @property
+    def device(self) -> int:
+        """The GPU index the CUDA provider runs on (0 on the CPU provider)."""
+        return self._device
+
+    @property
     def healthy(self) -> bool:
         """False once the CUDA provider hit a sticky CUDA error (the replica must go)."""
         return self._fault is None

@@ -107,35 +107,6 @@ def parse_infer_body(body: Any) -> list[InferenceRequest]:
     return public_requests(message, f"http-{uuid.uuid4().hex}")
 
 
-def _decoder() -> tuple[Any, int]:
-    """The image decoder and its thread count.
-
-    ``TRIGGERFISH_DECODE=gpu`` (for an ingress on a GPU node) decodes JPEGs with
-    nvJPEG, one thread per GPU, falling back to the CPU per image and entirely when
-    no GPU decoder is available. Otherwise: Pillow, whose libjpeg decoding releases
-    the GIL, with one thread per CPU this replica has.
-    """
-    mode = os.environ.get("TRIGGERFISH_DECODE", "cpu").strip().lower()
-    if mode not in ("cpu", "gpu"):
-        raise ConfigError(f"TRIGGERFISH_DECODE must be 'cpu' or 'gpu', got {mode!r}")
-    if mode == "gpu":
-        from serve.imaging.gpu_decode import gpu_decode_available, prepare_batch_gpu
-
-        if gpu_decode_available():
-
-            def prepare(data: bytes, spec, pre, max_pixels: int):  # noqa: ANN001,ANN202
-                [outcome] = prepare_batch_gpu([data], spec, pre, max_pixels=max_pixels)
-                if isinstance(outcome, PermanentError):
-                    raise outcome
-                return outcome
-
-            return prepare, 1
-        logger.warning("TRIGGERFISH_DECODE=gpu but no GPU JPEG decoder is available: decoding on the CPU")
-    from serve.imaging.cpu_decode import prepare_image
-
-    return prepare_image, replica_cpus()
-
-
 def declared_length(request: Request) -> int | None:
     """The body's ``Content-Length``, or ``None`` when it declares none (or nonsense)."""
     declared = request.headers.get("content-length", "").strip()

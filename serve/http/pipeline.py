@@ -7,6 +7,11 @@ A call's inputs are fetched concurrently on the event loop (async Cloud Storage)
 decoded in a thread pool sized to the replica's CPUs, sent to each model
 deployment as *one* call carrying all of that model's items, and recorded with
 conditional writes (:mod:`shared.result_store`).
+
+A model version whose replicas decode on their GPU (``VersionInfo.decode`` is not
+``cpu``) gets the fetched bytes instead (:class:`~serve.model.batch.EncodedItem`):
+nothing is decoded here, and the replica decodes whole batches after its queue
+formed them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Protocol
 
 from serve.engines.errors import is_out_of_memory
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
-from serve.model.batch import BatchItem, ItemOutcome
+from serve.model.batch import AnyItem, BatchItem, EncodedItem, ItemOutcome
 from serve.model.model_server import Rejection, Retry, VersionInfo
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError
@@ -40,7 +45,7 @@ class ModelClient(Protocol):
     async def describe(self, model: str, version: str | None) -> VersionInfo: ...
 
     async def infer_many(
-        self, model: str, items: list[BatchItem], deadline: float | None
+        self, model: str, items: list[AnyItem], deadline: float | None
     ) -> list[ItemOutcome | Rejection | Retry]: ...
 
 
@@ -84,17 +89,25 @@ class Processed:
 
 @dataclass(slots=True)
 class _Prepared:
-    """An input fetched and decoded, waiting for its model."""
+    """An input fetched and decoded (or, for a model that decodes on its GPU, only
+    fetched: ``image`` None, ``data`` its bytes), waiting for its model."""
 
     index: int
     request: InferenceRequest
     source: GcsUri | None
     model: str
     info: VersionInfo
-    image: PreparedImage
+    image: PreparedImage | None
     started: float
     fetch_ms: float
-    decode_ms: float
+    decode_ms: float | None
+    data: bytes | None = None
+
+    def item(self) -> AnyItem:
+        if self.image is None:
+            assert self.data is not None
+            return EncodedItem(self.data, self.info.version)
+        return BatchItem(self.image.pixels, self.image.geometry, self.info.version)
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -117,7 +130,7 @@ class InferencePipeline:
         self._models = models
         self._gcs = gcs
         self._decode = decode_executor
-        # prepare_image (CPU) or a GPU decoder with the same contract (serve.imaging.gpu_decode).
+        # prepare_image, or a stand-in with its contract (tests).
         self._prepare_image = prepare or prepare_image
         # Redeliveries and repeated images rewrite a result in one request.
         self._recent = RecentWrites()
@@ -214,6 +227,8 @@ class InferencePipeline:
         self, index: int, request: InferenceRequest, source: GcsUri | None, model: str,
         info: VersionInfo, data: bytes, started: float, fetch_ms: float,
     ) -> _Prepared:  # fmt: skip
+        if info.decode != "cpu":  # the model's replicas decode whole batches on their GPU
+            return _Prepared(index, request, source, model, info, None, started, fetch_ms, None, data)
         t_decode = time.monotonic()
         try:
             image = await asyncio.get_running_loop().run_in_executor(
@@ -241,7 +256,7 @@ class InferencePipeline:
     async def _infer_and_store(
         self, model: str, group: list[_Prepared], deadline: float | None
     ) -> list[tuple[int, Processed | BaseException]]:
-        items = [BatchItem(p.image.pixels, p.image.geometry, p.info.version) for p in group]
+        items = [p.item() for p in group]
         try:
             outcomes = await self._models.infer_many(model, items, deadline)
         except BaseException as err:  # noqa: BLE001 - the whole call failed: every item retries
@@ -286,9 +301,10 @@ class InferencePipeline:
 
 def _result(p: _Prepared, outcome: ItemOutcome) -> InferenceResult:
     request = p.request
+    decode_ms = outcome.decode_ms if outcome.decode_ms is not None else p.decode_ms
     timings = Timings(
         fetch_ms=round(p.fetch_ms, 3),
-        decode_ms=round(p.decode_ms, 3),
+        decode_ms=None if decode_ms is None else round(decode_ms, 3),
         queue_wait_ms=outcome.queue_wait_ms,
         inference_ms=outcome.inference_ms,
         batch_size=outcome.batch_size,
@@ -298,12 +314,19 @@ def _result(p: _Prepared, outcome: ItemOutcome) -> InferenceResult:
         failed = InferenceResult.failure(
             request, outcome.error_reason, outcome.error_message or "", model=p.model, version=outcome.version
         )
-        return failed.model_copy(update={"backend": outcome.backend, "timings": timings})
+        return failed.model_copy(
+            update={
+                "backend": outcome.backend, "decode": outcome.decode, "engine_source": outcome.engine_source,
+                "timings": timings,
+            }
+        )  # fmt: skip
     return InferenceResult(
         source=SourceRef(uri=request.uri, generation=request.generation),
         model=ModelRef(name=p.model, version=outcome.version),
         status=Status.OK,
         backend=outcome.backend,
+        decode=outcome.decode,
+        engine_source=outcome.engine_source,
         labels=outcome.labels,
         detections=outcome.detections,
         timings=timings,

@@ -209,6 +209,11 @@ class DeviceBatchPreparer:
         self._pad = pad if spec.dtype == "uint8" else (pad - mean) * inv_std
 
     @property
+    def max_batch(self) -> int:
+        """The most inputs one :meth:`prepare` call takes."""
+        return self._max_batch
+
+    @property
     def name(self) -> str:
         """What decodes, for results' ``decode`` field."""
         return f"nvimgcodec:cuda:{self.device}"

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,8 @@ class BatchItem:
     ``pixels`` is uint8 HWC at model size, or, when ``preprocessed``, the model's own
     input for one image (the input spec's layout and dtype, no batch dimension).
     ``raw`` asks for the engine's output tensors of this item besides its labels or
-    detections (the Open Inference Protocol returns them).
+    detections (the Open Inference Protocol returns them). ``deadline`` (wall-clock
+    seconds) is this item's caller's own, when calls were merged; the call's otherwise.
     """
 
     pixels: np.ndarray
@@ -52,6 +54,26 @@ class BatchItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     preprocessed: bool = False
     raw: bool = False
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedItem:
+    """One image waiting for the model as its fetched bytes, undecoded.
+
+    Sent to a version whose replica decodes on its GPU (``VersionInfo.decode`` is not
+    ``cpu``): the replica decodes, resizes and normalizes whole batches after its queue
+    formed them (:mod:`serve.model.encoded_batch`). ``deadline`` as in :class:`BatchItem`.
+    """
+
+    data: bytes
+    version: str
+    enqueued_at: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+
+
+#: Either kind of item a model replica takes.
+AnyItem = BatchItem | EncodedItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +93,12 @@ class ItemOutcome:
     # Set when the item could not be run for a reason that is not its own (out of
     # memory, an intermittent device error): it is to be retried, nothing recorded.
     retry_message: str | None = None
+    # Who decoded the image: ``nvimgcodec:cuda:N`` on the replica's GPU, ``cpu`` otherwise.
+    decode: str = "cpu"
+    # Milliseconds the replica spent decoding this item's batch (device decode only).
+    decode_ms: float | None = None
+    # Where the engine came from: the engine cache's ``memory``/``disk``/``gcs``/``shared``, or ``built``.
+    engine_source: str | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +113,17 @@ class LoadedVersion:
     labels: Sequence[str]
     # Engine output name -> (dtype, shape without the batch dimension), seen at warm-up.
     output_specs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    # The GPU batch preparer when this replica decodes on the device (serve.model.device_decode).
+    preparer: Any = None
+    # Where the engine came from (the engine cache's report level), ``unknown`` when not told.
+    engine_source: str = "unknown"
+    # Why a preferred backend was refused (an accuracy-guard verdict), when this one is a fallback.
+    fallback_reason: str | None = None
+
+    @property
+    def decode(self) -> str:
+        """``nvimgcodec:cuda:N`` when batches of bytes are decoded on the GPU, else ``cpu``."""
+        return self.preparer.name if self.preparer is not None else "cpu"
 
 
 def model_input_shape(spec: InputSpec) -> tuple[int, ...]:
@@ -202,12 +241,13 @@ def _outcomes(
             labels, detections = _postprocess_one(loaded, outputs, i, item.geometry)
         except Exception as err:  # noqa: BLE001 - a postprocess bug must not fail neighbours
             logger.exception("postprocessing failed for %s/%s", loaded.model, loaded.version)
-            outcomes.append(_failed(loaded, item, started, f"postprocessing failed: {err}"))
+            outcomes.append(failed_outcome(loaded, item, started, f"postprocessing failed: {err}"))
             continue
         outcomes.append(
             ItemOutcome(
                 version=loaded.version,
                 backend=loaded.engine.backend_name,
+                engine_source=loaded.engine_source,
                 labels=labels,
                 detections=detections,
                 queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
@@ -225,8 +265,8 @@ def _isolate(
     """Decide who is to blame for ``item`` failing alone (see the module docstring)."""
     if is_out_of_memory(cause):
         logger.warning("out of memory running one item of %s/%s: %s", loaded.model, loaded.version, cause)
-        return _to_retry(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {cause}")
-    _probe(loaded, cause)
+        return retry_outcome(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {cause}")
+    probe_engine(loaded, cause)
     try:
         outputs = _infer(loaded, [item])
     except EngineFault as err:
@@ -235,9 +275,9 @@ def _isolate(
         ) from err
     except Exception as err:  # noqa: BLE001 - the second failure alone on a healthy engine
         if is_out_of_memory(err):
-            return _to_retry(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {err}")
+            return retry_outcome(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {err}")
         logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
-        return _failed(loaded, item, started, f"inference failed for this image: {err}")
+        return failed_outcome(loaded, item, started, f"inference failed for this image: {err}")
     logger.warning(
         "one item of %s/%s failed once and then passed (%r): an intermittent fault",
         loaded.model, loaded.version, cause,
@@ -245,7 +285,7 @@ def _isolate(
     return _outcomes(loaded, [item], outputs, started, (clock() - started) * 1000)[0]
 
 
-def _probe(loaded: LoadedVersion, cause: BaseException) -> None:
+def probe_engine(loaded: LoadedVersion, cause: BaseException) -> None:
     """Run a blank image; if the engine fails on that every time, the fault is the engine's."""
     cfg = loaded.config.input
     blank = np.zeros((cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
@@ -270,20 +310,22 @@ def _probe(loaded: LoadedVersion, cause: BaseException) -> None:
     ) from cause
 
 
-def _to_retry(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:
+def retry_outcome(loaded: LoadedVersion, item: AnyItem, started: float, message: str) -> ItemOutcome:
     return ItemOutcome(
         version=loaded.version,
         backend=loaded.engine.backend_name,
+        engine_source=loaded.engine_source,
         queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
         batch_size=1,
         retry_message=message,
     )
 
 
-def _failed(loaded: LoadedVersion, item: BatchItem, started: float, message: str) -> ItemOutcome:
+def failed_outcome(loaded: LoadedVersion, item: AnyItem, started: float, message: str) -> ItemOutcome:
     return ItemOutcome(
         version=loaded.version,
         backend=loaded.engine.backend_name,
+        engine_source=loaded.engine_source,
         queue_wait_ms=round((started - item.enqueued_at) * 1000, 3),
         batch_size=1,
         error_reason=ErrorReason.INFERENCE_FAILED,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from serve.engines.accuracy_guard import AccuracyGuardError
 from serve.engines.base import Engine, EngineCompatibility, EngineSpec, HardwareCompatibility
 from serve.engines.build import load_cached_engine
 from serve.engines.cache import EngineCache
@@ -24,6 +26,23 @@ from shared.errors import ConfigError, TransientError
 logger = logging.getLogger(__name__)
 
 BACKENDS_ENV = "TRIGGERFISH_BACKENDS"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedEngine:
+    """An engine and where it came from.
+
+    Attributes:
+        engine: The loaded engine.
+        source: The engine cache's report level: ``memory``, ``disk``, ``gcs``, ``shared``
+            (found in the cache at those levels) or ``built`` (built here).
+        fallback_reason: Why the preferred backend(s) were refused (an accuracy-guard
+            verdict's reason, a missing backend); None when the first backend loaded.
+    """
+
+    engine: Engine
+    source: str
+    fallback_reason: str | None = None
 
 
 def backend_preference(allowed: tuple[Backend, ...], env: str | None = None) -> list[Backend]:
@@ -71,11 +90,11 @@ def engine_spec(mv: ModelVersion, output_names: tuple[str, ...], workers: int = 
 
 def open_engine(
     mv: ModelVersion, spec: EngineSpec, cache: EngineCache, backends: list[Backend], work_dir: Path
-) -> Engine:
+) -> OpenedEngine:
     """Load through the engine cache on the first backend that works.
 
-    A fallback (TensorRT missing, or refused by the accuracy guard) is logged and
-    visible in every result's ``backend``. Only a permanent refusal falls back: a
+    A fallback (TensorRT missing, or refused by the accuracy guard) is logged,
+    visible in every result's ``backend``, and its cause kept in ``fallback_reason``. Only a permanent refusal falls back: a
     transient failure (out of memory while building, an I/O error) is raised as it
     is, so that a retry gets the preferred backend rather than a slower one for good.
 
@@ -104,7 +123,11 @@ def open_engine(
                     f"backend {backend.value} failed to load {spec.model}/{spec.version}: {err!r}"
                 ) from err
             logger.warning("backend %s unavailable for %s/%s: %s", backend.value, spec.model, spec.version, err)
-            failures.append(f"{backend.value}: {err}")
+            verdict = err.verdict if isinstance(err, AccuracyGuardError) else None
+            if verdict is not None and verdict.reason:
+                failures.append(f"{backend.value}: accuracy guard: {verdict.reason}")
+            else:
+                failures.append(f"{backend.value}: {err}")
             continue
         report = result.report
         logger.info(
@@ -112,23 +135,45 @@ def open_engine(
             spec.model, spec.version, report.level, report.lookup_seconds,
             report.build_seconds or 0.0, report.load_seconds,
         )  # fmt: skip
-        return result.value
+        return OpenedEngine(result.value, report.level, "; ".join(failures) or None)
     raise ConfigError(f"no backend could load {spec.model}/{spec.version}: {'; '.join(failures)}")
 
 
 def load_version(
-    mv: ModelVersion, cache: EngineCache, work_dir: Path, workers: int = 1, *, warm: bool = True
+    mv: ModelVersion,
+    cache: EngineCache,
+    work_dir: Path,
+    workers: int = 1,
+    *,
+    warm: bool = True,
+    decode: str = "cpu",
+    max_pixels: int = 60_000_000,
 ) -> LoadedVersion:
     """Load the engine for ``mv`` and run a warm-up batch at every built batch size.
 
     ``warm=False`` leaves the warm-up to the caller (:func:`warm_up`), which may run
-    it on another thread than the load.
+    it on another thread than the load. ``decode`` (``auto``/``device``/``cpu``, the
+    ``TRIGGERFISH_DECODE`` setting) decides whether the version decodes batches of bytes
+    on the GPU (:func:`serve.model.device_decode.attach_device_decode`).
     """
     postprocess = make_postprocessor(mv.config.postprocess)
     spec = engine_spec(mv, postprocess.output_names, workers)
     started = time.monotonic()
-    engine = open_engine(mv, spec, cache, backend_preference(mv.config.backends), work_dir)
-    loaded = LoadedVersion(mv.name, mv.version, mv.config, engine, postprocess, mv.labels)
+    opened = open_engine(mv, spec, cache, backend_preference(mv.config.backends), work_dir)
+    engine = opened.engine
+    loaded = LoadedVersion(
+        mv.name, mv.version, mv.config, engine, postprocess, mv.labels,
+        engine_source=opened.source, fallback_reason=opened.fallback_reason,
+    )  # fmt: skip
+    if decode != "cpu":
+        # Imported here: the device modules are looked for only when asked to.
+        from serve.model.device_decode import attach_device_decode
+
+        try:
+            attach_device_decode(loaded, decode, max_pixels)
+        except BaseException:
+            engine.close()
+            raise
     if warm:
         try:
             warm_up(loaded)
@@ -136,8 +181,9 @@ def load_version(
             engine.close()  # a version that cannot warm up is not kept: release its memory now
             raise
     logger.info(
-        "loaded %s/%s on %s in %.2fs", mv.name, mv.version, engine.backend_name, time.monotonic() - started
-    )
+        "loaded %s/%s on %s (engine from %s, decode %s) in %.2fs", mv.name, mv.version, engine.backend_name,
+        opened.source, loaded.decode, time.monotonic() - started,
+    )  # fmt: skip
     return loaded
 
 

@@ -48,9 +48,12 @@ from typing import Any
 from serve import metrics
 from serve.engines.base import engine_healthy
 from serve.engines.cache import EngineCache
-from serve.engines.errors import load_error_is_permanent
+from serve.engines.errors import is_out_of_memory, load_error_is_permanent
+from serve.imaging.cpu_decode import prepare_image
 from serve.model.batch import (
+    AnyItem,
     BatchItem,
+    EncodedItem,
     EngineFailure,
     ItemOutcome,
     LoadedVersion,
@@ -59,6 +62,7 @@ from serve.model.batch import (
 )
 from serve.model.batcher import BatchQueue, DeadlineExceeded, Overloaded
 from serve.model.chaos import maybe_fail_load
+from serve.model.encoded_batch import run_encoded_batch
 from serve.model.loader import load_version, warm_up
 from serve.model.repository import ModelRepository
 from serve.model.signature import ModelSignature, signature_of
@@ -84,12 +88,17 @@ WARM_UP_PAUSE = 1.0
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class VersionInfo:
-    """What the ingress needs to preprocess for a version."""
+    """What the ingress needs to preprocess for a version.
+
+    ``decode`` is not ``cpu`` (it is ``nvimgcodec:cuda:N``) when this version's replicas
+    decode on their GPU: the ingress then sends the fetched bytes (:class:`EncodedItem`).
+    """
 
     model: str
     version: str
     input: InputSpec
     preprocess: PreprocessSpec
+    decode: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,7 +129,7 @@ class Retry:
 class _Queued:
     """An item in the batch queue, holding the version it was validated against."""
 
-    item: BatchItem
+    item: AnyItem
     loaded: LoadedVersion
 
 
@@ -171,6 +180,40 @@ def newer(version: str, than: str | None) -> bool:
     return than is None or version_sort_key(version) > version_sort_key(than)
 
 
+def decode_on_cpu(item: EncodedItem, config: ModelConfig, max_pixels: int) -> BatchItem:
+    """``item``'s bytes decoded here, for a version that does not decode on the GPU.
+
+    Raises:
+        PermanentError: the bytes are not an image this service reads, or too large.
+        TransientError: out of memory decoding.
+    """
+    try:
+        image = prepare_image(item.data, config.input, config.preprocess, max_pixels)
+    except (PermanentError, TransientError):
+        raise
+    except Exception as err:  # noqa: BLE001 - pinned on this one input's bytes, as at the ingress
+        if is_out_of_memory(err):
+            raise TransientError(f"out of memory decoding an image: {err!r}"[:500]) from err
+        raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err!r}"[:500]) from err
+    return BatchItem(image.pixels, image.geometry, item.version, item.enqueued_at, deadline=item.deadline)
+
+
+def _run_group(loaded: LoadedVersion, items: list[AnyItem]) -> list[ItemOutcome]:
+    """One version's share of a batch: decoded images through :func:`run_batch`, encoded
+    ones through :func:`run_encoded_batch`; outcomes in the items' order."""
+    encoded = [i for i, item in enumerate(items) if isinstance(item, EncodedItem)]
+    if not encoded:
+        return run_batch(loaded, items)  # type: ignore[arg-type]
+    if len(encoded) == len(items):
+        return run_encoded_batch(loaded, items)  # type: ignore[arg-type]
+    decoded = [i for i, item in enumerate(items) if not isinstance(item, EncodedItem)]
+    outcomes: list[ItemOutcome | None] = [None] * len(items)
+    for indices, run in ((decoded, run_batch), (encoded, run_encoded_batch)):
+        for i, outcome in zip(indices, run(loaded, [items[i] for i in indices]), strict=True):  # type: ignore[operator]
+            outcomes[i] = outcome
+    return [o for o in outcomes if o is not None]
+
+
 class ModelServer:
     """Serves every version of one model."""
 
@@ -182,6 +225,8 @@ class ModelServer:
         self._model = model
         self._clock = clock
         self._work_dir = Path(settings.engine_cache_dir)
+        self._decode_mode = settings.decode
+        self._max_pixels = settings.max_image_pixels
         self._repo = ModelRepository(settings.model_repository, self._work_dir)
         self._cache = EngineCache.from_settings(settings.engine_cache_dir, settings.engine_cache_uri)
         self._versions: OrderedDict[str, LoadedVersion] = OrderedDict()
@@ -233,7 +278,9 @@ class ModelServer:
         maybe_fail_load(self._model, version)
         mv = self._repo.resolve(self._model, version)
         self._check_servable(version, mv.config)
-        return load_version(mv, self._cache, self._work_dir, warm=warm)
+        return load_version(
+            mv, self._cache, self._work_dir, warm=warm, decode=self._decode_mode, max_pixels=self._max_pixels
+        )
 
     def _check_servable(self, version: str, config: ModelConfig) -> None:
         """Refuse, before anything is built, a version this replica's queue cannot batch."""
@@ -515,7 +562,7 @@ class ModelServer:
         except TransientError as err:
             return Retry(str(err))
         cfg = loaded.config
-        return VersionInfo(self._model, loaded.version, cfg.input, cfg.preprocess)
+        return VersionInfo(self._model, loaded.version, cfg.input, cfg.preprocess, loaded.decode)
 
     async def signature(self, version: str | None = None) -> ModelSignature | Rejection | Retry:
         """Tensors, labels and backend of ``version`` (default: the current default), for metadata."""
@@ -529,20 +576,25 @@ class ModelServer:
         return signature_of(loaded, versions, ready=self._fault is None)
 
     async def infer_many(
-        self, items: list[BatchItem], deadline: float | None = None
+        self, items: list[AnyItem], deadline: float | None = None
     ) -> list[ItemOutcome | Rejection | Retry]:
         """Run every item of one request; one answer per item, in order.
 
         A bad item is rejected before it joins a batch, so it never fails its neighbours.
+        An item's own ``deadline`` (its caller's, in a merged call) replaces the call's.
         """
-        return list(await asyncio.gather(*(self._infer_one(item, deadline) for item in items)))
+        return list(await asyncio.gather(*(self._infer_one(item, item.deadline or deadline) for item in items)))
 
-    async def _infer_one(self, item: BatchItem, deadline: float | None) -> ItemOutcome | Rejection | Retry:
+    async def _infer_one(self, item: AnyItem, deadline: float | None) -> ItemOutcome | Rejection | Retry:
         if self._fault is not None:
             return Retry(f"model replica unhealthy: {self._fault}")
         try:
             loaded = await self._get(item.version, for_item=True)
-            validate_item(item, loaded.config)
+            if isinstance(item, EncodedItem) and loaded.preparer is None:
+                # Sent by an ingress that saw another replica (or version) decode on its GPU.
+                item = await asyncio.to_thread(decode_on_cpu, item, loaded.config, self._max_pixels)
+            if isinstance(item, BatchItem):
+                validate_item(item, loaded.config)
         except PermanentError as err:
             return Rejection(err.reason, err.message)
         except TransientError as err:
@@ -577,7 +629,7 @@ class ModelServer:
             loaded = batch[indices[0]].loaded
             # Inference blocks (ONNX Runtime / TensorRT sync); keep it off the event loop.
             try:
-                results = await asyncio.to_thread(run_batch, loaded, [batch[i].item for i in indices])
+                results = await asyncio.to_thread(_run_group, loaded, [batch[i].item for i in indices])
             except EngineFailure as err:
                 if err.sticky:
                     self._fault = str(err)
@@ -600,6 +652,9 @@ class ModelServer:
             "retrying_versions": {v: b.cause for v, b in self._backoff.items()},
             "transient_load_failures": dict(self._load_failures),
             "backends": {v: lv.engine.backend_name for v, lv in self._versions.items()},
+            "engine_sources": {v: lv.engine_source for v, lv in self._versions.items()},
+            "fallback_reasons": {v: lv.fallback_reason for v, lv in self._versions.items() if lv.fallback_reason},
+            "decode": {v: lv.decode for v, lv in self._versions.items()},
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
             "queue_depth": self._queue.depth,
             "healthy": self._fault is None,

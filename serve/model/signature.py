@@ -32,6 +32,9 @@ class ModelSignature:
         outputs: The engine's output tensors, as seen when the version was warmed up.
         score_output: The output a classifier's labels are computed from, else ``None``.
         ready: The replica is healthy.
+        engine_source: Where the engine came from (``memory``/``disk``/``gcs``/``shared``/``built``).
+        fallback_reason: Why the preferred backend was refused, when ``backend`` is a fallback.
+        decode: ``nvimgcodec:cuda:N`` when the replica decodes images on its GPU, else ``cpu``.
     """
 
     model: str
@@ -46,6 +49,9 @@ class ModelSignature:
     score_output: str | None
     max_batch_size: int
     ready: bool = True
+    engine_source: str = "unknown"
+    fallback_reason: str | None = None
+    decode: str = "cpu"
 
 
 def signature_of(
@@ -69,4 +75,7 @@ def signature_of(
         score_output=post.output if isinstance(post, ClassificationPost) else None,
         max_batch_size=cfg.batching.max_batch_size,
         ready=ready,
+        engine_source=loaded.engine_source,
+        fallback_reason=loaded.fallback_reason,
+        decode=loaded.decode,
     )

@@ -597,22 +597,6 @@ def test_a_starting_model_is_a_503_with_its_retry_after() -> None:
     assert body["results"][0]["status"] == "retry"
 
 
-def test_the_decoder_is_pillow_unless_a_gpu_decoder_is_asked_for_and_present(monkeypatch) -> None:  # noqa: ANN001
-    from serve.http.ingress import _decoder
-    from serve.imaging.cpu_decode import prepare_image
-    from shared.errors import ConfigError
-
-    monkeypatch.setenv("TRIGGERFISH_DECODE", "cpu")
-    monkeypatch.setenv("TRIGGERFISH_DECODE_THREADS", "3")
-    assert _decoder() == (prepare_image, 3)
-    monkeypatch.setenv("TRIGGERFISH_DECODE", "gpu")  # no CUDA here: falls back to the CPU
-    monkeypatch.setattr("serve.imaging.gpu_decode.gpu_decode_available", lambda: False)
-    assert _decoder() == (prepare_image, 3)
-    monkeypatch.setenv("TRIGGERFISH_DECODE", "tpu")
-    with pytest.raises(ConfigError, match="TRIGGERFISH_DECODE"):
-        _decoder()
-
-
 def test_an_ingress_that_requires_auth_without_an_audience_refuses_to_start(monkeypatch) -> None:  # noqa: ANN001
     from shared.errors import ConfigError
 

@@ -134,7 +134,7 @@ def test_the_first_backend_that_loads_wins(
 
     monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
 
-    engine = open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
+    engine = open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path).engine  # type: ignore[arg-type]
 
     assert engine.backend_name == "tensorrt:fake"
     [(backend, cache, kw)] = calls
@@ -161,7 +161,7 @@ def test_a_reduced_precision_tensorrt_engine_gets_the_validation_set(
     monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
     fp16 = replace(SPEC, precision=Precision.FP16)
 
-    engine = open_engine(mv, fp16, CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
+    engine = open_engine(mv, fp16, CACHE, list(BOTH), tmp_path).engine  # type: ignore[arg-type]
 
     assert engine.backend_name == "onnxruntime:CPUExecutionProvider"
     assert seen == {Backend.TENSORRT: validation, Backend.ONNXRUNTIME: None}
@@ -189,7 +189,7 @@ def test_a_failing_backend_falls_back_to_the_next(
 
     monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
 
-    engine = open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
+    engine = open_engine(mv, SPEC, CACHE, list(BOTH), tmp_path).engine  # type: ignore[arg-type]
 
     assert engine.backend_name == "onnxruntime:CPUExecutionProvider"
     assert tried == [Backend.TENSORRT, Backend.ONNXRUNTIME]

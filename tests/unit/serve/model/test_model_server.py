@@ -101,7 +101,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every engine load, by version; the engines are :class:`FakeEngine`."""
     seen: list[str] = []
 
-    def load_version(mv: ModelVersion, cache: object, work_dir: Path, workers: int = 1, *, warm: bool = True):
+    def load_version(mv: ModelVersion, cache: object, work_dir: Path, workers: int = 1, *, warm: bool = True, **_: object):
         seen.append(mv.version)
         engine = FakeEngine(mv.version)
         return LoadedVersion(mv.name, mv.version, mv.config, engine, make_postprocessor(mv.config.postprocess), mv.labels)
