@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.http.deadline import HANDLE_GRACE_S
 from serve.http.pipeline import unwrap
-from serve.model.batch import BatchItem, ItemOutcome
+from serve.model.batch import AnyItem, EncodedItem, ItemOutcome
 from serve.model.coalescer import CallCoalescer
 from serve.model.model_server import Rejection, Retry, VersionInfo
 from shared.errors import TransientError
@@ -109,8 +110,14 @@ class SingleFlight(Generic[K, V]):
             done.exception()  # retrieved: a failed background look-up is not an unhandled error
 
 
-def _item_bytes(item: BatchItem) -> int:
-    return int(item.pixels.nbytes) + ITEM_OVERHEAD_BYTES
+def _item_bytes(item: AnyItem) -> int:
+    size = len(item.data) if isinstance(item, EncodedItem) else item.pixels.nbytes
+    return int(size) + ITEM_OVERHEAD_BYTES
+
+
+def _with_deadline(item: AnyItem, deadline: float) -> AnyItem:
+    """``item`` carrying its caller's deadline, so that the model drops it at that one."""
+    return dataclasses.replace(item, deadline=deadline)
 
 
 class HandleModelClient:
@@ -125,7 +132,7 @@ class HandleModelClient:
         self._handles = handles
         self._described: dict[tuple[str, str], VersionInfo] = {}
         self._defaults: dict[str, tuple[float, VersionInfo]] = {}
-        self._coalescers: dict[str, CallCoalescer[BatchItem, ItemOutcome | Rejection | Retry]] = {}
+        self._coalescers: dict[str, CallCoalescer[AnyItem, ItemOutcome | Rejection | Retry]] = {}
         self._lookups: SingleFlight[tuple[str, str, str | None], Any] = SingleFlight()
         self._clock = clock
 
@@ -159,7 +166,7 @@ class HandleModelClient:
         return answer
 
     async def infer_many(
-        self, model: str, items: list[BatchItem], deadline: float | None
+        self, model: str, items: list[AnyItem], deadline: float | None
     ) -> list[ItemOutcome | Rejection | Retry]:
         if model not in self._coalescers:
             self._coalescers[model] = CallCoalescer(
@@ -169,11 +176,12 @@ class HandleModelClient:
                 max_bytes=MAX_CALL_BYTES,
                 size_of=_item_bytes,
                 on_error=_retry_for,
+                stamp=_with_deadline,
             )
         return await self._coalescers[model].call(items, deadline)
 
     async def _send(
-        self, model: str, items: list[BatchItem], deadline: float | None
+        self, model: str, items: list[AnyItem], deadline: float | None
     ) -> list[ItemOutcome | Rejection | Retry]:
         # The model drops queued items at the deadline; its answer may take a moment more.
         timeout = HANDLE_TIMEOUT_S if deadline is None else max(0.1, deadline - time.time() + HANDLE_GRACE_S)

@@ -15,7 +15,9 @@ Items are answered one by one: a part that fails answers only its own items (wit
 
 Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
 that were not sent yet are dropped; a part carries the latest deadline of the callers
-still in it, so one caller's short deadline never cuts the others' work short.
+still in it, so one caller's short deadline never cuts the others' work short. With
+``stamp``, each item also carries its own caller's deadline, so the model drops each
+caller's expired items individually instead of at the part's latest deadline.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class CallCoalescer(Generic[T, R]):
         on_error: The answer that stands for an item of a failed call; without it,
             the failure is raised to the item's caller.
         clock: Wall-clock seconds, the deadlines' clock.
+        stamp: ``stamp(item, deadline)``: the item carrying its caller's deadline (for a
+            caller that has one), applied as the call joins the queue.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class CallCoalescer(Generic[T, R]):
         size_of: Callable[[T], int] | None = None,
         on_error: Callable[[Exception], R] | None = None,
         clock: Callable[[], float] = time.time,
+        stamp: Callable[[T, float], T] | None = None,
     ) -> None:
         if max_in_flight < 1 or max_items < 1 or (max_bytes is not None and max_bytes < 1):
             raise ValueError(
@@ -98,6 +103,7 @@ class CallCoalescer(Generic[T, R]):
         self._size_of = size_of or (lambda _item: 1)
         self._on_error = on_error
         self._clock = clock
+        self._stamp = stamp
         self._queue: deque[tuple[_Waiting[T, R], int]] = deque()
         self._in_flight = 0
 
@@ -111,6 +117,8 @@ class CallCoalescer(Generic[T, R]):
             return []
         if deadline is not None and deadline <= self._clock():
             raise CallerDeadlinePassed(f"deadline passed before {len(items)} item(s) were sent")
+        if deadline is not None and self._stamp is not None:
+            items = [self._stamp(item, deadline) for item in items]
         waiting: _Waiting[T, R] = _Waiting(list(items), deadline)
         self._queue.extend((waiting, i) for i in range(len(items)))
         self._pump()

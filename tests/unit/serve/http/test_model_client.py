@@ -133,7 +133,11 @@ def test_infer_many_passes_the_deadline_and_stops_waiting_when_it_passes() -> No
     answers = asyncio.run(HandleModelClient({"m": fast}).infer_many("m", items, deadline))  # type: ignore[dict-item]
 
     assert answers == ["done", "done"]
-    assert fast.infer_many.calls == [(items, deadline)]
+    [(sent, sent_deadline)] = fast.infer_many.calls
+    assert sent_deadline == deadline
+    # Each item carries its caller's deadline, so a merged call drops expired items one by one.
+    assert [item.deadline for item in sent] == [deadline, deadline]
+    assert [item.pixels is original.pixels for item, original in zip(sent, items, strict=True)] == [True, True]
     with pytest.raises(CallerDeadlinePassed):  # the caller's deadline, not the model's 5 s
         asyncio.run(HandleModelClient({"m": slow}).infer_many("m", _items(1, 8), time.time() + 0.05))  # type: ignore[dict-item]
 

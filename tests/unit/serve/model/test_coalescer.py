@@ -188,3 +188,29 @@ def test_bad_limits_are_refused() -> None:
         CallCoalescer(Recorder().send, max_in_flight=0)
     with pytest.raises(ValueError, match="max_bytes"):
         CallCoalescer(Recorder().send, max_bytes=0)
+
+
+def test_stamp_gives_each_item_its_own_callers_deadline_in_a_merged_call() -> None:
+    async def run() -> None:
+        seen: list[tuple[list[tuple[int, float]], float | None]] = []
+        release = asyncio.Event()
+
+        async def send(items: list[tuple[int, float]], deadline: float | None) -> list[int]:
+            seen.append((list(items), deadline))
+            await release.wait()
+            return [n for n, _ in items]
+
+        coalescer: CallCoalescer[tuple[int, float], int] = CallCoalescer(
+            send, max_in_flight=1, clock=Clock(), stamp=lambda item, deadline: (item[0], deadline)
+        )
+        first = asyncio.ensure_future(coalescer.call([(1, 0.0)], 1.0))
+        await asyncio.sleep(0)
+        short = asyncio.ensure_future(coalescer.call([(2, 0.0)], 2.0))
+        long = asyncio.ensure_future(coalescer.call([(3, 0.0), (4, 0.0)], 9.0))
+        await asyncio.sleep(0)
+        release.set()
+        assert (await first, await short, await long) == ([1], [2], [3, 4])
+        # The merged call carries the latest deadline; each item carries its caller's own.
+        assert seen[1] == ([(2, 2.0), (3, 9.0), (4, 9.0)], 9.0)
+
+    asyncio.run(run())

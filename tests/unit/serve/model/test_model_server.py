@@ -7,9 +7,11 @@ a fake (``load_version`` is replaced), so each case runs in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -465,3 +467,17 @@ def test_the_loader_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own
     # setpriority sets an absolute niceness; a process already nicer than that stays as nice.
     assert seen["loader"] == max(LOADER_NICE, before)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_each_item_is_dropped_at_its_own_callers_deadline_in_a_merged_call(repo: Path, loads: list[str]) -> None:
+    publish(repo, "1")
+    s = server()
+    now = time.time()
+    expired = dataclasses.replace(item("1"), deadline=now - 1)  # its caller gave up
+    alive = dataclasses.replace(item("1"), deadline=now + 60)
+
+    late, served, plain = run(s.infer_many([expired, alive, item("1")], deadline=now + 60))
+
+    assert isinstance(late, Retry) and "deadline" in late.message
+    assert isinstance(served, ItemOutcome) and isinstance(plain, ItemOutcome)
+    assert served.error_reason is None and plain.error_reason is None
