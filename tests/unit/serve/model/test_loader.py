@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import serve.model.loader as loader
+from serve.engines.accuracy_guard import AccuracyGuardError, AccuracyVerdict
 from serve.engines.base import EngineSpec
 from serve.engines.cache import CacheReport, CacheResult
 from serve.model.batch import LoadedVersion
@@ -165,6 +166,32 @@ def test_a_reduced_precision_tensorrt_engine_gets_the_validation_set(
 
     assert engine.backend_name == "onnxruntime:CPUExecutionProvider"
     assert seen == {Backend.TENSORRT: validation, Backend.ONNXRUNTIME: None}
+
+
+def test_where_the_engine_came_from_and_an_accuracy_guard_verdict_are_kept(
+    monkeypatch: pytest.MonkeyPatch, mv: ModelVersion, tmp_path: Path
+) -> None:
+    verdict = AccuracyVerdict(
+        "tiny", "2", "fp16", "top1_confident", 0.91, 0.99, 64, passed=False,
+        reason="agreement with FP32 ONNX Runtime: top1_confident 0.9100 (below 0.9900) on 64 images",
+    )  # fmt: skip
+
+    def load_cached_engine(
+        spec: EngineSpec, backend: Backend, cache: object, **kw: object
+    ) -> CacheResult:
+        if backend is Backend.TENSORRT:
+            raise AccuracyGuardError("accuracy guard refuses tiny/2 fp16", verdict)
+        return CacheResult(FakeEngine("onnxruntime:CPUExecutionProvider"), replace(_report(), level="gcs"))
+
+    monkeypatch.setattr(loader, "load_cached_engine", load_cached_engine)
+    monkeypatch.setattr(loader, "validation_set", lambda version: object())
+
+    opened = open_engine(mv, replace(SPEC, precision=Precision.FP16), CACHE, list(BOTH), tmp_path)  # type: ignore[arg-type]
+    first = open_engine(mv, SPEC, CACHE, [Backend.ONNXRUNTIME], tmp_path)  # type: ignore[arg-type]
+
+    assert opened.source == "gcs" and opened.engine.backend_name == "onnxruntime:CPUExecutionProvider"
+    assert opened.fallback_reason == f"tensorrt: accuracy guard: {verdict.reason}"
+    assert first.fallback_reason is None
 
 
 @pytest.mark.parametrize(

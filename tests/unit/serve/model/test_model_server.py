@@ -481,3 +481,19 @@ def test_each_item_is_dropped_at_its_own_callers_deadline_in_a_merged_call(repo:
     assert isinstance(late, Retry) and "deadline" in late.message
     assert isinstance(served, ItemOutcome) and isinstance(plain, ItemOutcome)
     assert served.error_reason is None and plain.error_reason is None
+
+
+def test_stats_show_where_each_engine_came_from_and_why_a_backend_was_refused(
+    repo: Path, loads: list[str]
+) -> None:
+    publish(repo, "1")
+    s = server()
+    s._versions["1"].engine_source = "gcs"
+    s._versions["1"].fallback_reason = "tensorrt: accuracy guard: top1_confident 0.91 (below 0.99)"
+
+    stats = run(s.stats())
+    [outcome] = run(s.infer_many([item("1")]))
+
+    assert stats["engine_sources"] == {"1": "gcs"} and stats["decode"] == {"1": "cpu"}
+    assert stats["fallback_reasons"] == {"1": "tensorrt: accuracy guard: top1_confident 0.91 (below 0.99)"}
+    assert isinstance(outcome, ItemOutcome) and outcome.engine_source == "gcs" and outcome.decode == "cpu"
