@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 
 import serve.http.pipeline as pipeline_module
 from serve.http.pipeline import InferencePipeline, Processed, ShedError, unwrap
-from serve.model.batch import BatchItem, ItemOutcome
+from serve.model.batch import BatchItem, EncodedItem, ItemOutcome
 from serve.model.model_server import Rejection, Retry, VersionInfo
 from serve.model_config import InputSpec, PreprocessSpec
 from shared.config import Settings
@@ -691,3 +691,55 @@ def test_an_out_of_memory_decode_is_transient_not_a_bad_image(
 
     assert isinstance(answer, TransientError) and "out of memory" in str(answer)
     assert gcs.names(RESULTS) == []
+
+
+# --- models that decode on their GPU ---------------------------------------------------
+
+
+@dataclass
+class DeviceModels(FakeModels):
+    """Version 1 decodes on its replica's GPU: the pipeline must send bytes, not pixels."""
+
+    async def describe(self, model: str, version: str | None) -> VersionInfo:
+        info = await super().describe(model, version)
+        return replace(info, decode="nvimgcodec:cuda:0")
+
+
+def _decoded_on_device(item: Any) -> Answer:
+    assert isinstance(item, EncodedItem), item
+    return ItemOutcome(
+        version=item.version, backend="onnxruntime:CUDAExecutionProvider", labels=TABBY,
+        decode="nvimgcodec:cuda:0", decode_ms=2.5, engine_source="gcs", batch_size=1,
+    )  # fmt: skip
+
+
+def test_a_model_that_decodes_on_its_gpu_gets_the_fetched_bytes(
+    gcs: InMemoryGcs, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = DeviceModels(answer=_decoded_on_device)
+    monkeypatch.setattr(pipeline_module, "prepare_image", _no_decoding_here)
+
+    processed = _process(executor, gcs, _request(generation=str(GENERATION)), models)
+    posted = asyncio.run(_pipeline(executor, gcs, models).process_bytes(CAT_BYTES, None, None, "http-1"))
+
+    assert [item.data for _, item in models.items] == [CAT_BYTES, CAT_BYTES]
+    for result in (processed.result, posted.result):
+        assert result is not None and result.status is Status.OK and result.labels == TABBY
+        assert (result.decode, result.engine_source) == ("nvimgcodec:cuda:0", "gcs")
+        assert result.timings.decode_ms == 2.5  # the replica's, not the ingress's
+    stored = json.loads(gcs.get(RESULTS, CAT_RESULT).data)  # type: ignore[union-attr]
+    assert stored["decode"] == "nvimgcodec:cuda:0" and stored["engine_source"] == "gcs"
+
+
+def test_a_cpu_model_still_gets_pixels_decoded_here(gcs: InMemoryGcs, executor: ThreadPoolExecutor) -> None:
+    models = FakeModels()
+
+    processed = _process(executor, gcs, _request(), models)
+
+    [(_, item)] = models.items
+    assert isinstance(item, BatchItem) and item.pixels.shape == (32, 32, 3)
+    assert processed.result is not None and processed.result.timings.decode_ms is not None
+
+
+def _no_decoding_here(*args: Any) -> Any:
+    raise AssertionError("the ingress decoded an image for a model that decodes on its GPU")
