@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from serve.engines.accuracy_guard import AccuracyGuardError
 from serve.engines.base import Engine, EngineCompatibility, EngineSpec, HardwareCompatibility
@@ -208,3 +210,18 @@ def warm_up(loaded: LoadedVersion, pause: float = 0.0) -> None:
         loaded.output_specs = {
             name: (str(np.asarray(value).dtype), tuple(np.asarray(value).shape[1:])) for name, value in outputs.items()
         }
+    if loaded.preparer is not None:
+        _warm_device_decode(loaded)
+
+
+def _warm_device_decode(loaded: LoadedVersion) -> None:
+    """One blank JPEG through the device pipeline: the decoder's and the array module's
+    first-use work (kernel compilation, buffers) is paid here, not by the first batch."""
+    from serve.imaging.device_infer import infer_encoded
+
+    cfg = loaded.config.input
+    buf = io.BytesIO()
+    Image.new("RGB", (cfg.width, cfg.height)).save(buf, "JPEG")
+    [result] = infer_encoded(loaded, loaded.preparer, [buf.getvalue()])
+    if isinstance(result, Exception):
+        raise result

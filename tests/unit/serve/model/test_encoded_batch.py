@@ -184,3 +184,11 @@ def test_the_device_index_comes_from_the_engine() -> None:
     trt = type("Trt", (), {"identity": type("Id", (), {"device_index": 2})()})()
     assert device_decode.engine_device(NamedEngine("onnxruntime:CUDAExecutionProvider", 3)) == 3
     assert device_decode.engine_device(trt) == 2
+
+
+def test_warm_up_runs_the_device_pipeline_once(loaded: LoadedVersion) -> None:
+    from serve.model.loader import warm_up
+
+    warm_up(loaded)
+
+    assert fake_nvimgcodec.STATE.calls == [1]
