@@ -108,3 +108,10 @@ def test_a_bad_value_raises_naming_the_variable_and_the_value(
 
 def test_the_engine_cache_may_be_empty() -> None:
     assert load_settings({"TRIGGERFISH_ENGINE_CACHE": ""}).engine_cache_uri == ""
+
+
+def test_the_decode_setting_is_checked_once_with_the_others() -> None:
+    assert load_settings({}).decode == "auto"
+    assert load_settings({"TRIGGERFISH_DECODE": " Device "}).decode == "device"
+    with pytest.raises(ConfigError, match=r"TRIGGERFISH_DECODE must be one of auto\|device\|cpu"):
+        load_settings({"TRIGGERFISH_DECODE": "gpu"})

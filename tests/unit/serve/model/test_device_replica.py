@@ -21,8 +21,8 @@ from serve.http.pipeline import InferencePipeline, Processed
 from serve.model import device_decode
 from serve.model.batch import AnyItem, EncodedItem, ItemOutcome
 from serve.model.model_server import ModelServer, Rejection, Retry, VersionInfo
-from shared.config import Settings, load_settings
-from shared.errors import ConfigError, ErrorReason
+from shared.config import Settings
+from shared.errors import ErrorReason
 from shared.messages import EntryPath, InferenceRequest
 from shared.results import Status
 from tests.fakes import fake_cupy
@@ -189,11 +189,4 @@ def test_device_out_of_memory_is_transient_and_records_nothing(replica_env: pyte
     answers = asyncio.run(server.infer_many([EncodedItem(p.read_bytes(), info.version) for p in SAMPLES]))
 
     assert answers and all(isinstance(a, Retry) and "out of memory" in a.message for a in answers)
-
-
-def test_the_decode_setting_is_checked_once_with_the_others() -> None:
-    assert load_settings({}).decode == "auto"
-    assert load_settings({"TRIGGERFISH_DECODE": " Device "}).decode == "device"
-    with pytest.raises(ConfigError, match=r"TRIGGERFISH_DECODE must be one of auto\|device\|cpu"):
-        load_settings({"TRIGGERFISH_DECODE": "gpu"})
 
