@@ -11,7 +11,7 @@ slots allow.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 __all__ = ["overlapped"]
@@ -22,11 +22,16 @@ Out = TypeVar("Out")
 
 
 def overlapped(
-    batches: Iterable[In], prepare: Callable[[In], Prepared], consume: Callable[[Prepared], Out]
+    batches: Iterable[In],
+    prepare: Callable[[In], Prepared],
+    consume: Callable[[Prepared], Out],
+    discard: Callable[[Prepared], None] | None = None,
 ) -> Iterator[Out]:
     """``consume(prepare(b))`` for each batch in order, ``prepare`` one batch ahead on a thread.
 
     An exception from either stage is raised from the iterator, at the batch it belongs to.
+    When one is raised (or the iterator is closed early), the batch prepared ahead is
+    never consumed: it is given to ``discard`` (e.g. to release its buffer slot).
     """
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
         items = iter(batches)
@@ -34,8 +39,21 @@ def overlapped(
             pending = pool.submit(prepare, next(items))
         except StopIteration:
             return
-        for item in items:
-            ready = pending.result()
-            pending = pool.submit(prepare, item)
+        try:
+            for item in items:
+                ready = pending.result()
+                pending = pool.submit(prepare, item)
+                yield consume(ready)
+            ready, pending = pending.result(), None
             yield consume(ready)
-        yield consume(pending.result())
+        finally:
+            if pending is not None and discard is not None:
+                _discard(pending, discard)
+
+
+def _discard(pending: Future[Prepared], discard: Callable[[Prepared], None]) -> None:
+    try:
+        prepared = pending.result()
+    except Exception:  # noqa: BLE001 - its failure is moot: the run already stopped on another
+        return
+    discard(prepared)

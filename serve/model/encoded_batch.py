@@ -75,7 +75,8 @@ def run_encoded_batch(
         return infer_prepared(loaded, batch, preparer.name), decode_ms, (clock() - t) * 1000
 
     try:
-        done = list(overlapped(chunks, prepare, consume))
+        # A batch prepared ahead of one that fails gives its buffer slot back.
+        done = list(overlapped(chunks, prepare, consume, lambda prepared: prepared[0].release()))
     except EngineFault as err:
         raise EngineFailure(
             f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True

@@ -47,3 +47,19 @@ def test_a_failing_stage_raises_at_its_batch() -> None:
         for out in overlapped(range(4), prepare, lambda b: b):
             seen.append(out)
     assert seen == [0, 1]
+
+
+def test_a_batch_prepared_ahead_of_a_failing_one_is_discarded() -> None:
+    discarded: list[int] = []
+
+    def consume(prepared: int) -> int:
+        if prepared == 10:
+            raise RuntimeError("engine failed on batch 1")
+        return prepared
+
+    with pytest.raises(RuntimeError, match="batch 1"):
+        list(overlapped(range(4), lambda b: b * 10, consume, discarded.append))
+    # Batch 2 was prepared while batch 1 ran: its buffer slot must be given back.
+    assert discarded == [20]
+    assert list(overlapped(range(2), lambda b: b, lambda p: p, discarded.append)) == [0, 1]
+    assert discarded == [20]

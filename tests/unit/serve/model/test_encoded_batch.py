@@ -110,6 +110,16 @@ def test_an_engine_failing_on_a_batch_retries_each_image_alone(loaded: LoadedVer
     assert all(o.labels and o.decode == "nvimgcodec:cuda:0" for o in outcomes)
 
 
+def test_a_failing_part_gives_back_the_slot_of_the_part_prepared_ahead(loaded: LoadedVersion) -> None:
+    flaky = replace(loaded, engine=FlakyEngine(loaded.engine))
+    datas = [p.read_bytes() for p in SAMPLES]  # parts of 2, 2, 1: the first fails in the engine
+
+    outcomes = run_encoded_batch(flaky, _items(flaky, datas))
+
+    assert [o.error_reason for o in outcomes] == [None] * len(datas)
+    assert loaded.preparer._free.qsize() == 2  # both slots free: none leaked
+
+
 def test_an_engine_failing_on_a_blank_image_too_is_the_engines_fault(loaded: LoadedVersion) -> None:
     broken = replace(loaded, engine=FlakyEngine(loaded.engine, broken=RuntimeError("kernel launch failed")))
 
