@@ -286,7 +286,11 @@ def _isolate(
 
 
 def probe_engine(loaded: LoadedVersion, cause: BaseException) -> None:
-    """Run a blank image; if the engine fails on that every time, the fault is the engine's."""
+    """Run a blank image; if the engine fails on that every time, the fault is the engine's.
+
+    Raises:
+        EngineFailure: the engine failed on every probe (sticky for a device fault).
+    """
     cfg = loaded.config.input
     blank = np.zeros((cfg.height, cfg.width, cfg.channels), dtype=np.uint8)
     geometry = ImageGeometry(cfg.height, cfg.width, cfg.height, cfg.width, 1.0, 1.0)
@@ -311,6 +315,7 @@ def probe_engine(loaded: LoadedVersion, cause: BaseException) -> None:
 
 
 def retry_outcome(loaded: LoadedVersion, item: AnyItem, started: float, message: str) -> ItemOutcome:
+    """``item`` is to be retried (a fault that is not its own); nothing is recorded."""
     return ItemOutcome(
         version=loaded.version,
         backend=loaded.engine.backend_name,
@@ -322,6 +327,7 @@ def retry_outcome(loaded: LoadedVersion, item: AnyItem, started: float, message:
 
 
 def failed_outcome(loaded: LoadedVersion, item: AnyItem, started: float, message: str) -> ItemOutcome:
+    """``item`` failed alone on a healthy engine: recorded as ``inference_failed``."""
     return ItemOutcome(
         version=loaded.version,
         backend=loaded.engine.backend_name,
