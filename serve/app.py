@@ -83,7 +83,9 @@ def model_scaling(args: dict[str, Any]) -> dict[str, Any]:
         # see a model leave and come back, not to damp a fleet's oscillation.
         "downscale_delay_s": delay,
         "upscale_delay_s": 1.0,
-        "look_back_period_s": min(SCALE_TO_ZERO_LOOK_BACK_S, max(delay, 1.0)),
+        "look_back_period_s": min(SCALE_TO_ZERO_LOOK_BACK_S, max(delay, 2.0)),
+        # Ray wants the window longer than the metrics interval (10 s by default).
+        "metrics_interval_s": 1.0,
     }
     return {"num_replicas": "auto", "autoscaling_config": config}
 
