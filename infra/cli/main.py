@@ -37,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="model deployments go to zero replicas when idle and come back on the first call")  # fmt: skip
     up.add_argument("--idle-delay", type=float, default=15.0, metavar="SECONDS",
                     help="with --scale-to-zero: idle time before a model's last replica stops (default 15)")  # fmt: skip
-    up.add_argument("--data-plane", choices=("direct", "proxy", "haproxy"), default="direct",
-                    help="direct: Ingress replicas serve HTTP themselves (default); haproxy: the cloud's "
-                         "HAProxy in front of them; proxy: Serve's proxy actor")  # fmt: skip
+    up.add_argument("--data-plane", choices=("direct", "proxy", "haproxy"), default=None,
+                    help="direct: Ingress replicas serve HTTP themselves (default on one node); haproxy: the "
+                         "cloud's HAProxy in front of them (default on several nodes); proxy: Serve's proxy actor")  # fmt: skip
     up.set_defaults(func=_cli_stack.cmd_up)
     sub.add_parser("down", parents=[common], help="stop a detached stack").set_defaults(func=_cli_stack.cmd_down)
     sub.add_parser("status", parents=[common], help="show the running stack").set_defaults(

@@ -80,8 +80,16 @@ def stack_options(args: argparse.Namespace, state_dir: Path) -> StackOptions:
         nodes=getattr(args, "nodes", 1),
         scale_to_zero=getattr(args, "scale_to_zero", False),
         idle_delay_s=getattr(args, "idle_delay", 15.0),
-        data_plane=getattr(args, "data_plane", "direct"),
+        data_plane=default_data_plane(getattr(args, "data_plane", None), getattr(args, "nodes", 1)),
     )
+
+
+def default_data_plane(chosen: str | None, nodes: int) -> str:
+    """The data plane ``up`` runs: the one chosen, else direct on one node and, as in the cloud,
+    HAProxy on several (whose Ingress replicas then share one address that survives a node)."""
+    if chosen:
+        return chosen
+    return "haproxy" if nodes > 1 else "direct"
 
 
 def up_argv(args: argparse.Namespace) -> list[str]:
@@ -94,7 +102,7 @@ def up_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--replicas", str(options.replicas), "--nodes", str(options.nodes)]
     if options.scale_to_zero:
         argv += ["--scale-to-zero", "--idle-delay", str(options.idle_delay_s)]
-    if options.data_plane != "direct":
+    if getattr(args, "data_plane", None):
         argv += ["--data-plane", options.data_plane]
     return argv
 

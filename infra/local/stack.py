@@ -7,6 +7,7 @@ CLI's client commands read; ``stop()`` stops every child process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,8 +27,10 @@ from infra.local.processes import (
     ManagedProcess,
     free_port,
     free_port_block,
+    kill_session,
     pid_alive,
     port_open,
+    session_pids,
     start_process,
     stop_group,
     wait_until,
@@ -175,6 +178,8 @@ class LocalStack:
         self._log_dir = options.state_dir / "logs"
         # HAProxy's and Ray's sockets need short paths (at most 107 bytes), so not under state_dir.
         self._private_dirs: dict[str, Path] = {}
+        # How each worker node was started (argv, env), so that a lost node can come back.
+        self._worker_specs: dict[int, tuple[list[str], dict[str, str]]] = {}
 
     def start(self, progress=lambda msg: None) -> StackState:  # noqa: ANN001
         """Start every part; on any failure stop what was started and re-raise."""
@@ -352,7 +357,43 @@ class LocalStack:
             # Logical CPUs only: replicas reserve none (num_cpus 0), so two cores carry any shape.
             argv = worker_argv(address, index, ports, num_cpus=os.cpu_count() or 2, temp_dir=self._private_dir("ray"))
             progress(f"starting Ray worker node {index} (joins {address})")
+            self._worker_specs[index] = (argv, worker_env)
             self._spawn(f"{WORKER_NODE_PREFIX}{index}", argv, worker_env)
+
+    def kill_node(self, index: int) -> int:
+        """SIGKILL worker node ``index`` (its raylet and every worker on it), like a lost machine.
+
+        Returns the number of processes killed.
+        """
+        process = self._worker(index)
+        victims = session_pids(process.pid)
+        kill_session(process.pid, grace_s=10)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(process.pid, 0)
+        self.processes.remove(process)
+        self._publish_groups()
+        return len(victims)
+
+    def restart_node(self, index: int) -> None:
+        """Start worker node ``index`` again as it was first started (a replaced machine)."""
+        if index not in self._worker_specs:
+            raise ValueError(f"no worker node {index} (nodes: {sorted(self._worker_specs)})")
+        if any(p.name == f"{WORKER_NODE_PREFIX}{index}" for p in self.processes):
+            raise RuntimeError(f"worker node {index} is running")
+        argv, env = self._worker_specs[index]
+        self._spawn(f"{WORKER_NODE_PREFIX}{index}", argv, env)
+        self._publish_groups()
+
+    def _worker(self, index: int) -> ManagedProcess:
+        for process in self.processes:
+            if process.name == f"{WORKER_NODE_PREFIX}{index}":
+                return process
+        raise ValueError(f"no running worker node {index}")
+
+    def _publish_groups(self) -> None:
+        if self.state is not None:
+            self.state.process_groups = {p.name: p.pid for p in self.processes}
+            self.state.save(self.options.state_dir)
 
     def _all_replicas_placed(self) -> bool:
         snapshot = ClusterSnapshot.load(self.options.state_dir / REPLICAS_FILE)
