@@ -377,7 +377,11 @@ def run_versions(state: StackState, broken: str) -> VersionsReport:
 
     publish_version(client, "3")
     promoted = wait_for(lambda: (s := serve.stats()) and s["default_version"] == "3", 120)
-    report.check("good version 3 promoted", promoted)
+    # With several replicas, /v1/stats answers from one: wait until each has logged the promotion.
+    from infra.bench.reliability_cluster import every_replica_promoted
+
+    everywhere = wait_for(lambda: every_replica_promoted(state, "3"), 120)
+    report.check("good version 3 promoted", promoted and everywhere, f"on {state.replicas} replica(s)")
     again = push_request(state, "versions-1", message)  # the same message, delivered again
     objects = result_names(client, f"{MODEL}/{CHAOS_BUCKET}/versions/")
     after = client.find_result(uri, MODEL) or {}

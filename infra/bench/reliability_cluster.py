@@ -177,6 +177,12 @@ def run_rollout(state: StackState, messages: int, version: str, poll_s: float, c
     return report
 
 
+def every_replica_promoted(state: StackState, version: str) -> bool:
+    """Whether every live model replica has logged making ``version`` its default."""
+    live = replica_pids(state, DEPLOYMENT)
+    return bool(live) and set(live) <= set(replica_promotions(state, version))
+
+
 def replica_promotions(state: StackState, version: str) -> dict[int, datetime]:
     """When each model replica (by pid) logged making ``version`` its default.
 

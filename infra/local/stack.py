@@ -353,7 +353,13 @@ class LocalStack:
                 metrics_export=free_port(avoid=RAY_FIXED_PORTS),
             )
             node_dir = self._private_dir("hap") if opts.data_plane == "haproxy" else opts.state_dir
-            worker_env = {**env, **node_env(opts.data_plane, ports, head=False, runtime_dir=node_dir)}
+            worker_env = {
+                **env,
+                **node_env(opts.data_plane, ports, head=False, runtime_dir=node_dir),
+                # Each node is a machine of its own, with its own local engine cache (as each
+                # GKE node has its own disk); the shared cache stays the models' GCS bucket.
+                "TRIGGERFISH_ENGINE_CACHE_DIR": str((opts.state_dir / f"engine-cache-node-{index}").resolve()),
+            }
             # Logical CPUs only: replicas reserve none (num_cpus 0), so two cores carry any shape.
             argv = worker_argv(address, index, ports, num_cpus=os.cpu_count() or 2, temp_dir=self._private_dir("ray"))
             progress(f"starting Ray worker node {index} (joins {address})")
