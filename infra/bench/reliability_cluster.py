@@ -108,7 +108,7 @@ def run_node_loss(stack: LocalStack, messages: int, timeout_s: float) -> NodeLos
     if report.node is not None:
         restarted = time.monotonic()
         stack.restart_node(report.node)
-        if wait_for(lambda: len(replica_pids(state, DEPLOYMENT)) == state.replicas, 240, 1.0):
+        if wait_for(lambda: replicas_serving(state), 240, 1.0):
             report.replicas_back_s = time.monotonic() - restarted
     return report
 
@@ -177,14 +177,21 @@ def run_rollout(state: StackState, messages: int, version: str, poll_s: float, c
     return report
 
 
+def replicas_serving(state: StackState) -> bool:
+    """Whether the model deployment has its full count of replicas, each with a default version
+    (a replica process exists well before it has loaded a model)."""
+    live = replica_pids(state, DEPLOYMENT)
+    return len(live) == state.replicas and set(live) <= set(replica_promotions(state, None))
+
+
 def every_replica_promoted(state: StackState, version: str) -> bool:
     """Whether every live model replica has logged making ``version`` its default."""
     live = replica_pids(state, DEPLOYMENT)
     return bool(live) and set(live) <= set(replica_promotions(state, version))
 
 
-def replica_promotions(state: StackState, version: str) -> dict[int, datetime]:
-    """When each model replica (by pid) logged making ``version`` its default.
+def replica_promotions(state: StackState, version: str | None) -> dict[int, datetime]:
+    """When each model replica (by pid) logged making ``version`` (None: any version) its default.
 
     Every node's replica logs reach the head's driver (``log_to_driver``), prefixed with
     the replica's pid: the Serve process's log holds them all.
@@ -202,7 +209,7 @@ def replica_promotions(state: StackState, version: str) -> dict[int, datetime]:
             body = json.loads(match["body"])
         except ValueError:
             continue
-        if body.get("message", "").endswith(f"-> {version}"):
+        if version is None or body.get("message", "").endswith(f"-> {version}"):
             found.setdefault(int(match["pid"]), datetime.fromisoformat(body["time"]))
     return found
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from infra.cli.stack import replica_report
 from infra.local.client import StackClient
 from infra.local.processes import pid_alive
 from infra.local.ray_cluster import replica_processes
@@ -71,6 +72,16 @@ def wait_for_zero(state: StackState) -> float:
     )
 
 
+def wait_for_status(state: StackState, done) -> dict:  # noqa: ANN001 - a predicate
+    """``triggerfish status``'s replica report once ``done(report)`` holds (bounded)."""
+    deadline = time.monotonic() + 30
+    report = replica_report(state)
+    while not done(report) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        report = replica_report(state)
+    return report
+
+
 def infer_at_zero(state: StackState, image: bytes) -> tuple[dict, list[int]]:
     """POST raw bytes until a result; every answer must be 200, or 503 with Retry-After."""
     statuses: list[int] = []
@@ -106,6 +117,10 @@ def test_idle_models_leave_and_the_first_calls_bring_the_classifier_back(zero_st
         assert pid_alive(zero_stack.process_groups[name]), name
     assert httpx.get(f"{zero_stack.serve_url}/v2/health/live", timeout=10).status_code == 200
     assert model_processes(zero_stack, CLASSIFIER) == 0
+    # `triggerfish status` shows it too (Serve's view, published every 2 s, and the processes).
+    status = wait_for_status(zero_stack, lambda r: r.get(CLASSIFIER, {}).get("running", 1) == 0)
+    assert status["Ingress"] == {"running": 1, "nodes": [0], "processes": 1}
+    assert status[CLASSIFIER]["processes"] == 0
 
     published = [client.publish([uri], model="mobilenet_v2") for uri in staged]
     uploads = [client.upload(SAMPLES / "cat.jpg", name=f"zero-{uuid.uuid4().hex[:8]}.jpg") for _ in range(2)]
