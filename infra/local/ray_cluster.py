@@ -174,17 +174,20 @@ class ClusterSnapshot:
     nodes: dict[int, bool] = field(default_factory=dict)  # index -> alive
     replicas: list[Replica] = field(default_factory=list)
     taken_at: float = field(default_factory=time.time)
+    # Every deployment of the application, those at zero replicas included.
+    deployments: list[str] = field(default_factory=list)
 
     def by_deployment(self, deployments: Iterable[str] = ()) -> dict[str, list[Replica]]:
-        """Running replicas per deployment; every name in ``deployments`` appears, even at zero."""
-        grouped: dict[str, list[Replica]] = {name: [] for name in deployments}
+        """Running replicas per deployment; every deployment (and name in ``deployments``)
+        appears, even at zero."""
+        grouped: dict[str, list[Replica]] = {name: [] for name in [*self.deployments, *deployments]}
         for replica in self.replicas:
             grouped.setdefault(replica.deployment, []).append(replica)
         return grouped
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
-        body = {"nodes": {str(k): v for k, v in self.nodes.items()},
+        body = {"nodes": {str(k): v for k, v in self.nodes.items()}, "deployments": self.deployments,
                 "replicas": [asdict(r) for r in self.replicas], "taken_at": self.taken_at}  # fmt: skip
         tmp.write_text(json.dumps(body, indent=1))
         tmp.replace(path)
@@ -199,6 +202,7 @@ class ClusterSnapshot:
             nodes={int(k): bool(v) for k, v in body.get("nodes", {}).items()},
             replicas=[Replica(**r) for r in body.get("replicas", [])],
             taken_at=float(body.get("taken_at", 0.0)),
+            deployments=[str(d) for d in body.get("deployments", [])],
         )
 
 
@@ -210,8 +214,9 @@ def node_index(resources: Mapping[str, Any]) -> int | None:
     return None
 
 
-def snapshot_replicas(app: str = APP_NAME) -> ClusterSnapshot:
-    """The cluster's nodes and ``app``'s live replicas, read from Ray's control store.
+def snapshot_replicas(deployments: Iterable[str] = (), app: str = APP_NAME) -> ClusterSnapshot:
+    """The cluster's nodes and ``app``'s live replicas (of ``deployments`` and any other),
+    read from Ray's control store.
 
     Needs a connected Ray driver; reads only the GCS (no dashboard, which the local
     stack does not run).
@@ -235,7 +240,7 @@ def snapshot_replicas(app: str = APP_NAME) -> ClusterSnapshot:
         node_id = (actor.get("Address") or {}).get("NodeID", "")
         replicas.append(Replica(name[len(prefix) :], nodes.get(node_id), actor.get("Pid") or None))
     replicas.sort(key=lambda r: (r.deployment, r.node if r.node is not None else -1))
-    return ClusterSnapshot(alive, replicas)
+    return ClusterSnapshot(alive, replicas, deployments=sorted(deployments))
 
 
 def replica_processes(sessions: Iterable[int], deployment: str, app: str = APP_NAME) -> list[int]:

@@ -182,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             _wait_for_nodes(ray, args.nodes)
         serve.start(http_options={"host": args.host, "port": proxy_port})
         serve.run(build_app(app), name="triggerfish", route_prefix="/", blocking=False)
+        deployments = sorted(serve.status().applications["triggerfish"].deployments)
         logger.info(
             "serve ready",
             extra={"url": f"http://{args.host}:{args.port}", "data_plane": args.data_plane, "app_args": app},
         )
         while not stop.wait(SNAPSHOT_INTERVAL_S):
             if args.state_dir is not None:
-                _publish_snapshot(args.state_dir / REPLICAS_FILE)
+                _publish_snapshot(args.state_dir / REPLICAS_FILE, deployments)
     finally:
         logger.info("shutting down Serve and Ray")
         serve.shutdown()
@@ -196,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _publish_snapshot(path: Path) -> None:
+def _publish_snapshot(path: Path, deployments: list[str]) -> None:
     try:
-        snapshot_replicas().save(path)
+        snapshot_replicas(deployments).save(path)
     except Exception as err:  # noqa: BLE001 - a status file must never stop Serve
         logger.warning("could not write the replicas' placement: %r", err)
 

@@ -92,6 +92,7 @@ def test_the_snapshot_round_trips_and_lists_deployments_at_zero(tmp_path: Path) 
     snapshot = ClusterSnapshot(
         nodes={0: True, 1: False},
         replicas=[Replica("Ingress", 0, 11), Replica("Model_a", 1, 12), Replica("Model_a", 0, 13)],
+        deployments=["Ingress", "Model_a", "Model_c"],
     )
     path = tmp_path / "replicas.json"
     snapshot.save(path)
@@ -101,7 +102,7 @@ def test_the_snapshot_round_trips_and_lists_deployments_at_zero(tmp_path: Path) 
     assert loaded is not None and loaded.nodes == {0: True, 1: False}
     grouped = loaded.by_deployment(["Model_b"])
     assert [r.node for r in grouped["Model_a"]] == [1, 0]
-    assert grouped["Model_b"] == []
+    assert grouped["Model_b"] == [] and grouped["Model_c"] == [], "a deployment at zero is listed"
     assert ClusterSnapshot.load(tmp_path / "missing.json") is None
 
 
