@@ -3,6 +3,13 @@ functions-framework processes, wired like the cloud deployment.
 
 ``LocalStack.start()`` brings everything up and writes a state file that the
 CLI's client commands read; ``stop()`` stops every child process group.
+
+By default Ray is one node with one replica of every deployment. ``StackOptions``
+gives production's shape instead: ``replicas`` of the Ingress and of every model,
+spread over ``nodes`` Ray nodes on this machine (the head plus worker raylets
+started with ``ray start``, see :mod:`infra.local.ray_cluster`), HAProxy in front
+(``data_plane="haproxy"``), and model deployments that scale to zero when idle
+(``scale_to_zero``).
 """
 
 from __future__ import annotations
