@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         # ray_current_cluster file that any `ray start` on this machine writes.
         address="local",
         _temp_dir=str(args.ray_temp_dir) if args.ray_temp_dir else None,
-        # Several nodes on one machine all live on the loopback address: the worker raylets
-        # join there, and HAProxy on any node reaches the Ingress replicas of every node.
+        # Several nodes on one machine share one address (Ray maps loopback to the machine's
+        # own): Serve's HAProxy then takes every Ingress replica for a local one and reaches
+        # it on 127.0.0.1, where the replicas listen (they bind 127.0.0.1 only).
         _node_ip_address="127.0.0.1" if args.nodes > 1 else None,
         num_cpus=args.num_cpus,
         resources={node_resource(0): 1},
