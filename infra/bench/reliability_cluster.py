@@ -154,8 +154,9 @@ def run_rollout(state: StackState, messages: int, version: str, poll_s: float, c
     while done < messages and time.monotonic() - started < timeout_s:
         done = len(result_names(client, prefix))
         if published_at is None and done >= messages // 4:
-            published_at = datetime.now().astimezone()
             publish_version(client, version)
+            # Published once its last file is in the bucket: replicas poll for complete versions.
+            published_at = datetime.now().astimezone()
             logger.info("published %s/%s at %d results", MODEL, version, done)
         time.sleep(1.0)
     report.duration_s = time.monotonic() - started
