@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve.http.ingress import DEFAULT_MAX_INFLIGHT, MAX_INFLIGHT_ENV, Ingress
+from serve.http.ingress import Ingress
 from serve.model.model_server import ModelServer
 from serve.model.repository import ModelRepository
 from shared.config import load_settings
@@ -36,14 +36,7 @@ SCALE_TO_ZERO_LOOK_BACK_S = 5.0
 
 def ingress_admission_bound() -> int:
     """Inputs one Ingress replica admits at once (``TRIGGERFISH_MAX_INFLIGHT``, as the Ingress reads it)."""
-    raw = os.environ.get(MAX_INFLIGHT_ENV) or str(DEFAULT_MAX_INFLIGHT)
-    try:
-        bound = int(raw)
-    except ValueError as err:
-        raise ConfigError(f"{MAX_INFLIGHT_ENV} must be a positive integer, got {raw!r}") from err
-    if bound < 1:
-        raise ConfigError(f"{MAX_INFLIGHT_ENV} must be a positive integer, got {raw!r}")
-    return bound
+    return load_settings().max_inflight_inputs
 
 
 def max_queued_requests() -> int:

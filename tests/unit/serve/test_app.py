@@ -61,9 +61,9 @@ def test_scale_to_zero_gives_each_model_its_own_autoscaling_from_zero(repository
 def test_ray_s_queue_bound_sits_above_the_ingress_admission_bound(
     repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert max_queued_requests() == 2048  # twice DEFAULT_MAX_INFLIGHT (1024)
+    assert max_queued_requests() == 1024  # twice the Ingress's default admission bound (512)
     for deployment in deployments({}).values():
-        assert deployment._deployment_config.max_queued_requests == 2048
+        assert deployment._deployment_config.max_queued_requests == 1024
     monkeypatch.setenv("TRIGGERFISH_MAX_INFLIGHT", "100")
     assert max_queued_requests() == 200
     monkeypatch.setenv("TRIGGERFISH_MAX_INFLIGHT", "lots")
