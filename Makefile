@@ -71,10 +71,14 @@ GPU_CHECK_ARGS ?=
 gpu-check: $(MODEL_STAMP)
 	$(PY) -m infra.bench.gpu_check --out build/gpu-check.json $(GPU_CHECK_ARGS)
 
-# Chaos (2,000 Pub/Sub messages while the model replica is SIGKILLed three times) and
-# model versions (a broken newest version, a promotion) on a stack of its own (about 5 min).
+# On the production shape (2 replicas of every deployment, 2 Ray nodes, HAProxy in front):
+# chaos (2,000 Pub/Sub messages while a model replica is SIGKILLed three times), node loss
+# (2,000 messages while the worker node holding a model replica is killed), model versions
+# (a broken newest version, a promotion), a rollout under load with one injected load
+# failure, and scale to zero (200 messages, 20 uploads, 20 HTTP calls sent at zero).
+RELIABILITY_SHAPE ?= --replicas 2 --nodes 2 --data-plane haproxy
 reliability: $(MODEL_STAMP)
-	$(PY) -m infra.bench.reliability
+	$(PY) -m infra.bench.reliability $(RELIABILITY_SHAPE)
 
 test: $(MODEL_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,4 +1,5 @@
-"""The reliability run (``make reliability``): chaos and model versions on a local stack of its own.
+"""The reliability run (``make reliability``): chaos, node loss, model versions, a rollout under
+load and scale to zero, on local stacks of their own in production's shape.
 
 Chaos: ``--messages`` Pub/Sub request messages (one small photo each) while the
 model replica process (``ServeReplica:triggerfish:Model_<model>``) is SIGKILLed
@@ -13,9 +14,14 @@ log. Then a good version is promoted and a message delivered before the
 promotion is delivered again: one result object, now from the new version; a
 late request pinned to the old version does not replace it.
 
+Node loss, rollout under load and scale to zero: see
+:mod:`infra.bench.reliability_cluster`. Every scenario runs on the production shape
+(``--replicas 2 --nodes 2 --data-plane haproxy`` by default); scale to zero on a
+second stack of that shape started with ``--scale-to-zero``.
+
 Prints a summary table; exits non-zero when a check fails.
 
-    python -m infra.bench.reliability [--messages 2000] [--kills 3]
+    python -m infra.bench.reliability [--messages 2000] [--kills 3] [--scenarios chaos,node-loss,...]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import httpx
 from PIL import Image
 
 from infra.local.client import StackClient
+from infra.local.ray_cluster import replica_processes
 from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
 
 logger = logging.getLogger("infra.bench.reliability")
@@ -51,22 +58,8 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 # -- processes -----------------------------------------------------------------------------
 def replica_pids(state: StackState, name: str) -> list[int]:
-    """Processes of the Serve replica ``name``: Ray workers in the Serve process's session."""
-    sid, found = state.process_groups["serve"], []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            int(stat[stat.rindex(")") + 2 :].split()[3]) == sid
-            and f"ServeReplica:triggerfish:{name}".encode() in cmdline
-        ):
-            found.append(int(entry.name))
-    return sorted(found)
+    """Processes of the Serve deployment ``name``'s replicas on every node of the stack."""
+    return replica_processes(state.ray_sessions().values(), name)
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float, interval_s: float = 0.5) -> Any:
@@ -100,19 +93,21 @@ class Serve:
         except httpx.HTTPError:
             return False
 
-    def model_pid(self) -> int | None:
-        pids = replica_pids(self.state, f"Model_{MODEL}")
-        return pids[0] if len(pids) == 1 else None
+    def model_pids(self) -> list[int]:
+        return replica_pids(self.state, f"Model_{MODEL}")
 
     def kill_model(self, timeout_s: float = 180) -> tuple[int, float]:
-        """SIGKILL the model replica; returns its pid and the seconds until a new one is healthy."""
-        pid = self.model_pid()
-        if pid is None:
-            raise RuntimeError("no single model replica process to kill")
+        """SIGKILL one model replica; returns its pid and the seconds until the deployment
+        has its full count of replicas again (a new one in place of the killed one) and is healthy."""
+        pids = self.model_pids()
+        if len(pids) != self.state.replicas:
+            raise RuntimeError(f"expected {self.state.replicas} model replica process(es), found {pids}")
+        pid = pids[0]
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         back = wait_for(
-            lambda: (p := self.model_pid()) is not None and p != pid and self.healthy(), timeout_s
+            lambda: len(p := self.model_pids()) == self.state.replicas and pid not in p and self.healthy(),
+            timeout_s,
         )
         if not back:
             raise RuntimeError(
@@ -161,36 +156,44 @@ def result_names(client: StackClient, prefix: str = "") -> list[str]:
     return [b.name for b in client.storage.list_blobs(client.state.results_bucket, prefix=prefix)]
 
 
-def run_chaos(state: StackState, messages: int, kills: int, timeout_s: float) -> ChaosReport:
-    client, serve = StackClient(state), Serve(state)
+def stage_photos(client: StackClient, names: list[str]) -> None:
+    """Upload the small sample photos as ``names`` to the chaos bucket (no notifications)."""
     bucket, photos = client.storage.bucket(CHAOS_BUCKET), small_photos()
-    names = [f"chaos/{i:05d}.jpg" for i in range(messages)]
     with ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda i: bucket.blob(names[i]).upload_from_string(photos[i % len(photos)]),
-                range(messages),
-            )
-        )
-    logger.info("uploaded %d photos to gs://%s", messages, CHAOS_BUCKET)
+        list(pool.map(lambda i: bucket.blob(names[i]).upload_from_string(photos[i % len(photos)]), range(len(names))))
+    logger.info("uploaded %d photos to gs://%s", len(names), CHAOS_BUCKET)
 
-    report = ChaosReport(messages)
-    prefix = f"{MODEL}/{CHAOS_BUCKET}/"
-    kill_at = [
-        int(messages * (k + 1) / (kills + 1)) for k in range(kills)
-    ]  # evenly through the run
-    topic = client.publisher.topic_path(state.project, state.requests_topic)
+
+def publish_one_uri_messages(client: StackClient, names: list[str], tag: str) -> float:
+    """One request message per name (request ids ``<tag>-<i>``); returns the monotonic start."""
+    topic = client.publisher.topic_path(client.state.project, client.state.requests_topic)
     started = time.monotonic()
     futures = [
         client.publisher.publish(
-            topic,
-            json.dumps({"uri": f"gs://{CHAOS_BUCKET}/{n}", "request_id": f"chaos-{i}"}).encode(),
+            topic, json.dumps({"uri": f"gs://{CHAOS_BUCKET}/{n}", "request_id": f"{tag}-{i}"}).encode()
         )
         for i, n in enumerate(names)
     ]
     for future in futures:
         future.result(timeout=60)
-    logger.info("published %d messages in %.1fs", messages, time.monotonic() - started)
+    logger.info("published %d messages in %.1fs", len(names), time.monotonic() - started)
+    return started
+
+
+def chaos_result_prefix(folder: str) -> str:
+    """Where the results of the chaos bucket's ``folder`` land."""
+    return f"{MODEL}/{CHAOS_BUCKET}/{folder}/"
+
+
+def run_chaos(state: StackState, messages: int, kills: int, timeout_s: float) -> ChaosReport:
+    client, serve = StackClient(state), Serve(state)
+    names = [f"chaos/{i:05d}.jpg" for i in range(messages)]
+    stage_photos(client, names)
+    report = ChaosReport(messages)
+    prefix = chaos_result_prefix("chaos")
+    kill_at = [int(messages * (k + 1) / (kills + 1)) for k in range(kills)]  # evenly through the run
+    redeliveries = _count_lines(state, "push-dispatcher", "redelivery in")
+    started = publish_one_uri_messages(client, names, "chaos")
 
     done = 0
     while done < messages and time.monotonic() - started < timeout_s:
@@ -207,35 +210,35 @@ def run_chaos(state: StackState, messages: int, kills: int, timeout_s: float) ->
                 report.kills.append((done, float("nan")))
                 continue
             report.kills.append((done, recovery))
-            logger.info(
-                "killed model replica %d at %d results; healthy again after %.1fs",
-                pid,
-                done,
-                recovery,
-            )
+            logger.info("killed model replica %d at %d results; healthy again after %.1fs", pid, done, recovery)
         time.sleep(1.0)
     report.duration_s = time.monotonic() - started
     time.sleep(10)  # redeliveries still in flight would land now
-    _check_results(client, report, set(names), prefix)
-    report.failed_deliveries = _count_lines(state, "push-dispatcher", "redelivery in")
+    check_results(client, report, {f"{prefix}{n.split('/', 1)[1]}.json" for n in names}, prefix)
+    report.failed_deliveries = _count_lines(state, "push-dispatcher", "redelivery in") - redeliveries
     report.dead_letters = _dead_letters(client)
     return report
 
 
-def _check_results(client: StackClient, report: ChaosReport, names: set[str], prefix: str) -> None:
-    stored = result_names(client)
-    expected = {f"{prefix}{n}.json" for n in names}
-    report.extra_objects = len(set(stored) - expected)
-    report.missing = len(expected - set(stored))
+def read_results(client: StackClient, names: list[str]) -> dict[str, dict]:
+    """The stored results ``names`` (object names in the results bucket), parsed."""
     bucket = client.storage.bucket(client.state.results_bucket)
-
-    def status(name: str) -> str:
-        return json.loads(bucket.blob(name).download_as_bytes())["status"]
-
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(status, sorted(expected & set(stored))))
-    report.ok = statuses.count("ok")
-    report.errors = len(statuses) - report.ok
+        bodies = pool.map(lambda name: json.loads(bucket.blob(name).download_as_bytes()), names)
+        return dict(zip(names, bodies, strict=True))
+
+
+def check_results(client: StackClient, report: ChaosReport, expected: set[str], prefix: str) -> dict[str, dict]:
+    """Count ``ok``/error/missing results among ``expected`` (result object names) and the
+    extra objects under ``prefix`` (each scenario's sources live in a folder of their own);
+    returns the results found."""
+    stored = set(result_names(client, prefix))
+    report.extra_objects = len(stored - expected)
+    report.missing = len(expected - stored)
+    results = read_results(client, sorted(expected & stored))
+    report.ok = sum(r["status"] == "ok" for r in results.values())
+    report.errors = len(results) - report.ok
+    return results
 
 
 def _count_lines(state: StackState, process: str, needle: str) -> int:
@@ -244,7 +247,8 @@ def _count_lines(state: StackState, process: str, needle: str) -> int:
 
 
 def _dead_letters(client: StackClient) -> int:
-    """Messages waiting on the dead-letter subscription (pulled, not acknowledged)."""
+    """Messages on the dead-letter subscription since the last count (pulled and acknowledged,
+    so that each scenario counts only its own)."""
     from google.cloud import pubsub_v1
 
     from infra.footprint import load_footprint
@@ -253,8 +257,13 @@ def _dead_letters(client: StackClient) -> int:
     path = subscriber.subscription_path(
         client.state.project, load_footprint().dead_letter_subscription
     )
-    response = subscriber.pull(subscription=path, max_messages=1000, timeout=10)
-    return len(response.received_messages)
+    count = 0
+    while True:
+        response = subscriber.pull(subscription=path, max_messages=1000, timeout=10)
+        if not response.received_messages:
+            return count
+        count += len(response.received_messages)
+        subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id for m in response.received_messages])
 
 
 # -- versions ------------------------------------------------------------------------------
@@ -368,7 +377,11 @@ def run_versions(state: StackState, broken: str) -> VersionsReport:
 
     publish_version(client, "3")
     promoted = wait_for(lambda: (s := serve.stats()) and s["default_version"] == "3", 120)
-    report.check("good version 3 promoted", promoted)
+    # With several replicas, /v1/stats answers from one: wait until each has logged the promotion.
+    from infra.bench.reliability_cluster import every_replica_promoted
+
+    everywhere = wait_for(lambda: every_replica_promoted(state, "3"), 120)
+    report.check("good version 3 promoted", promoted and everywhere, f"on {state.replicas} replica(s)")
     again = push_request(state, "versions-1", message)  # the same message, delivered again
     objects = result_names(client, f"{MODEL}/{CHAOS_BUCKET}/versions/")
     after = client.find_result(uri, MODEL) or {}
@@ -387,80 +400,136 @@ def run_versions(state: StackState, broken: str) -> VersionsReport:
 
 
 # -- report --------------------------------------------------------------------------------
-def summary(chaos: ChaosReport | None, versions: VersionsReport | None) -> str:
-    rows: list[tuple[str, str]] = []
-    if chaos is not None:
-        kills = ", ".join(f"at {done} results, back in {s:.1f} s" for done, s in chaos.kills)
-        rows += [
-            ("chaos: messages published", str(chaos.messages)),
-            ("chaos: ok results", str(chaos.ok)),
-            ("chaos: error results", str(chaos.errors)),
-            ("chaos: missing results", str(chaos.missing)),
-            ("chaos: extra objects in the results bucket", str(chaos.extra_objects)),
-            ("chaos: model replica SIGKILLs", f"{len(chaos.kills)} ({kills})"),
-            ("chaos: failed deliveries (redelivered)", str(chaos.failed_deliveries)),
-            ("chaos: dead letters", str(chaos.dead_letters)),
-            ("chaos: max queue depth (/v1/stats)", str(chaos.max_queue_depth)),
-            ("chaos: duration", f"{chaos.duration_s:.1f} s"),
-            ("chaos", "PASS" if chaos.passed else "FAIL"),
-        ]
-    if versions is not None:
-        rows += [
-            (
-                f"versions: {name}",
-                ("PASS" if ok else "FAIL") + (f"  {detail[:100]}" if detail else ""),
-            )
-            for name, (ok, detail) in versions.checks.items()
-        ]
-    width = max(len(k) for k, _ in rows)
+def chaos_rows(chaos: ChaosReport) -> list[tuple[str, str]]:
+    kills = ", ".join(f"at {done} results, back in {s:.1f} s" for done, s in chaos.kills)
+    return [
+        ("chaos: messages published", str(chaos.messages)),
+        ("chaos: ok results", str(chaos.ok)),
+        ("chaos: error results", str(chaos.errors)),
+        ("chaos: missing results", str(chaos.missing)),
+        ("chaos: extra objects in the results bucket", str(chaos.extra_objects)),
+        ("chaos: model replica SIGKILLs", f"{len(chaos.kills)} ({kills})"),
+        ("chaos: failed deliveries (redelivered)", str(chaos.failed_deliveries)),
+        ("chaos: dead letters", str(chaos.dead_letters)),
+        ("chaos: max queue depth (/v1/stats)", str(chaos.max_queue_depth)),
+        ("chaos: duration", f"{chaos.duration_s:.1f} s"),
+        ("chaos", "PASS" if chaos.passed else "FAIL"),
+    ]
+
+
+def versions_rows(versions: VersionsReport) -> list[tuple[str, str]]:
+    return [
+        (f"versions: {name}", ("PASS" if ok else "FAIL") + (f"  {detail[:100]}" if detail else ""))
+        for name, (ok, detail) in versions.checks.items()
+    ]
+
+
+def summary(rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + "\n"
+
+
+SCENARIOS = ("chaos", "node-loss", "versions", "rollout", "scale-to-zero")
+# The version the rollout scenario publishes under load (after the versions scenario's 2 and 3),
+# and whose first load on this machine fails once (TRIGGERFISH_CHAOS_FAIL_LOAD).
+ROLLOUT_VERSION = "4"
+POLL_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=2000, help="one-URI messages per load scenario")
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument(
-        "--timeout", type=float, default=1200, help="seconds the chaos run may take"
-    )
-    parser.add_argument(
-        "--state-dir", type=Path, default=None, help="default: a new temporary folder"
-    )
-    parser.add_argument("--skip-chaos", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds each load scenario may take")
+    parser.add_argument("--state-dir", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("--replicas", type=int, default=2, help="replicas of every deployment (default 2)")
+    parser.add_argument("--nodes", type=int, default=2, help="Ray nodes on this machine (default 2)")
+    parser.add_argument("--data-plane", choices=("direct", "proxy", "haproxy"), default="haproxy")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated, in this order: {','.join(SCENARIOS)}")  # fmt: skip
+    parser.add_argument("--skip-chaos", action="store_true", help="same as leaving chaos out of --scenarios")
+    parser.add_argument("--zero-messages", type=int, default=200, help="scale to zero: messages sent at zero")
+    parser.add_argument("--zero-uploads", type=int, default=20, help="scale to zero: uploads sent at zero")
+    parser.add_argument("--zero-http", type=int, default=20, help="scale to zero: HTTP calls sent at zero")
+    parser.add_argument("--idle-delay", type=float, default=10.0, help="scale to zero: idle seconds before zero")
     parser.add_argument(
         "--broken", choices=("model", "config"), default="model",
         help="how the newest version is broken: a half-uploaded model.onnx or a config typo",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
+    if args.skip_chaos and "chaos" in scenarios:
+        scenarios.remove("chaos")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # SIGTERM unwinds like Ctrl-C, so the stack's process groups are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    stack = LocalStack(
-        StackOptions(
-            state_dir=args.state_dir or Path(tempfile.mkdtemp(prefix="triggerfish-reliability-")),
-            extra_env={
-                "TRIGGERFISH_MODELS": MODEL,
-                "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{CHAOS_BUCKET}",
-                "TRIGGERFISH_REPOSITORY_POLL_S": "2",
-            },
-        )
+    from infra.bench import reliability_cluster as cluster
+
+    state_root = args.state_dir or Path(tempfile.mkdtemp(prefix="triggerfish-reliability-"))
+    rows: list[tuple[str, str]] = [
+        ("shape", f"{args.replicas} replica(s) x {args.nodes} node(s), data plane {args.data_plane}"),
+    ]
+    passed: list[bool] = []
+    main_scenarios = [s for s in scenarios if s != "scale-to-zero"]
+    if main_scenarios:
+        stack = LocalStack(_options(args, state_root / "stack", scale_to_zero=False))
+        try:
+            state = stack.start(progress=logger.info)
+            os.environ.update(state.client_env())
+            StackClient(state).storage.create_bucket(CHAOS_BUCKET)  # a source bucket without notifications
+            for name in main_scenarios:
+                logger.info("scenario %s", name)
+                if name == "chaos":
+                    report = run_chaos(state, args.messages, args.kills, args.timeout)
+                    rows += chaos_rows(report)
+                elif name == "node-loss":
+                    report = cluster.run_node_loss(stack, args.messages, args.timeout)
+                    rows += cluster.node_loss_rows(report)
+                elif name == "versions":
+                    report = run_versions(state, args.broken)
+                    rows += versions_rows(report)
+                else:
+                    chaos_dir = Path(state.state_dir) / "chaos"
+                    report = cluster.run_rollout(state, args.messages, ROLLOUT_VERSION, POLL_S, chaos_dir, args.timeout)
+                    rows += cluster.rollout_rows(report)
+                passed.append(report.passed)
+        finally:
+            stack.stop()
+    if "scale-to-zero" in scenarios:
+        stack = LocalStack(_options(args, state_root / "zero-stack", scale_to_zero=True))
+        try:
+            state = stack.start(progress=logger.info)
+            os.environ.update(state.client_env())
+            StackClient(state).storage.create_bucket(CHAOS_BUCKET)
+            report = cluster.run_scale_to_zero(state, args.zero_messages, args.zero_uploads, args.zero_http, args.timeout)
+            rows += cluster.scale_to_zero_rows(report)
+            passed.append(report.passed)
+        finally:
+            stack.stop()
+    sys.stdout.write(summary(rows))
+    return 0 if passed and all(passed) else 1
+
+
+def _options(args: argparse.Namespace, state_dir: Path, scale_to_zero: bool) -> StackOptions:
+    return StackOptions(
+        state_dir=state_dir,
+        replicas=args.replicas,
+        nodes=args.nodes,
+        data_plane=args.data_plane,
+        scale_to_zero=scale_to_zero,
+        idle_delay_s=args.idle_delay,
+        chaos_fail_load="" if scale_to_zero else f"{MODEL}/{ROLLOUT_VERSION}",
+        extra_env={
+            "TRIGGERFISH_MODELS": MODEL,
+            "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{CHAOS_BUCKET}",
+            "TRIGGERFISH_REPOSITORY_POLL_S": str(POLL_S),
+        },
     )
-    chaos = versions = None
-    try:
-        state = stack.start(progress=logger.info)
-        os.environ.update(state.client_env())
-        StackClient(state).storage.create_bucket(
-            CHAOS_BUCKET
-        )  # a source bucket without notifications
-        if not args.skip_chaos:
-            chaos = run_chaos(state, args.messages, args.kills, args.timeout)
-        versions = run_versions(state, args.broken)
-    finally:
-        stack.stop()
-    sys.stdout.write(summary(chaos, versions))
-    return 0 if (chaos is None or chaos.passed) and versions is not None and versions.passed else 1
 
 
 if __name__ == "__main__":

@@ -29,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="start the local stack (foreground until Ctrl-C)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with 'down'")
     up.add_argument("--serve-port", type=int, default=0, help="Serve HTTP port (default: a free one)")
+    up.add_argument("--replicas", type=_at_least_one, default=1,
+                    help="replicas of every model deployment and of the Ingress (default 1)")  # fmt: skip
+    up.add_argument("--nodes", type=_at_least_one, default=1,
+                    help="Ray nodes on this machine: the head plus NODES-1 `ray start` workers (default 1)")  # fmt: skip
+    up.add_argument("--scale-to-zero", action="store_true",
+                    help="model deployments go to zero replicas when idle and come back on the first call")  # fmt: skip
+    up.add_argument("--idle-delay", type=float, default=15.0, metavar="SECONDS",
+                    help="with --scale-to-zero: idle time before a model's last replica stops (default 15)")  # fmt: skip
+    up.add_argument("--data-plane", choices=("direct", "proxy", "haproxy"), default=None,
+                    help="direct: Ingress replicas serve HTTP themselves (default on one node); haproxy: the "
+                         "cloud's HAProxy in front of them (default on several nodes); proxy: Serve's proxy actor")  # fmt: skip
     up.set_defaults(func=_cli_stack.cmd_up)
     sub.add_parser("down", parents=[common], help="stop a detached stack").set_defaults(func=_cli_stack.cmd_down)
     sub.add_parser("status", parents=[common], help="show the running stack").set_defaults(
@@ -147,6 +158,13 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], Any]:
         return getattr(importlib.import_module(module), name)(args)
 
     return run
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,18 @@ def free_port(avoid: frozenset[int] = frozenset()) -> int:
             return port
 
 
+def free_port_block(count: int, avoid: frozenset[int] = frozenset()) -> int:
+    """The first of ``count`` consecutive unused ports (a per-node range for Serve's ingress replicas)."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    for _ in range(200):
+        first = free_port(avoid)
+        block = range(first, first + count)
+        if all(p not in avoid and p < 65536 and (p == first or _binds(p)) for p in block):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -130,7 +142,12 @@ def wait_until(
 
 
 def stop_group(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL whatever is left."""
+    """SIGTERM the process group led by ``pid``, then SIGKILL whatever is left.
+
+    ``pid`` also leads a session (see :func:`start_process`): processes that moved
+    to a group of their own inside it (Ray gives workers their own groups; HAProxy
+    is a child of one) are SIGKILLed last, so none outlives the stack.
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -138,12 +155,49 @@ def stop_group(pid: int, grace_s: float = 15.0) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         if not _group_alive(pid):
+            kill_session(pid)
             return
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+    kill_session(pid)
+
+
+def kill_session(sid: int, grace_s: float = 5.0) -> None:
+    """SIGKILL every process left in session ``sid`` and wait (bounded) until they are gone."""
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes whose session id is ``sid`` (zombies excluded), from ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # fields: state ppid pgrp session ...
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def process_command_line(pid: int) -> str:
+    """``pid``'s command line (its process title for Ray workers), or "" once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _group_alive(pgid: int) -> bool:

@@ -3,14 +3,25 @@ functions-framework processes, wired like the cloud deployment.
 
 ``LocalStack.start()`` brings everything up and writes a state file that the
 CLI's client commands read; ``stop()`` stops every child process group.
+
+By default Ray is one node with one replica of every deployment. ``StackOptions``
+gives production's shape instead: ``replicas`` of the Ingress and of every model,
+spread over ``nodes`` Ray nodes on this machine (the head plus worker raylets
+started with ``ray start``, see :mod:`infra.local.ray_cluster`), HAProxy in front
+(``data_plane="haproxy"``), and model deployments that scale to zero when idle
+(``scale_to_zero``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +33,23 @@ from infra.local import emulators as _emulators
 from infra.local.processes import (
     ManagedProcess,
     free_port,
+    free_port_block,
+    kill_session,
     pid_alive,
     port_open,
+    session_pids,
     start_process,
     stop_group,
     wait_until,
+)
+from infra.local.ray_cluster import (
+    DATA_PLANES,
+    RAY_FIXED_PORTS,
+    ClusterSnapshot,
+    NodePorts,
+    ingress_port_span,
+    node_env,
+    worker_argv,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,7 +60,10 @@ DEFAULT_STATE_DIR = Path(os.environ.get("TRIGGERFISH_STATE_DIR", ".triggerfish")
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "build" / "model-repository"
 
 
-RAY_FIXED_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366})
+# Process-group names of the worker raylets: ray-node-1, ray-node-2, ... (the head runs in "serve").
+WORKER_NODE_PREFIX = "ray-node-"
+REPLICAS_FILE = "replicas.json"
+ADDRESS_FILE = "ray-address"
 
 
 class StackNotRunning(RuntimeError):
@@ -68,6 +94,23 @@ class StackState:
     metrics_url: str = ""
     # The same application behind Serve's proxy actor (one more process hop than serve_url).
     serve_proxy_url: str = ""
+    # The cluster's shape (see StackOptions) and where serve_host publishes its replicas.
+    replicas: int = 1
+    nodes: int = 1
+    scale_to_zero: bool = False
+    data_plane: str = "direct"
+    state_dir: str = ""
+
+    def ray_sessions(self) -> dict[str, int]:
+        """The Ray nodes' process sessions by name: ``serve`` (the head) and ``ray-node-<i>``."""
+        return {
+            name: pgid for name, pgid in self.process_groups.items()
+            if name == "serve" or name.startswith(WORKER_NODE_PREFIX)
+        }  # fmt: skip
+
+    def cluster(self) -> ClusterSnapshot | None:
+        """The replicas' placement as serve_host last published it (every 2 s), if any."""
+        return ClusterSnapshot.load(Path(self.state_dir) / REPLICAS_FILE) if self.state_dir else None
 
     def client_env(self) -> dict[str, str]:
         """Environment for clients of this stack (emulator hosts, project)."""
@@ -107,6 +150,27 @@ class StackOptions:
     serve_port: int = 0
     startup_timeout_s: float = 240.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The production shape: replicas of every deployment (the Ingress included) over a Ray
+    # cluster of `nodes` nodes on this machine (the head plus `ray start` worker raylets).
+    replicas: int = 1
+    nodes: int = 1
+    # Model deployments scale to zero replicas after `idle_delay_s` without calls.
+    scale_to_zero: bool = False
+    idle_delay_s: float = 15.0
+    # direct (default), proxy (Serve's proxy actor) or haproxy (the cloud's: HAProxy in front
+    # of the direct-ingress replicas).
+    data_plane: str = "direct"
+    # TRIGGERFISH_CHAOS_FAIL_LOAD for the model replicas: MODEL/VERSION[,...] whose first load
+    # on this machine fails once with a transient error (reliability runs only).
+    chaos_fail_load: str = ""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.nodes < 1:
+            raise ValueError(f"replicas and nodes must be >= 1, got {self.replicas} and {self.nodes}")
+        if self.data_plane not in DATA_PLANES:
+            raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {self.data_plane!r}")
+        if not self.idle_delay_s >= 0:
+            raise ValueError(f"idle_delay_s must be >= 0, got {self.idle_delay_s!r}")
 
 
 class LocalStack:
@@ -118,6 +182,10 @@ class LocalStack:
         self.processes: list[ManagedProcess] = []
         self.state: StackState | None = None
         self._log_dir = options.state_dir / "logs"
+        # HAProxy's and Ray's sockets need short paths (at most 107 bytes), so not under state_dir.
+        self._private_dirs: dict[str, Path] = {}
+        # How each worker node was started (argv, env), so that a lost node can come back.
+        self._worker_specs: dict[int, tuple[list[str], dict[str, str]]] = {}
 
     def start(self, progress=lambda msg: None) -> StackState:  # noqa: ANN001
         """Start every part; on any failure stop what was started and re-raise."""
@@ -134,7 +202,15 @@ class LocalStack:
                 f"model repository {opts.model_repository} lacks {opts.default_model}; run: make model"
             )
         ps_port, gcs_port = free_port(), free_port()
-        serve_port = opts.serve_port or free_port()
+        # The Ingress replicas' direct ports: one range for all nodes (see ingress_port_span);
+        # with the direct data plane it starts at Serve's own port.
+        span = ingress_port_span(opts.replicas, opts.nodes)
+        serve_port = opts.serve_port or free_port_block(span if opts.data_plane == "direct" else 1)
+        ingress = NodePorts(
+            ingress_http=serve_port if opts.data_plane == "direct" else free_port_block(span, avoid=RAY_FIXED_PORTS),
+            ingress_grpc=free_port_block(span, avoid=RAY_FIXED_PORTS),
+            span=span,
+        )
         # Ray binds some fixed ports of its own (the dashboard agent's 52365 among them).
         metrics_port = free_port(avoid=RAY_FIXED_PORTS)
         proxy_port = free_port(avoid=RAY_FIXED_PORTS)
@@ -170,12 +246,18 @@ class LocalStack:
         progress(f"uploaded model repository ({count} files) to gs://{fp.models_bucket}")
 
         progress("starting Ray Serve (loads and warms up every model)")
-        serve = self._spawn(
-            "serve",
-            [sys.executable, "-m", "infra.local.serve_host", "--port", str(serve_port), "--metrics-port", str(metrics_port),
-             "--proxy-port", str(proxy_port)],  # fmt: skip
-            {"TRIGGERFISH_AUTH": "off", **env},  # no ID tokens on this machine: auth off, explicitly
-        )
+        # No ID tokens on this machine: auth off, explicitly. The request deadline is the
+        # cloud's (the footprint's), so the local stack nests its timeouts the same way.
+        serve_env = {
+            "TRIGGERFISH_AUTH": "off",
+            **fp.serve_environment(),
+            **env,
+            **self._chaos_env(),
+            **self._cluster_auth_env(),
+        }
+        serve = self._spawn("serve", self._serve_argv(serve_port, metrics_port, proxy_port, ingress), serve_env)
+        if opts.nodes > 1:
+            self._start_worker_nodes(serve_env, serve, ingress, progress)
         fn_argv = _emulators.function_argv
         fn_env = _emulators.function_env(env, fp)
         req_fn = self._spawn("fn-on-request", fn_argv("on_request", req_port), fn_env)
@@ -191,6 +273,8 @@ class LocalStack:
         wait_until(
             lambda: _healthy(serve_port), opts.startup_timeout_s, "Ray Serve to be ready", serve
         )
+        if opts.replicas > 1 and not opts.scale_to_zero:
+            wait_until(self._all_replicas_placed, opts.startup_timeout_s, f"{opts.replicas} replicas each", serve)
         self.state = StackState(
             project=PROJECT,
             pubsub_host=pubsub_host,
@@ -209,9 +293,132 @@ class LocalStack:
             default_model=opts.default_model,
             supervisor_pid=os.getpid(),
             process_groups={p.name: p.pid for p in self.processes},
+            replicas=opts.replicas,
+            nodes=opts.nodes,
+            scale_to_zero=opts.scale_to_zero,
+            data_plane=opts.data_plane,
+            state_dir=str(opts.state_dir.resolve()),
         )
         self.state.save(opts.state_dir)
         return self.state
+
+    def _serve_argv(self, serve_port: int, metrics_port: int, proxy_port: int, ingress: NodePorts) -> list[str]:
+        opts = self.options
+        argv = [sys.executable, "-m", "infra.local.serve_host", "--port", str(serve_port),
+                "--metrics-port", str(metrics_port), "--data-plane", opts.data_plane,
+                "--state-dir", str(opts.state_dir.resolve()),
+                "--ingress-port", str(ingress.ingress_http), "--ingress-grpc-port", str(ingress.ingress_grpc),
+                "--ingress-span", str(ingress.span)]  # fmt: skip
+        if opts.data_plane == "direct":
+            argv += ["--proxy-port", str(proxy_port)]
+        if opts.data_plane == "haproxy":
+            argv += ["--haproxy-dir", str(self._private_dir("hap"))]
+        if opts.replicas != 1 or opts.nodes != 1:
+            argv += ["--replicas", str(opts.replicas), "--nodes", str(opts.nodes)]
+        if opts.nodes > 1:
+            # `ray start` records its cluster in <temp dir>/ray_current_cluster, where any
+            # ray.init() on this machine would find it: keep the cluster's temp dir private.
+            argv += ["--ray-temp-dir", str(self._private_dir("ray"))]
+        if opts.scale_to_zero:
+            argv += ["--scale-to-zero", "--idle-delay-s", str(opts.idle_delay_s)]
+        return argv
+
+    def _chaos_env(self) -> dict[str, str]:
+        if not self.options.chaos_fail_load:
+            return {}
+        chaos_dir = (self.options.state_dir / "chaos").resolve()
+        chaos_dir.mkdir(parents=True, exist_ok=True)
+        return {"TRIGGERFISH_CHAOS_FAIL_LOAD": self.options.chaos_fail_load, "TRIGGERFISH_CHAOS_DIR": str(chaos_dir)}
+
+    def _cluster_auth_env(self) -> dict[str, str]:
+        """Ray's token authentication with a token of this stack's own, shared by every node.
+
+        A single node needs none set here (``ray.init`` handles its own); worker raylets
+        started with ``ray start`` join only with the head's token.
+        """
+        if self.options.nodes == 1:
+            return {}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+    def _private_dir(self, kind: str) -> Path:
+        """A short private directory under the system temp dir (Unix sockets live there)."""
+        if kind not in self._private_dirs:
+            self._private_dirs[kind] = Path(tempfile.mkdtemp(prefix=f"tf-{kind}-"))
+        return self._private_dirs[kind]
+
+    def _start_worker_nodes(self, env: dict[str, str], head: ManagedProcess, ingress: NodePorts, progress) -> None:  # noqa: ANN001
+        """Start nodes 1..M-1 as ``ray start --block`` raylets joined to the head's GCS."""
+        opts = self.options
+        address_file = opts.state_dir / ADDRESS_FILE
+        address_file.unlink(missing_ok=True)
+        wait_until(address_file.is_file, 120, "the Ray head's address", head)
+        address = address_file.read_text().strip()
+        for index in range(1, opts.nodes):
+            ports = NodePorts(
+                ingress_http=ingress.ingress_http,
+                ingress_grpc=ingress.ingress_grpc,
+                span=ingress.span,
+                proxy=free_port(avoid=RAY_FIXED_PORTS),
+                haproxy_stats=free_port(avoid=RAY_FIXED_PORTS),
+                haproxy_metrics=free_port(avoid=RAY_FIXED_PORTS),
+                agent=free_port(avoid=RAY_FIXED_PORTS),
+                metrics_export=free_port(avoid=RAY_FIXED_PORTS),
+            )
+            node_dir = self._private_dir("hap") if opts.data_plane == "haproxy" else opts.state_dir
+            worker_env = {
+                **env,
+                **node_env(opts.data_plane, ports, head=False, runtime_dir=node_dir),
+                # Each node is a machine of its own, with its own local engine cache (as each
+                # GKE node has its own disk); the shared cache stays the models' GCS bucket.
+                "TRIGGERFISH_ENGINE_CACHE_DIR": str((opts.state_dir / f"engine-cache-node-{index}").resolve()),
+            }
+            # Logical CPUs only: replicas reserve none (num_cpus 0), so two cores carry any shape.
+            argv = worker_argv(address, index, ports, num_cpus=os.cpu_count() or 2, temp_dir=self._private_dir("ray"))
+            progress(f"starting Ray worker node {index} (joins {address})")
+            self._worker_specs[index] = (argv, worker_env)
+            self._spawn(f"{WORKER_NODE_PREFIX}{index}", argv, worker_env)
+
+    def kill_node(self, index: int) -> int:
+        """SIGKILL worker node ``index`` (its raylet and every worker on it), like a lost machine.
+
+        Returns the number of processes killed.
+        """
+        process = self._worker(index)
+        victims = session_pids(process.pid)
+        kill_session(process.pid, grace_s=10)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(process.pid, 0)
+        self.processes.remove(process)
+        self._publish_groups()
+        return len(victims)
+
+    def restart_node(self, index: int) -> None:
+        """Start worker node ``index`` again as it was first started (a replaced machine)."""
+        if index not in self._worker_specs:
+            raise ValueError(f"no worker node {index} (nodes: {sorted(self._worker_specs)})")
+        if any(p.name == f"{WORKER_NODE_PREFIX}{index}" for p in self.processes):
+            raise RuntimeError(f"worker node {index} is running")
+        argv, env = self._worker_specs[index]
+        self._spawn(f"{WORKER_NODE_PREFIX}{index}", argv, env)
+        self._publish_groups()
+
+    def _worker(self, index: int) -> ManagedProcess:
+        for process in self.processes:
+            if process.name == f"{WORKER_NODE_PREFIX}{index}":
+                return process
+        raise ValueError(f"no running worker node {index}")
+
+    def _publish_groups(self) -> None:
+        if self.state is not None:
+            self.state.process_groups = {p.name: p.pid for p in self.processes}
+            self.state.save(self.options.state_dir)
+
+    def _all_replicas_placed(self) -> bool:
+        snapshot = ClusterSnapshot.load(self.options.state_dir / REPLICAS_FILE)
+        if snapshot is None:
+            return False
+        counts = [len(r) for r in snapshot.by_deployment().values()]
+        return bool(counts) and min(counts) >= self.options.replicas
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
         process = start_process(name, argv, self._log_dir, env, cwd=REPO_ROOT)
@@ -219,11 +426,18 @@ class LocalStack:
         return process
 
     def stop(self) -> None:
-        """Stop children in reverse start order; remove the state file."""
-        for process in reversed(self.processes):
+        """Stop children in reverse start order (the worker raylets after the head, whose
+        Serve shutdown stops their replicas); remove the state file."""
+        def order(process: ManagedProcess) -> int:
+            return 1 if process.name.startswith(WORKER_NODE_PREFIX) else 0
+
+        for process in sorted(reversed(self.processes), key=order):
             # Ray needs time to stop its workers cleanly; the others stop at once.
             stop_group(process.pid, grace_s=30.0 if process.name == "serve" else 10.0)
         self.processes.clear()
+        for path in self._private_dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
+        self._private_dirs.clear()
         state_file = self.options.state_dir / "stack.json"
         if self.state is not None and state_file.exists():
             state_file.unlink()

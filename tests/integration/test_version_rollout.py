@@ -23,7 +23,7 @@ import yaml
 from infra.local.client import StackClient
 from infra.local.emulators import upload_tree
 from infra.local.stack import DEFAULT_MODEL_REPOSITORY
-from serve.http.ingress import DEFAULT_VERSION_TTL_S
+from serve.http.model_client import DEFAULT_VERSION_TTL_S
 from serve.model.chaos import FAIL_LOAD_ENV, marker_path
 from tests.integration.conftest import SAMPLES
 
