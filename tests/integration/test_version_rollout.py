@@ -144,4 +144,4 @@ def test_rollout_under_load_with_a_failing_first_load_ends_every_input_ok(
         for blob in bucket.list_blobs(prefix="_superseded/")
         if json.loads(blob.download_as_bytes()).get("error", {}).get("reason") == "unknown_version"
     ]
-    assert not refused, refused
+    assert not refused, [json.loads(bucket.blob(n).download_as_bytes()) for n in refused[:3]]
