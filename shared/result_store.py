@@ -153,7 +153,10 @@ async def store_result(
     if known is not None and known[1] <= ours:
         # Stored by this process lately, and ours would replace it: write over that generation.
         # (A remembered higher rank is checked by reading: the object may have been deleted.)
-        expected, replacing_equal = known[0], known[1] == ours
+        # A remembered generation is no sign of a concurrent writer: only an equal rank read
+        # back after our own read-based attempt is (another delivery of the same input
+        # overwrote the object since this process remembered it).
+        expected = known[0]
     for _ in range(_MAX_ATTEMPTS):
         try:
             written = await gcs.write(bucket, name, payload, metadata=metadata, if_generation_match=expected)

@@ -15,7 +15,11 @@ import httpx
 
 from infra.local.stack import StackState
 from shared.messages import MODEL_METADATA_KEY
-from shared.results import invalid_source_object_name, result_object_name
+from shared.results import (
+    invalid_source_object_name,
+    result_object_name,
+    superseded_error_object_name,
+)
 from shared.uris import GcsUri, parse_gcs_uri
 
 
@@ -145,13 +149,13 @@ class StackClient:
             blob = bucket.get_blob(invalid_source_object_name(request_id, uri))
             return self._read(blob) if blob else None
         blob = bucket.get_blob(result_object_name(model, source))
-        if blob is None:
+        result = self._read(blob) if blob else None
+        if result is not None and generation and result.get("source", {}).get("generation") != generation:
             return None
-        result = self._read(blob)
-        if generation and result.get("source", {}).get("generation") != generation:
-            return None
-        if request_id and result.get("request_id") != request_id:
-            return None
+        if request_id and (result is None or result.get("request_id") != request_id):
+            # A request whose error a stored result outranks keeps its record by request id.
+            kept = bucket.get_blob(superseded_error_object_name(request_id, uri))
+            return self._read(kept) if kept else None
         return result
 
     def _read(self, blob) -> dict[str, Any]:  # noqa: ANN001

@@ -27,7 +27,8 @@ import pytest
 from infra.local.client import StackClient
 from infra.local.stack import StackState
 from shared.messages import MODEL_METADATA_KEY
-from shared.results import invalid_source_object_name
+from shared.results import invalid_source_object_name, result_object_name
+from shared.uris import parse_gcs_uri
 from tests.data.hostile_images import IMAGES, noise
 from tests.integration.conftest import MAX_IMAGE_BYTES, SAMPLES
 
@@ -313,6 +314,22 @@ def test_escaped_names_never_collide(client: StackClient) -> None:
     assert results[0]["labels"][0]["label"] != results[1]["labels"][0]["label"]
 
 
+def _wait_until_the_result_settles(client: StackClient, uri: Any, quiet_s: float = 2.0, limit_s: float = 20.0) -> None:
+    """Until the stored result's object generation has not changed for ``quiet_s``."""
+    source = parse_gcs_uri(str(uri))
+    blob_name = result_object_name(MODEL, source)
+    bucket = client.storage.bucket(client.state.results_bucket)
+    last, since, give_up = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < give_up:
+        blob = bucket.get_blob(blob_name)
+        current = blob.generation if blob is not None else None
+        if current != last:
+            last, since = current, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+
+
 # -- 4. image formats and bombs, through all three entry paths ---------------------------------
 @pytest.mark.parametrize("kind", list(IMAGES))
 def test_image_kind_through_every_entry_path(client: StackClient, kind: str) -> None:
@@ -326,6 +343,9 @@ def test_image_kind_through_every_entry_path(client: StackClient, kind: str) -> 
     attributes, data = finalize(state, name, generation)
     assert deliver_upload(state, attributes, data, message_id()) == 200
     uploaded = client.find_result(str(uri), MODEL, generation=generation)
+    # The stack's own bucket notification for the same upload may still be on its way; an
+    # equal rank replaces, so it would overwrite the request's result if it landed after it.
+    _wait_until_the_result_settles(client, uri)
     # pubsub: a request message naming the object
     request_id = f"hostile-img-{uuid.uuid4().hex[:12]}"
     assert (

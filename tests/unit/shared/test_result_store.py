@@ -400,6 +400,19 @@ def test_a_stale_memory_falls_back_to_reading_and_never_regresses() -> None:
     assert recent.get(URI) == (gcs.get(BUCKET, NAME).generation, rank(_meta("9", "1", "ok")))  # type: ignore[union-attr]
 
 
+def test_an_equal_rank_over_a_stale_memory_still_replaces() -> None:
+    """Another delivery of the same input rewrote the object since this process remembered it:
+    the memory's generation is stale, and a third request of equal rank must still land."""
+    gcs, recent = InMemoryGcs(), RecentWrites()
+    _store(gcs, _ok(request_id="upload"), recent=recent)
+    _store(gcs, _ok(request_id="upload-again"))  # the same notification handled by another process
+
+    stored = _store(gcs, _ok(request_id="requested"), recent=recent)
+
+    assert stored == StoredResult(URI, written=True, superseded=False)
+    assert _stored_body(gcs)["request_id"] == "requested"
+
+
 def test_a_remembered_result_that_was_deleted_is_written_again() -> None:
     gcs, recent = InMemoryGcs(), RecentWrites()
     _store(gcs, _ok(request_id="first"), recent=recent)
