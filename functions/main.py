@@ -4,6 +4,9 @@
 ``{"uris": [...]}`` with optional ``model``, ``version``, ``request_id``.
 ``on_upload``: Cloud Storage ``OBJECT_FINALIZE`` notifications delivered through
 Pub/Sub, or Eventarc ``google.cloud.storage.object.v1.finalized`` events.
+``on_bulk``: messages on the bulk topic (``triggerfish submit``, ``triggerfish dlq
+replay``): request messages, or storage notifications replayed from the dead-letter
+topic; every request they name is ``bulk`` work (batched after live work, shed first).
 
 Raise to retry, log and return to drop: transient failures propagate (the
 message is redelivered), permanent ones are recorded as error results.
@@ -26,12 +29,13 @@ from shared.messages import (
     PUBSUB_PUBLISHED_TYPE,
     EntryPath,
     InferenceRequest,
+    Priority,
     parse_gcs_notification,
     parse_request_message,
     parse_storage_event,
 )
 
-__all__ = ["on_request", "on_upload"]
+__all__ = ["on_bulk", "on_request", "on_upload"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +106,27 @@ def on_upload(cloud_event: CloudEvent) -> None:
     if request.model is None:
         request = request.model_copy(update={"model": get_settings().default_model})
     forward([request])
+
+
+@functions_framework.cloud_event
+def on_bulk(cloud_event: CloudEvent) -> None:
+    """Handle one message on the bulk topic: a request message or a replayed storage notification."""
+    configure_json_logging()
+    if cloud_event["type"] != PUBSUB_PUBLISHED_TYPE:
+        logger.error("on_bulk ignores event type %r", cloud_event["type"])
+        return
+    message_id = cloud_event["id"]
+    try:
+        data, attributes, message_id = _pubsub_message(cloud_event)
+        if "eventType" in attributes:  # a Cloud Storage notification, replayed as bulk work
+            request = parse_gcs_notification(attributes, data)
+            if request is None:
+                return
+            requests = [request.model_copy(update={"priority": Priority.BULK})]
+        else:
+            requests = parse_request_message(data, message_id, priority=Priority.BULK)
+    except PermanentError as err:
+        _record_unparsable(err, message_id, EntryPath.PUBSUB)
+        return
+    default_model = get_settings().default_model
+    forward([r if r.model is not None else r.model_copy(update={"model": default_model}) for r in requests])

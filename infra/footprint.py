@@ -116,9 +116,13 @@ def _cold_start(raw: dict) -> ColdStart:
 class Footprint:
     requests_topic: str
     uploads_topic: str
+    bulk_topic: str
+    results_topic: str
     dead_letter_topic: str
     requests_subscription: PushSubscription
     uploads_subscription: PushSubscription
+    bulk_subscription: PushSubscription
+    results_subscription: str
     dead_letter_subscription: str
     images_bucket: str
     results_bucket: str
@@ -127,6 +131,11 @@ class Footprint:
     functions: FunctionSettings
     serve_request_timeout_s: int
     cold_start: ColdStart
+
+    @property
+    def push_subscriptions(self) -> tuple[PushSubscription, ...]:
+        """Every subscription that pushes to a function: live requests, uploads, bulk."""
+        return (self.requests_subscription, self.uploads_subscription, self.bulk_subscription)
 
     def serve_environment(self) -> dict[str, str]:
         """What the RayService sets on Serve from the footprint (its request deadline)."""
@@ -151,7 +160,7 @@ def _functions(raw: dict) -> FunctionSettings:
 
 def _check_timeouts_nest(fp: Footprint) -> None:
     """ack deadline > function timeout > the function's wait on Serve > Serve's own timeout."""
-    for sub in (fp.requests_subscription, fp.uploads_subscription):
+    for sub in fp.push_subscriptions:
         chain = [
             ("the ack deadline of " + sub.name, sub.ack_deadline_seconds),
             ("the function timeout", fp.functions.timeout_seconds(sub)),
@@ -184,9 +193,13 @@ def load_footprint(path: Path = FOOTPRINT_FILE) -> Footprint:
     fp = Footprint(
         requests_topic=topics["requests"],
         uploads_topic=topics["uploads"],
+        bulk_topic=topics["bulk"],
+        results_topic=topics["results"],
         dead_letter_topic=topics["dead_letter"],
         requests_subscription=push("requests"),
         uploads_subscription=push("uploads"),
+        bulk_subscription=push("bulk"),
+        results_subscription=subs["results"]["name"],
         dead_letter_subscription=subs["dead_letter"]["name"],
         images_bucket=buckets["images"],
         results_bucket=buckets["results"],

@@ -53,6 +53,18 @@ class EntryPath(StrEnum):
     HTTP = "http"
 
 
+class Priority(StrEnum):
+    """Which traffic class a request belongs to.
+
+    ``live``: someone is waiting (uploads, HTTP calls, messages users publish).
+    ``bulk``: backfills and replays; batched after live work, shed first, with a
+    minimum share so that it never starves (:mod:`serve.model.batcher`).
+    """
+
+    LIVE = "live"
+    BULK = "bulk"
+
+
 class InferenceRequest(BaseModel):
     """One image to run through one model, whatever the entry path.
 
@@ -69,6 +81,7 @@ class InferenceRequest(BaseModel):
     # Upload ids are `<bucket>/<object>#<generation>`: object names may be 1024 bytes long.
     request_id: str = Field(min_length=1, max_length=2048)
     entry_path: EntryPath
+    priority: Priority = Priority.LIVE
 
     @model_validator(mode="after")
     def _generation_is_int64(self) -> Self:
@@ -87,6 +100,8 @@ class RequestMessage(BaseModel):
     model: str | None = Field(default=None, pattern=_NAME_PATTERN)
     version: str | None = Field(default=None, pattern=_NAME_PATTERN)
     request_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # A message may ask to be handled as bulk work (a backfill of its own).
+    priority: Priority | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Self:
@@ -101,13 +116,15 @@ class RequestMessage(BaseModel):
         return [self.uri] if self.uri is not None else list(self.uris or [])
 
     def to_requests(
-        self, default_request_id: str, entry_path: EntryPath, namespace: str = ""
-    ) -> list[InferenceRequest]:
+        self, default_request_id: str, entry_path: EntryPath, namespace: str = "",
+        priority: Priority | None = None,
+    ) -> list[InferenceRequest]:  # fmt: skip
         """Split into one :class:`InferenceRequest` per URI.
 
         Request ids are ``<id>`` for a single URI and ``<id>/<index>`` otherwise,
         so a redelivered message maps to the same ids. ``namespace`` prefixes an id
-        the message sets itself (see :func:`public_requests`).
+        the message sets itself (see :func:`public_requests`). ``priority``, where
+        given, overrides the message's own (the bulk topic's messages are all bulk).
         """
         base = namespace + self.request_id if self.request_id else default_request_id
         uris = self.source_uris()
@@ -118,6 +135,7 @@ class RequestMessage(BaseModel):
                 version=self.version,
                 request_id=base if len(uris) == 1 else f"{base}/{i}",
                 entry_path=entry_path,
+                priority=priority or self.priority or Priority.LIVE,
             )
             for i, uri in enumerate(uris)
         ]
@@ -178,8 +196,10 @@ def parse_json_bounded(data: bytes | str) -> Any:
     return json.loads(text)
 
 
-def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest]:
-    """Parse a requests-topic message body.
+def parse_request_message(
+    data: bytes, message_id: str, priority: Priority | None = None
+) -> list[InferenceRequest]:
+    """Parse a requests-topic message body (``priority`` overrides the message's own).
 
     Raises:
         PermanentError: ``malformed_message`` when the body is not the documented JSON.
@@ -198,7 +218,7 @@ def parse_request_message(data: bytes, message_id: str) -> list[InferenceRequest
     try:
         message = RequestMessage.model_validate(payload)
         # to_requests validates each InferenceRequest too (e.g. an empty or overlong uri).
-        return message.to_requests(message_id, EntryPath.PUBSUB)
+        return message.to_requests(message_id, EntryPath.PUBSUB, priority=priority)
     except ValidationError as err:
         raise PermanentError(
             ErrorReason.MALFORMED_MESSAGE, f"message {message_id}: {_describe(err)}"

@@ -89,7 +89,7 @@ def create_topics(env: Mapping[str, str], project: str, fp: Footprint) -> None:
     with _environ(env):
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
-        for topic in (fp.requests_topic, fp.uploads_topic, fp.dead_letter_topic):
+        for topic in (fp.requests_topic, fp.uploads_topic, fp.bulk_topic, fp.results_topic, fp.dead_letter_topic):
             publisher.create_topic(name=publisher.topic_path(project, topic))
         subscriber.create_subscription(
             name=subscriber.subscription_path(project, fp.dead_letter_subscription),
@@ -112,7 +112,7 @@ def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprin
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
         sub: PushSubscription
-        for sub in (fp.requests_subscription, fp.uploads_subscription):
+        for sub in fp.push_subscriptions:
             subscriber.create_subscription(
                 request={
                     "name": subscriber.subscription_path(project, sub.name),
@@ -134,7 +134,7 @@ def dispatcher_argv(project: str, fp: Footprint, ports: Mapping[str, int]) -> li
     """The push dispatcher's command line: one route per subscription."""
     argv = [sys.executable, "-m", "infra.local.push_dispatcher", "--project", project,
             "--dead-letter-topic", fp.dead_letter_topic]  # fmt: skip
-    for sub in (fp.requests_subscription, fp.uploads_subscription):
+    for sub in fp.push_subscriptions:
         # The path carries the topic: functions-framework turns it into the CloudEvent source.
         endpoint = f"http://127.0.0.1:{ports[sub.entry_point]}/projects/{project}/topics/{sub.topic}"
         argv += ["--route", f"{sub.name}={endpoint}:{sub.max_delivery_attempts}:"

@@ -100,6 +100,10 @@ class StackState:
     scale_to_zero: bool = False
     data_plane: str = "direct"
     state_dir: str = ""
+    # Bulk work (submit, dlq replay) and result events (one per stored result).
+    bulk_function_url: str = ""
+    bulk_topic: str = ""
+    results_topic: str = ""
 
     def ray_sessions(self) -> dict[str, int]:
         """The Ray nodes' process sessions by name: ``serve`` (the head) and ``ray-node-<i>``."""
@@ -214,7 +218,8 @@ class LocalStack:
         # Ray binds some fixed ports of its own (the dashboard agent's 52365 among them).
         metrics_port = free_port(avoid=RAY_FIXED_PORTS)
         proxy_port = free_port(avoid=RAY_FIXED_PORTS)
-        req_port, up_port = free_port(), free_port()
+        # One functions-framework process per entry point, as the cloud has one function each.
+        fn_ports = {sub.entry_point: free_port() for sub in fp.push_subscriptions}
         pubsub_host, storage_host = f"127.0.0.1:{ps_port}", f"http://127.0.0.1:{gcs_port}"
         env = {
             **os.environ,
@@ -260,16 +265,14 @@ class LocalStack:
             self._start_worker_nodes(serve_env, serve, ingress, progress)
         fn_argv = _emulators.function_argv
         fn_env = _emulators.function_env(env, fp)
-        req_fn = self._spawn("fn-on-request", fn_argv("on_request", req_port), fn_env)
-        up_fn = self._spawn("fn-on-upload", fn_argv("on_upload", up_port), fn_env)
-        wait_until(lambda: port_open(req_port), 60, "the on_request function", req_fn)
-        wait_until(lambda: port_open(up_port), 60, "the on_upload function", up_fn)
+        functions = {
+            entry: self._spawn(f"fn-{entry.replace('_', '-')}", fn_argv(entry, port), fn_env)
+            for entry, port in fn_ports.items()
+        }
+        for entry, process in functions.items():
+            wait_until(lambda port=fn_ports[entry]: port_open(port), 60, f"the {entry} function", process)
         _emulators.create_push_subscriptions(env, PROJECT, fp)
-        self._spawn(
-            "push-dispatcher",
-            _emulators.dispatcher_argv(PROJECT, fp, {"on_request": req_port, "on_upload": up_port}),
-            env,
-        )
+        self._spawn("push-dispatcher", _emulators.dispatcher_argv(PROJECT, fp, fn_ports), env)
         wait_until(
             lambda: _healthy(serve_port), opts.startup_timeout_s, "Ray Serve to be ready", serve
         )
@@ -282,13 +285,16 @@ class LocalStack:
             serve_url=f"http://127.0.0.1:{serve_port}",
             serve_proxy_url=f"http://127.0.0.1:{proxy_port}",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-            request_function_url=f"http://127.0.0.1:{req_port}",
-            upload_function_url=f"http://127.0.0.1:{up_port}",
+            request_function_url=f"http://127.0.0.1:{fn_ports['on_request']}",
+            upload_function_url=f"http://127.0.0.1:{fn_ports['on_upload']}",
+            bulk_function_url=f"http://127.0.0.1:{fn_ports['on_bulk']}",
             images_bucket=fp.images_bucket,
             results_bucket=fp.results_bucket,
             models_bucket=fp.models_bucket,
             requests_topic=fp.requests_topic,
             uploads_topic=fp.uploads_topic,
+            bulk_topic=fp.bulk_topic,
+            results_topic=fp.results_topic,
             dead_letter_topic=fp.dead_letter_topic,
             default_model=opts.default_model,
             supervisor_pid=os.getpid(),

@@ -111,8 +111,7 @@ def local_target(stack: StackState, directory: Path) -> Target:
         models_repository=f"gs://{stack.models_bucket}",
         dead_letter_subscription=fp.dead_letter_subscription,
         subscription_topics={
-            fp.requests_subscription.name: fp.requests_subscription.topic,
-            fp.uploads_subscription.name: fp.uploads_subscription.topic,
+            **{sub.name: sub.topic for sub in fp.push_subscriptions},
         },
         default_model=stack.default_model,
         state_dir=directory,
@@ -171,8 +170,7 @@ def cloud_target(
         or fp.dead_letter_subscription,
         subscription_topics=mapping
         or {
-            fp.requests_subscription.name: fp.requests_subscription.topic,
-            fp.uploads_subscription.name: fp.uploads_subscription.topic,
+            **{sub.name: sub.topic for sub in fp.push_subscriptions},
         },
         state_dir=directory,
     )
