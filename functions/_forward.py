@@ -230,7 +230,8 @@ def _post_once(requests: list[InferenceRequest], deadline: float) -> list[dict |
         # Answered per request: the halves of a split call sent earlier keep their answers.
         late = TransientError(f"the deadline of {len(requests)} requests passed before Serve was called")
         return [late] * len(requests)
-    body = {"requests": [r.model_dump(mode="json", exclude_none=True) for r in requests]}
+    # Defaults stay off the wire (a live request reads as it did before classes existed).
+    body = {"requests": [r.model_dump(mode="json", exclude_defaults=True) for r in requests]}
     # Serve stops working on these inputs when this function has given up on them.
     headers = {DEADLINE_HEADER: f"{deadline:.3f}"}
     tokens = get_token_source()

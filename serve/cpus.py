@@ -57,3 +57,25 @@ def replica_cpus(env: dict[str, str] | None = None) -> int:
     limits = [float(len(os.sched_getaffinity(0)))]
     limits += [c for c in (_cgroup_limit(), _ray_cpus()) if c]
     return max(1, math.ceil(min(limits)))
+
+
+#: Niceness of threads doing background work: version loads, bulk decodes.
+BACKGROUND_NICE = 10
+
+
+def lower_thread_priority(niceness: int = BACKGROUND_NICE) -> bool:
+    """Run the calling thread at ``niceness`` (Linux: niceness is per thread).
+
+    A thread-pool initializer: the pool's threads then yield the CPU to the
+    replica's other threads (the ones serving live work) whenever both want it.
+
+    Returns:
+        False where the platform or permissions do not allow it (the thread keeps its priority).
+    """
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        return False
+    return True

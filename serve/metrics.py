@@ -149,12 +149,13 @@ class _Instruments:
         lat = LATENCY_BUCKETS_S
         return cls(
             requests=f.counter(
-                "triggerfish_requests", "Answers by model, version, entry path and status (ok|error).",
-                (*mv, "entry_path", "status"),
+                "triggerfish_requests",
+                "Answers by model, version, entry path, traffic class (live|bulk) and status (ok|error).",
+                (*mv, "entry_path", "priority", "status"),
             ),
             request_duration=f.histogram(
                 "triggerfish_request_duration_seconds", "End-to-end time in the ingress per answer.",
-                lat, (*mv, "entry_path"),
+                lat, (*mv, "entry_path", "priority"),
             ),
             errors=f.counter("triggerfish_errors", "Failed answers by reason.", ("model", "reason")),
             inference_count=f.counter("triggerfish_inference_count", "Images run by the engine.", mv),
@@ -172,7 +173,10 @@ class _Instruments:
             decode_duration=f.histogram(
                 "triggerfish_decode_duration_seconds", "Decoding and resizing one image.", lat, ("model",)
             ),
-            load_shed=f.counter("triggerfish_load_shed", "Inputs refused for overload.", ("model", "where")),
+            load_shed=f.counter(
+                "triggerfish_load_shed", "Inputs refused for overload, by where and traffic class.",
+                ("model", "where", "priority"),
+            ),
             model_loaded=f.gauge(
                 "triggerfish_model_loaded", "1 for each loaded model version, with its backend.",
                 (*mv, "backend"),
@@ -256,8 +260,9 @@ def _refresh_forever() -> None:
 
 # -- the ingress ---------------------------------------------------------------------------
 def record_answer(
-    model: str, version: str | None, entry_path: str, seconds: float, reason: str | None = None
-) -> None:
+    model: str, version: str | None, entry_path: str, seconds: float, reason: str | None = None,
+    priority: str = "live",
+) -> None:  # fmt: skip
     """One answer: ``ok`` when ``reason`` is None, else ``error`` counted under ``reason``."""
 
     def record(m: _Instruments) -> None:
@@ -265,6 +270,7 @@ def record_answer(
             "model": model or UNATTRIBUTED,
             "version": version or UNATTRIBUTED,
             "entry_path": entry_path,
+            "priority": priority,
         }
         m.requests.inc(1, {**tags, "status": "ok" if reason is None else "error"})
         m.request_duration.observe(max(seconds, 0.0), tags)
@@ -274,7 +280,9 @@ def record_answer(
     _safely(record)
 
 
-def record_result(result: InferenceResult, seconds: float, model: str | None = None) -> None:
+def record_result(
+    result: InferenceResult, seconds: float, model: str | None = None, priority: str = "live"
+) -> None:
     """One stored result: its answer, and the fetch and decode time it reports.
 
     ``model`` replaces the result's model name as the label value (callers pass
@@ -282,7 +290,7 @@ def record_result(result: InferenceResult, seconds: float, model: str | None = N
     """
     model = model or result.model.name
     reason = result.error.reason.value if result.status is Status.ERROR and result.error else None
-    record_answer(model, result.model.version, result.entry_path.value, seconds, reason)
+    record_answer(model, result.model.version, result.entry_path.value, seconds, reason, priority)
     timings = result.timings
 
     def record(m: _Instruments) -> None:
@@ -300,10 +308,11 @@ def record_decode(model: str, seconds: float) -> None:
     _safely(lambda m: m.decode_duration.observe(seconds, {"model": model}))
 
 
-def record_shed(model: str, where: str, count: int = 1) -> None:
-    """``count`` inputs refused for overload ``where`` (``ingress`` or ``model``)."""
+def record_shed(model: str, where: str, count: int = 1, priority: str = "live") -> None:
+    """``count`` inputs of one traffic class refused for overload ``where`` (``ingress`` or ``model``)."""
     if count > 0:
-        _safely(lambda m: m.load_shed.inc(count, {"model": model or UNATTRIBUTED, "where": where}))
+        tags = {"model": model or UNATTRIBUTED, "where": where, "priority": str(priority)}
+        _safely(lambda m: m.load_shed.inc(count, tags))
 
 
 # -- the model replica ---------------------------------------------------------------------

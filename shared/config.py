@@ -44,6 +44,11 @@ class Settings:
             CUDA and nvImageCodec and CuPy import, and on the CPU otherwise; ``device``
             requires the GPU path (a version that cannot have it is refused); ``cpu``
             never uses it.
+        bulk_min_share: Fraction of the batch slots (model replicas) and of the admission
+            budget (ingress replicas) that bulk work keeps while live work could take it all
+            (``TRIGGERFISH_BULK_MIN_SHARE``, 0 to 1): a backfill slows under live load, never stops.
+        live_headroom: Fraction of the batch queue and of the admission budget that bulk work
+            may not fill (``TRIGGERFISH_LIVE_HEADROOM``, 0 to 1): live work finds room at once.
     """
 
     project: str = "triggerfish-local"
@@ -61,6 +66,8 @@ class Settings:
     max_inflight_bytes: int = 192 * 1024 * 1024
     admission_wait_s: float = 5.0
     decode: str = "auto"
+    bulk_min_share: float = 0.1
+    live_headroom: float = 0.25
 
 
 #: The values ``TRIGGERFISH_DECODE`` takes.
@@ -89,7 +96,16 @@ def _float(env: Mapping[str, str], name: str, default: float, allow_zero: bool =
     except ValueError as err:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from err
     if not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
-        raise ConfigError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite, got {raw!r}")
+        raise ConfigError(
+            f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite, got {raw!r}"
+        )
+    return value
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default, allow_zero=True)
+    if value > 1:
+        raise ConfigError(f"{name} must be a fraction between 0 and 1, got {env.get(name)!r}")
     return value
 
 
@@ -152,4 +168,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_inflight_bytes=_int(env, p + "MAX_INFLIGHT_BYTES", d.max_inflight_bytes),
         admission_wait_s=_float(env, p + "ADMISSION_WAIT_S", d.admission_wait_s, allow_zero=True),
         decode=_choice(env, p + "DECODE", d.decode, DECODE_MODES),
+        bulk_min_share=_fraction(env, p + "BULK_MIN_SHARE", d.bulk_min_share),
+        live_headroom=_fraction(env, p + "LIVE_HEADROOM", d.live_headroom),
     )

@@ -10,15 +10,26 @@ one-input calls that each slip in below the bound (the head of the line reserves
 capacity that frees up). A call larger than the whole budget runs when nothing else
 does. More than ``max_waiting`` calls in line, or a wait that runs out, is shed
 (:class:`Shed`, HTTP 429 with ``Retry-After``).
+
+Two traffic classes (:class:`~shared.messages.Priority`) share the budget. Bulk calls
+may hold the budget only up to ``live_headroom`` short of the limit, so live calls
+find room at once; a live call that waits goes ahead of every waiting bulk call, and
+when the line is full a live call pushes out the newest waiting bulk call (shed).
+Bulk keeps a minimum share (``bulk_min_share`` of the budget): while bulk holds less,
+live calls leave that much free for it, so a flood of live work slows a backfill but
+never stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from shared.messages import Priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +45,13 @@ class Cost:
     def __sub__(self, other: Cost) -> Cost:
         return Cost(self.inputs - other.inputs, self.bytes - other.bytes)
 
+    def within(self, limit: Cost) -> bool:
+        return self.inputs <= limit.inputs and self.bytes <= limit.bytes
+
+    def scaled(self, fraction: float) -> Cost:
+        """This cost times ``fraction``, rounded up."""
+        return Cost(math.ceil(self.inputs * fraction), math.ceil(self.bytes * fraction))
+
 
 class Shed(Exception):
     """The call was not admitted; retry after ``retry_after_s``."""
@@ -47,15 +65,19 @@ class Shed(Exception):
 @dataclass(slots=True)
 class _Waiter:
     cost: Cost
-    admitted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    priority: Priority
+    admitted: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Ticket:
     """An admitted call's hold on the budget; :meth:`release` (or ``async with``) gives it back."""
 
-    def __init__(self, gate: AdmissionGate, cost: Cost) -> None:
+    def __init__(self, gate: AdmissionGate, cost: Cost, priority: Priority = Priority.LIVE) -> None:
         self._gate = gate
         self.cost = cost
+        self.priority = priority
         self._released = False
 
     def adjust(self, cost: Cost) -> None:
@@ -65,13 +87,13 @@ class Ticket:
         lets waiting calls in.
         """
         if not self._released:
-            self._gate._change(cost - self.cost)
+            self._gate._change(cost - self.cost, self.priority)
             self.cost = cost
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._gate._change(Cost(0, 0) - self.cost, running=-1)
+            self._gate._change(Cost(0, 0) - self.cost, self.priority, running=-1)
 
     async def __aenter__(self) -> Ticket:
         return self
@@ -81,7 +103,7 @@ class Ticket:
 
 
 class AdmissionGate:
-    """Inputs and bytes in flight on one ingress replica, with a first-come line for calls that wait."""
+    """Inputs and bytes in flight on one ingress replica, with a first-come line per traffic class."""
 
     def __init__(
         self,
@@ -90,100 +112,177 @@ class AdmissionGate:
         max_wait_s: float = 5.0,
         max_waiting: int = 256,
         clock: Callable[[], float] = time.monotonic,
+        bulk_min_share: float = 0.1,
+        live_headroom: float = 0.25,
     ) -> None:
         if max_inputs < 1 or max_bytes < 1 or max_wait_s < 0 or max_waiting < 0:
             raise ValueError(
                 "admission bounds must be positive, got "
                 f"max_inputs={max_inputs}, max_bytes={max_bytes}, max_wait_s={max_wait_s}, max_waiting={max_waiting}"
             )
+        for name, value in (("bulk_min_share", bulk_min_share), ("live_headroom", live_headroom)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
         self.limit = Cost(max_inputs, max_bytes)
+        # Bulk never holds more than this (live finds the rest free) ...
+        self._bulk_limit = self.limit - self.limit.scaled(live_headroom)
+        # ... and keeps this much for itself while live could take everything.
+        self._bulk_share = self.limit.scaled(bulk_min_share)
         self._max_wait_s = max_wait_s
         self._max_waiting = max_waiting
         self._clock = clock
         self.held = Cost(0, 0)
+        self._held: dict[Priority, Cost] = {p: Cost(0, 0) for p in Priority}
         # The most inputs and the most bytes held at once since the replica started.
         self.peak = Cost(0, 0)
         self._running = 0
-        self._line: deque[_Waiter] = deque()
+        self._lines: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
+        # Per class since the replica started: inputs admitted, inputs shed.
+        self.admitted: dict[Priority, int] = {p: 0 for p in Priority}
+        self.shed: dict[Priority, int] = {p: 0 for p in Priority}
 
     @property
     def waiting(self) -> int:
-        return len(self._line)
+        return sum(len(line) for line in self._lines.values())
 
-    def _fits(self, cost: Cost) -> bool:
+    def _fits(self, cost: Cost, priority: Priority) -> bool:
         if self._running == 0:
             return True  # a call larger than the budget runs alone
-        total = self.held + cost
-        return total.inputs <= self.limit.inputs and total.bytes <= self.limit.bytes
+        if not (self.held + cost).within(self.limit):
+            return False
+        bulk_held = self._held[Priority.BULK]
+        if priority is Priority.BULK:
+            # Up to the bulk limit, or within bulk's own minimum share.
+            return (self.held + cost).within(self._bulk_limit) or (bulk_held + cost).within(
+                self._bulk_share
+            )
+        # Live leaves bulk's minimum share free while bulk waits below it.
+        if self._lines[Priority.BULK] and not self._bulk_share.within(bulk_held):
+            free_for_live = self.limit - self._bulk_share
+            return (self._held[Priority.LIVE] + cost).within(free_for_live)
+        return True
 
     def _describe(self) -> str:
+        live, bulk = self._held[Priority.LIVE], self._held[Priority.BULK]
         return (
-            f"{self.held.inputs} inputs and {self.held.bytes} bytes in flight, "
-            f"limit {self.limit.inputs} inputs and {self.limit.bytes} bytes, {len(self._line)} calls waiting"
+            f"{self.held.inputs} inputs and {self.held.bytes} bytes in flight "
+            f"(live {live.inputs}, bulk {bulk.inputs} inputs), "
+            f"limit {self.limit.inputs} inputs and {self.limit.bytes} bytes, {self.waiting} calls waiting"
         )
 
-    async def admit(self, cost: Cost, wait_s: float | None = None) -> Ticket:
-        """Hold ``cost`` for a call, waiting in line up to ``min(wait_s, max_wait_s)`` seconds.
+    def _refuse(self, message: str, cost: Cost, priority: Priority) -> Shed:
+        self.shed[priority] += cost.inputs
+        return Shed(f"overloaded ({priority.value}): {message}", retry_after_s=2.0)
+
+    async def admit(
+        self, cost: Cost, wait_s: float | None = None, priority: Priority = Priority.LIVE
+    ) -> Ticket:
+        """Hold ``cost`` for a call of class ``priority``, waiting in line up to ``min(wait_s, max_wait_s)`` s.
 
         Raises:
-            Shed: the line is full or the wait ran out.
+            Shed: the line is full (and, for a live call, holds no bulk call to push out),
+                the wait ran out, or a live call pushed this bulk call out of the line.
         """
         if cost.inputs < 0 or cost.bytes < 0:
             raise ValueError(f"a call's cost cannot be negative, got {cost}")
-        if not self._line and self._fits(cost):
-            return self._take(cost)
+        # Nobody of this class (or, for bulk, of any class) is ahead in line.
+        ahead = self._lines[Priority.LIVE] if priority is Priority.LIVE else self.waiting
+        if not ahead and self._fits(cost, priority):
+            return self._take(cost, priority)
         wait = self._max_wait_s if wait_s is None else max(0.0, min(wait_s, self._max_wait_s))
-        if len(self._line) >= self._max_waiting or wait <= 0:
-            raise Shed(f"overloaded: {self._describe()}", retry_after_s=2.0)
-        waiter = _Waiter(cost)
-        self._line.append(waiter)
+        if wait <= 0:
+            raise self._refuse(self._describe(), cost, priority)
+        if self.waiting >= self._max_waiting:
+            bulk_line = self._lines[Priority.BULK]
+            if priority is Priority.BULK or not bulk_line:
+                raise self._refuse(self._describe(), cost, priority)
+            pushed_out = bulk_line.pop()  # the newest bulk call makes room for live work
+            pushed_out.admitted.set_exception(
+                self._refuse(
+                    f"pushed out of the line by live work; {self._describe()}",
+                    pushed_out.cost,
+                    Priority.BULK,
+                )
+            )
+        waiter = _Waiter(cost, priority)
+        self._lines[priority].append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.admitted), wait)
         except TimeoutError:
-            if waiter.admitted.done():  # admitted just as the wait ran out: keep it
-                return Ticket(self, cost)
-            self._line.remove(waiter)
-            self._wake()  # the calls behind it may fit now
-            raise Shed(f"overloaded: waited {wait:.1f} s in line; {self._describe()}", retry_after_s=2.0) from None
+            if (
+                waiter.admitted.done() and waiter.admitted.exception() is None
+            ):  # admitted as the wait ran out
+                return Ticket(self, cost, priority)
+            if waiter in self._lines[priority]:
+                self._lines[priority].remove(waiter)
+                self._wake()  # the calls behind it may fit now
+                raise self._refuse(
+                    f"waited {wait:.1f} s in line; {self._describe()}", cost, priority
+                ) from None
+            raise waiter.admitted.exception() from None  # type: ignore[misc]
         except asyncio.CancelledError:
-            if waiter.admitted.done():
-                self._change(Cost(0, 0) - cost, running=-1)
-            else:
-                self._line.remove(waiter)
+            if (
+                waiter.admitted.done()
+                and not waiter.admitted.cancelled()
+                and waiter.admitted.exception() is None
+            ):
+                self._change(Cost(0, 0) - cost, priority, running=-1)
+            elif waiter in self._lines[priority]:
+                self._lines[priority].remove(waiter)
                 self._wake()
             raise
-        return Ticket(self, cost)
+        return Ticket(self, cost, priority)
 
-    def _take(self, cost: Cost) -> Ticket:
-        self._change(cost, running=1)
-        return Ticket(self, cost)
+    def _take(self, cost: Cost, priority: Priority) -> Ticket:
+        self.admitted[priority] += cost.inputs
+        self._change(cost, priority, running=1)
+        return Ticket(self, cost, priority)
 
-    def _change(self, delta: Cost, running: int = 0) -> None:
+    def _change(self, delta: Cost, priority: Priority, running: int = 0) -> None:
         self.held = self.held + delta
+        self._held[priority] = self._held[priority] + delta
         self._running += running
         self._note_peak()
         if delta.inputs < 0 or delta.bytes < 0 or running < 0:
             self._wake()
 
     def _wake(self) -> None:
-        """Admit waiting calls from the head of the line while they fit."""
-        while self._line and self._fits(self._line[0].cost):
-            waiter = self._line.popleft()
-            self.held = self.held + waiter.cost
-            self._running += 1
-            self._note_peak()
-            waiter.admitted.set_result(None)
+        """Admit waiting calls while they fit: the live line's head first, then the bulk line's."""
+        for priority in (Priority.LIVE, Priority.BULK):
+            line = self._lines[priority]
+            while line and (priority is Priority.LIVE or not self._lines[Priority.LIVE]):
+                waiter = line[0]
+                if waiter.admitted.done():  # pushed out meanwhile
+                    line.popleft()
+                    continue
+                if not self._fits(waiter.cost, priority):
+                    break
+                line.popleft()
+                self.admitted[priority] += waiter.cost.inputs
+                self.held = self.held + waiter.cost
+                self._held[priority] = self._held[priority] + waiter.cost
+                self._running += 1
+                self._note_peak()
+                waiter.admitted.set_result(None)
 
     def _note_peak(self) -> None:
         self.peak = Cost(max(self.peak.inputs, self.held.inputs), max(self.peak.bytes, self.held.bytes))
 
-    def snapshot(self) -> dict[str, int]:
-        """Held, peak and limit (inputs and bytes) and calls waiting, for ``/v1/admission``."""
+    def snapshot(self) -> dict[str, object]:
+        """Held, peak and limit (inputs and bytes), calls waiting, and per class what is held,
+        waiting, admitted and shed, for ``/v1/admission`` (``triggerfish submit`` paces on it)."""
         return {
             "inputs": self.held.inputs, "bytes": self.held.bytes,
             "peak_inputs": self.peak.inputs, "peak_bytes": self.peak.bytes,
             "max_inputs": self.limit.inputs, "max_bytes": self.limit.bytes,
-            "waiting": len(self._line),
+            "waiting": self.waiting,
+            "classes": {
+                p.value: {
+                    "inputs": self._held[p].inputs, "bytes": self._held[p].bytes,
+                    "waiting": len(self._lines[p]), "admitted_inputs": self.admitted[p], "shed_inputs": self.shed[p],
+                }
+                for p in Priority
+            },
         }  # fmt: skip
 
 

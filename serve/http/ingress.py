@@ -36,7 +36,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve import metrics
-from serve.cpus import replica_cpus
+from serve.cpus import lower_thread_priority, replica_cpus
 from serve.http.admission import AdmissionGate, Cost, Shed
 from serve.http.deadline import (
     HANDLE_GRACE_S,
@@ -66,6 +66,7 @@ from shared.messages import (
     DEADLINE_HEADER,
     NAME_PATTERN,
     InferenceRequest,
+    Priority,
     RequestMessage,
     parse_json_bounded,
     public_requests,
@@ -170,15 +171,31 @@ class Ingress:
             logger.warning("%s=off: every route is open to anyone who can reach it", AUTH_ENV)
         self._verifier = TokenVerifier(self._auth) if self._auth.required else None
         self._client = HandleModelClient(models)
-        # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has.
+        # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has, per
+        # traffic class; bulk threads run at a lower OS priority, so live decodes come first.
         self._decode = ThreadPoolExecutor(max_workers=replica_cpus(), thread_name_prefix="decode")
-        self._gcs = GcsClient.from_environment()
-        self._pipeline = MeteredPipeline(
-            InferencePipeline(self._settings, self._client, self._gcs, self._decode), self._settings.default_model, models
+        self._bulk_decode = ThreadPoolExecutor(
+            max_workers=replica_cpus(),
+            thread_name_prefix="decode-bulk",
+            initializer=lower_thread_priority,
         )
+        self._gcs = GcsClient.from_environment()
+        pipeline = InferencePipeline(
+            self._settings,
+            self._client,
+            self._gcs,
+            self._decode,
+            bulk_decode_executor=self._bulk_decode,
+        )
+        self._pipeline = MeteredPipeline(pipeline, self._settings.default_model, models)
         s = self._settings
-        self._gate = AdmissionGate(s.max_inflight_inputs, s.max_inflight_bytes, s.admission_wait_s)
-        self._oip = OipService(self._settings, HandleOipClient(models, self._client), self._decode, self._gate)
+        self._gate = AdmissionGate(
+            s.max_inflight_inputs, s.max_inflight_bytes, s.admission_wait_s,
+            bulk_min_share=s.bulk_min_share, live_headroom=s.live_headroom,
+        )  # fmt: skip
+        self._oip = OipService(
+            self._settings, HandleOipClient(models, self._client), self._decode, self._gate
+        )
 
     # -- authentication ------------------------------------------------------------------------
     async def _refusal(self, request: Request, internal: bool = False) -> JSONResponse | None:
@@ -228,19 +245,32 @@ class Ingress:
                 return refused
         # The JSON body (at most 1 MiB) is read before admission: only then is the count known.
         cost = Cost(len(requests), len(raw) + len(requests) * URI_INPUT_BYTES)
+        # A call is bulk only when all of it is: live work never waits in the bulk line.
+        bulk = all(r.priority is Priority.BULK for r in requests)
+        priority = Priority.BULK if bulk else Priority.LIVE
         with waiting_for_model(self._model_wait(request, deadline, internal)):
-            return await self._admitted(cost, deadline, self._process(requests, deadline))
+            return await self._admitted(cost, deadline, self._process(requests, deadline), priority)
 
     async def _process(self, requests: list[InferenceRequest], deadline: CallDeadline) -> JSONResponse:
-        return self._respond(await self._pipeline.process_many(requests, deadline.work))
+        response = self._respond(await self._pipeline.process_many(requests, deadline.work))
+        if response.status_code == 429:  # the model queues shed: counted by class, as admission's are
+            for request in requests:
+                self._gate.shed[request.priority] += 1
+        return response
 
-    async def _admitted(self, cost: Cost, deadline: CallDeadline, work) -> JSONResponse:  # noqa: ANN001 - a coroutine
+    async def _admitted(
+        self,
+        cost: Cost,
+        deadline: CallDeadline,
+        work,
+        priority: Priority = Priority.LIVE,  # noqa: ANN001 - a coroutine
+    ) -> JSONResponse:
         """Run ``work`` once admitted (429 if shed), and answer by the work deadline (503 after)."""
         try:
-            ticket = await self._gate.admit(cost, deadline.remaining())
+            ticket = await self._gate.admit(cost, deadline.remaining(), priority)
         except Shed as err:
             work.close()
-            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs)
+            metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs, priority)
             return _error("overloaded", err.message, 429, retry_after=err.retry_after_s)
         async with ticket:
             return await self._bounded(work, deadline)
@@ -255,6 +285,14 @@ class Ingress:
     async def _infer_bytes(self, request: Request, deadline: CallDeadline) -> JSONResponse:
         params = request.query_params
         model, version = params.get("model"), params.get("version")
+        try:
+            priority = Priority(params.get("priority", Priority.LIVE.value))
+        except ValueError:
+            return _error(
+                "bad_request",
+                f"priority {params.get('priority', '')[:50]!r} is not one of live, bulk",
+                400,
+            )
         if model is not None and model not in self._client.models():
             return _error("bad_request", f"unknown model {model!r} (models: {sorted(self._client.models())})", 400)
         if version is not None and not re.fullmatch(NAME_PATTERN, version):
@@ -265,12 +303,14 @@ class Ingress:
             return _error("image_too_large", f"body is {declared} bytes, over the limit of {limit} bytes", 413)
         # Admitted by its real cost before it is read: its declared length (the limit when undeclared).
         cost = Cost(1, limit if declared is None else declared)
+        work = self._read_and_infer(request, model, version, deadline, limit, priority)
         with waiting_for_model(self._model_wait(request, deadline, internal=False)):
-            return await self._admitted(cost, deadline, self._read_and_infer(request, model, version, deadline, limit))
+            return await self._admitted(cost, deadline, work, priority)
 
     async def _read_and_infer(
-        self, request: Request, model: str | None, version: str | None, deadline: CallDeadline, limit: int
-    ) -> JSONResponse:
+        self, request: Request, model: str | None, version: str | None, deadline: CallDeadline, limit: int,
+        priority: Priority,
+    ) -> JSONResponse:  # fmt: skip
         raw = await _read_bounded(request, limit)
         if raw is None:
             return _error("image_too_large", f"body is over the limit of {limit} bytes", 413)
@@ -278,7 +318,7 @@ class Ingress:
             return _error("bad_request", "empty body", 400)
         try:
             outcome: Processed | BaseException = await self._pipeline.process_bytes(
-                raw, model, version, f"http-{uuid.uuid4().hex}", deadline.work
+                raw, model, version, f"http-{uuid.uuid4().hex}", deadline.work, priority
             )
         except Exception as err:  # noqa: BLE001 - mapped to a status below
             outcome = err

@@ -31,6 +31,7 @@ from serve.model.batch import AnyItem, EncodedItem, ItemOutcome
 from serve.model.coalescer import CallCoalescer
 from serve.model.model_server import Rejection, Retry, VersionInfo
 from shared.errors import TransientError
+from shared.messages import Priority
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ COLD_START_LIMIT_S = 600.0
 COLD_START_RETRY_AFTER_S = 30
 # Deployment-handle calls without a caller's deadline fail after this long (and the input retries).
 HANDLE_TIMEOUT_S = 120.0
-# Calls per model in flight from one ingress replica; concurrent requests beyond
+# Calls per model and traffic class in flight from one ingress replica; concurrent requests beyond
 # this are merged into the next call (serve/model/coalescer.py).
 MAX_CALLS_IN_FLIGHT = 2
 # One Ingress -> model call carries at most this many bytes of tensors, far below
@@ -132,7 +133,9 @@ class HandleModelClient:
         self._handles = handles
         self._described: dict[tuple[str, str], VersionInfo] = {}
         self._defaults: dict[str, tuple[float, VersionInfo]] = {}
-        self._coalescers: dict[str, CallCoalescer[AnyItem, ItemOutcome | Rejection | Retry]] = {}
+        self._coalescers: dict[
+            tuple[str, Priority], CallCoalescer[AnyItem, ItemOutcome | Rejection | Retry]
+        ] = {}
         self._lookups: SingleFlight[tuple[str, str, str | None], Any] = SingleFlight()
         self._clock = clock
 
@@ -168,8 +171,32 @@ class HandleModelClient:
     async def infer_many(
         self, model: str, items: list[AnyItem], deadline: float | None
     ) -> list[ItemOutcome | Rejection | Retry]:
-        if model not in self._coalescers:
-            self._coalescers[model] = CallCoalescer(
+        """Each item's answer; live and bulk items travel in calls of their own class.
+
+        Every class has its own merged calls in flight, so a live item never waits for a
+        call slot behind bulk calls of hundreds of items (the model's queue then serves
+        the live items first).
+        """
+        classes = {item.priority for item in items}
+        if len(classes) == 1:
+            return await self._coalescer(model, classes.pop()).call(items, deadline)
+        answers: list[ItemOutcome | Rejection | Retry | None] = [None] * len(items)
+
+        async def run(priority: Priority) -> None:
+            indices = [i for i, item in enumerate(items) if item.priority is priority]
+            got = await self._coalescer(model, priority).call([items[i] for i in indices], deadline)
+            for i, answer in zip(indices, got, strict=True):
+                answers[i] = answer
+
+        await asyncio.gather(*(run(p) for p in sorted(classes)))
+        return [a for a in answers if a is not None]
+
+    def _coalescer(
+        self, model: str, priority: Priority
+    ) -> CallCoalescer[AnyItem, ItemOutcome | Rejection | Retry]:
+        key = (model, priority)
+        if key not in self._coalescers:
+            self._coalescers[key] = CallCoalescer(
                 lambda merged, latest, model=model: self._send(model, merged, latest),
                 MAX_CALLS_IN_FLIGHT,
                 max_items=MAX_CALL_ITEMS,
@@ -178,7 +205,7 @@ class HandleModelClient:
                 on_error=_retry_for,
                 stamp=_with_deadline,
             )
-        return await self._coalescers[model].call(items, deadline)
+        return self._coalescers[key]
 
     async def _send(
         self, model: str, items: list[AnyItem], deadline: float | None

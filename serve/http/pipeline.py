@@ -31,7 +31,7 @@ from serve.model.model_server import Rejection, Retry, VersionInfo
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError
 from shared.gcs import GcsClient
-from shared.messages import EntryPath, InferenceRequest
+from shared.messages import EntryPath, InferenceRequest, Priority
 from shared.result_store import RecentWrites, StoredResult, store_result
 from shared.results import InferenceResult, ModelRef, SourceRef, Status, Timings
 from shared.uris import GcsUri, check_allowed, parse_gcs_uri
@@ -104,10 +104,13 @@ class _Prepared:
     data: bytes | None = None
 
     def item(self) -> AnyItem:
+        priority = self.request.priority
         if self.image is None:
             assert self.data is not None
-            return EncodedItem(self.data, self.info.version)
-        return BatchItem(self.image.pixels, self.image.geometry, self.info.version)
+            return EncodedItem(self.data, self.info.version, priority=priority)
+        return BatchItem(
+            self.image.pixels, self.image.geometry, self.info.version, priority=priority
+        )
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -125,11 +128,17 @@ class InferencePipeline:
         gcs: GcsClient,
         decode_executor: Executor,
         prepare: Callable[..., PreparedImage] | None = None,
+        bulk_decode_executor: Executor | None = None,
     ) -> None:
         self._settings = settings
         self._models = models
         self._gcs = gcs
-        self._decode = decode_executor
+        # Bulk images decode on their own threads (at a lower OS priority in the ingress),
+        # so a backfill's decodes never queue in front of a live upload's.
+        self._decoders = {
+            Priority.LIVE: decode_executor,
+            Priority.BULK: bulk_decode_executor or decode_executor,
+        }
         # prepare_image, or a stand-in with its contract (tests).
         self._prepare_image = prepare or prepare_image
         # Redeliveries and repeated images rewrite a result in one request.
@@ -172,13 +181,14 @@ class InferencePipeline:
         version: str | None,
         request_id: str,
         deadline: float | None = None,
+        priority: Priority = Priority.LIVE,
     ) -> Processed:
         """Run an image posted in the HTTP body; recorded under a name derived from its content."""
         started = time.monotonic()
         digest = hashlib.sha256(data).hexdigest()
         request = InferenceRequest(
             uri=f"sha256:{digest}", model=model, version=version,
-            request_id=request_id, entry_path=EntryPath.HTTP,
+            request_id=request_id, entry_path=EntryPath.HTTP, priority=priority,
         )  # fmt: skip
         source = GcsUri(self._settings.results_bucket, f"_http/{digest}")
         model = model or self._settings.default_model
@@ -232,7 +242,12 @@ class InferencePipeline:
         t_decode = time.monotonic()
         try:
             image = await asyncio.get_running_loop().run_in_executor(
-                self._decode, self._prepare_image, data, info.input, info.preprocess, self._settings.max_image_pixels
+                self._decoders[request.priority],
+                self._prepare_image,
+                data,
+                info.input,
+                info.preprocess,
+                self._settings.max_image_pixels,
             )
         except (PermanentError, TransientError):
             raise

@@ -32,6 +32,7 @@ from serve.imaging.cpu_decode import to_model_input
 from serve.model_config import InputSpec, ModelConfig
 from serve.postprocess.base import ImageGeometry, Postprocessor
 from shared.errors import ErrorReason, PermanentError, TransientError
+from shared.messages import Priority
 from shared.results import Detection, Label
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class BatchItem:
     ``raw`` asks for the engine's output tensors of this item besides its labels or
     detections (the Open Inference Protocol returns them). ``deadline`` (wall-clock
     seconds) is this item's caller's own, when calls were merged; the call's otherwise.
+    ``priority`` is its request's traffic class (the batch queue serves live first).
     """
 
     pixels: np.ndarray
@@ -55,6 +57,7 @@ class BatchItem:
     preprocessed: bool = False
     raw: bool = False
     deadline: float | None = None
+    priority: Priority = Priority.LIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +66,15 @@ class EncodedItem:
 
     Sent to a version whose replica decodes on its GPU (``VersionInfo.decode`` is not
     ``cpu``): the replica decodes, resizes and normalizes whole batches after its queue
-    formed them (:mod:`serve.model.encoded_batch`). ``deadline`` as in :class:`BatchItem`.
+    formed them (:mod:`serve.model.encoded_batch`). ``deadline`` and ``priority`` as in
+    :class:`BatchItem`.
     """
 
     data: bytes
     version: str
     enqueued_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    priority: Priority = Priority.LIVE
 
 
 #: Either kind of item a model replica takes.

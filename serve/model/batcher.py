@@ -11,11 +11,21 @@ The queue is bounded: a full queue refuses new items with :class:`Overloaded`
 (the ingress answers 429 with ``Retry-After``), so overload sheds early instead
 of growing memory and latency until callers time out. Items whose deadline has
 passed are dropped before inference: nobody is waiting for them any more.
+
+Two classes share the queue (:class:`~shared.messages.Priority`). Live items are
+batched before bulk items and bulk fills the rest of a batch, except that bulk
+keeps a minimum share of the batch slots while it has items waiting
+(``bulk_min_share``: a credit of that fraction of every batch, so bulk moves even
+under a flood of live work). Bulk may fill the queue only up to ``capacity`` less
+the live headroom (``live_headroom``); a live item that finds the queue full
+pushes out the newest bulk item (which is shed), so live is refused only when no
+bulk is left to shed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,12 +33,16 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from shared.errors import TransientError
+from shared.messages import Priority
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 # Weight of the newest inter-arrival gap in the running average.
 _EWMA_ALPHA = 0.2
+#: Defaults: a tenth of the batch slots for bulk while it waits, a quarter of the queue kept for live.
+DEFAULT_BULK_MIN_SHARE = 0.1
+DEFAULT_LIVE_HEADROOM = 0.25
 
 
 class Overloaded(TransientError):
@@ -47,7 +61,10 @@ class DeadlineExceeded(TransientError):
 class _Pending(Generic[T, R]):
     item: T
     deadline: float | None  # wall-clock seconds (time.time()): deadlines cross processes
-    future: asyncio.Future[R] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    priority: Priority = Priority.LIVE
+    future: asyncio.Future[R] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class BatchQueue(Generic[T, R]):
@@ -58,6 +75,8 @@ class BatchQueue(Generic[T, R]):
         max_batch_size: Largest batch handed to ``run``.
         max_wait_s: Longest an idle engine waits for a batch to fill.
         capacity: Items that may wait at once; more are refused with :class:`Overloaded`.
+        bulk_min_share: Fraction of the batch slots bulk items get while any wait (0..1).
+        live_headroom: Fraction of ``capacity`` that bulk items may not fill (0..1).
     """
 
     def __init__(
@@ -66,10 +85,18 @@ class BatchQueue(Generic[T, R]):
         max_batch_size: int,
         max_wait_s: float,
         capacity: int,
+        bulk_min_share: float = DEFAULT_BULK_MIN_SHARE,
+        live_headroom: float = DEFAULT_LIVE_HEADROOM,
     ) -> None:
         self._run = run
+        for name, value in (("bulk_min_share", bulk_min_share), ("live_headroom", live_headroom)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+        self.bulk_min_share = bulk_min_share
+        self.live_headroom = live_headroom
         self.configure(max_batch_size, max_wait_s, capacity)
-        self._queue: deque[_Pending[T, R]] = deque()
+        self._queues: dict[Priority, deque[_Pending[T, R]]] = {p: deque() for p in Priority}
+        self._bulk_credit = 0.0  # bulk slots owed by the minimum share
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._gap_s = float("inf")  # running average of the time between arrivals
@@ -89,35 +116,69 @@ class BatchQueue(Generic[T, R]):
     @property
     def depth(self) -> int:
         """Items waiting for a batch."""
-        return len(self._queue)
+        return sum(len(q) for q in self._queues.values())
 
-    async def submit(self, item: T, deadline: float | None = None) -> R:
-        """Queue ``item`` and wait for its result.
+    def depth_of(self, priority: Priority) -> int:
+        """Items of one class waiting for a batch."""
+        return len(self._queues[priority])
+
+    @property
+    def bulk_capacity(self) -> int:
+        """Items of the bulk class that may wait at once: the capacity less the live headroom."""
+        return max(1, self.capacity - math.ceil(self.capacity * self.live_headroom))
+
+    async def submit(
+        self, item: T, deadline: float | None = None, priority: Priority = Priority.LIVE
+    ) -> R:
+        """Queue ``item`` in its class and wait for its result.
 
         Raises:
-            Overloaded: the queue holds ``capacity`` items already.
+            Overloaded: the queue holds ``capacity`` items already (for bulk: its
+                share of it), or a live item pushed this bulk item out.
             DeadlineExceeded: ``deadline`` passed before the item's batch started.
         """
-        if len(self._queue) >= self.capacity:
-            raise Overloaded(
-                f"batch queue full ({len(self._queue)} waiting, capacity {self.capacity})",
-                retry_after_s=self.retry_after_s(),
-            )
+        self._make_room(priority)
         self._start()
         now = time.monotonic()
         if self._last_arrival:
             gap = now - self._last_arrival
             self._gap_s = gap if self._gap_s == float("inf") else (1 - _EWMA_ALPHA) * self._gap_s + _EWMA_ALPHA * gap
         self._last_arrival = now
-        pending: _Pending[T, R] = _Pending(item, deadline)
-        self._queue.append(pending)
+        pending: _Pending[T, R] = _Pending(item, deadline, priority)
+        self._queues[priority].append(pending)
         assert self._arrived is not None
         self._arrived.set()
         return await pending.future
 
+    def _make_room(self, priority: Priority) -> None:
+        """Refuse the item, or for a live item on a full queue shed the newest bulk item instead."""
+        bulk = self._queues[Priority.BULK]
+        if priority is Priority.BULK and len(bulk) >= self.bulk_capacity:
+            raise Overloaded(
+                f"batch queue full for bulk work ({len(bulk)} bulk waiting, bulk capacity {self.bulk_capacity} "
+                f"of {self.capacity})",
+                retry_after_s=self.retry_after_s(),
+            )
+        if self.depth < self.capacity:
+            return
+        if priority is Priority.LIVE and bulk:
+            shed = bulk.pop()
+            if not shed.future.done():
+                shed.future.set_exception(
+                    Overloaded(
+                        "shed for live work: the batch queue is full",
+                        retry_after_s=self.retry_after_s(),
+                    )
+                )
+            return
+        raise Overloaded(
+            f"batch queue full ({self.depth} waiting, capacity {self.capacity})",
+            retry_after_s=self.retry_after_s(),
+        )
+
     def retry_after_s(self) -> float:
         """How long the queue needs to drain at the recent batch rate (at least 1 s)."""
-        batches = len(self._queue) / self.max_batch_size + 1
+        batches = self.depth / self.max_batch_size + 1
         return max(1.0, batches * self._batch_s)
 
     def _start(self) -> None:
@@ -129,15 +190,18 @@ class BatchQueue(Generic[T, R]):
         """Stop the loop; items still queued fail with :class:`DeadlineExceeded`."""
         if self._loop_task is not None:
             self._loop_task.cancel()
-        for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(DeadlineExceeded("the model replica is shutting down"))
-        self._queue.clear()
+        for queue in self._queues.values():
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        DeadlineExceeded("the model replica is shutting down")
+                    )
+            queue.clear()
 
     async def _serve(self) -> None:
         assert self._arrived is not None
         while True:
-            while not self._queue:
+            while not self.depth:
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._fill()
@@ -148,11 +212,11 @@ class BatchQueue(Generic[T, R]):
     async def _fill(self) -> None:
         """Wait for a fuller batch only when arrivals are dense enough to deliver one soon."""
         assert self._arrived is not None
-        missing = self.max_batch_size - len(self._queue)
+        missing = self.max_batch_size - self.depth
         if missing <= 0 or self._gap_s >= self.max_wait_s:
             return
         wait_until = time.monotonic() + min(self.max_wait_s, self._gap_s * missing)
-        while len(self._queue) < self.max_batch_size:
+        while self.depth < self.max_batch_size:
             remaining = wait_until - time.monotonic()
             if remaining <= 0:
                 return
@@ -163,18 +227,36 @@ class BatchQueue(Generic[T, R]):
                 return
 
     def _take(self) -> list[_Pending[T, R]]:
-        """Up to ``max_batch_size`` live items; expired or abandoned ones are dropped."""
+        """Up to ``max_batch_size`` items, live first, bulk its owed share and then the rest.
+
+        Expired or abandoned items are dropped.
+        """
         now = time.time()
-        batch: list[_Pending[T, R]] = []
-        while self._queue and len(batch) < self.max_batch_size:
-            pending = self._queue.popleft()
-            if pending.future.done():  # the caller went away
+        live, bulk = self._queues[Priority.LIVE], self._queues[Priority.BULK]
+        bulk_waiting = bool(bulk)
+        owed = min(int(self._bulk_credit), self.max_batch_size) if bulk_waiting else 0
+        batch = self._pop(live, self.max_batch_size - owed, now)
+        taken_live = len(batch)
+        batch += self._pop(bulk, self.max_batch_size - len(batch), now)
+        if bulk_waiting:  # bulk is owed its share of every batch formed while it waits
+            earned = (
+                self._bulk_credit + self.bulk_min_share * len(batch) - (len(batch) - taken_live)
+            )
+            self._bulk_credit = min(max(0.0, earned), float(self.max_batch_size))
+        return batch
+
+    @staticmethod
+    def _pop(queue: deque[_Pending[T, R]], count: int, now: float) -> list[_Pending[T, R]]:
+        taken: list[_Pending[T, R]] = []
+        while queue and len(taken) < count:
+            pending = queue.popleft()
+            if pending.future.done():  # the caller went away (or a live item pushed it out)
                 continue
             if pending.deadline is not None and now > pending.deadline:
                 pending.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                 continue
-            batch.append(pending)
-        return batch
+            taken.append(pending)
+        return taken
 
     async def _dispatch(self, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()

@@ -37,7 +37,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from serve import metrics
+from serve.cpus import lower_thread_priority
 from serve.engines.base import engine_healthy
 from serve.engines.cache import EngineCache
 from serve.engines.errors import is_out_of_memory, load_error_is_permanent
@@ -70,6 +70,7 @@ from serve.model_config import InputSpec, ModelConfig, PreprocessSpec
 from shared.config import load_settings
 from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 from shared.logging import configure_json_logging
+from shared.messages import Priority
 from shared.results import version_sort_key
 
 logger = logging.getLogger(__name__)
@@ -168,11 +169,9 @@ def _absent(err: BaseException) -> bool:
 
 
 def _lower_priority() -> None:
-    """Run the calling thread at :data:`LOADER_NICE` (Linux: niceness is per thread)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
-    except (AttributeError, OSError) as err:  # not Linux, or not permitted: load at normal priority
-        logger.info("version loader keeps normal priority: %s", err)
+    """Run the calling thread at :data:`LOADER_NICE`, where the platform allows."""
+    if not lower_thread_priority(LOADER_NICE):
+        logger.info("version loader keeps normal priority (not Linux, or not permitted)")
 
 
 def newer(version: str, than: str | None) -> bool:
@@ -241,8 +240,12 @@ class ModelServer:
         self._fault: str | None = None
         self._default: str | None = None
         capacity = int(os.environ.get("TRIGGERFISH_MAX_QUEUED", DEFAULT_QUEUE_CAPACITY))
-        self._queue: BatchQueue[_Queued, ItemOutcome] = BatchQueue(self._run, 8, 0.005, max(capacity, 64))
-        self._poll_interval_s = poll_interval_s or float(os.environ.get("TRIGGERFISH_REPOSITORY_POLL_S", "30"))
+        self._queue: BatchQueue[_Queued, ItemOutcome] = BatchQueue(
+            self._run, 8, 0.005, max(capacity, 64), settings.bulk_min_share, settings.live_headroom
+        )
+        self._poll_interval_s = poll_interval_s or float(
+            os.environ.get("TRIGGERFISH_REPOSITORY_POLL_S", "30")
+        )
         # Background loads: one thread, at a lower priority than the threads serving batches.
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="version-loader", initializer=_lower_priority)
         try:
@@ -603,12 +606,12 @@ class ModelServer:
         self._users[key] += 1
         try:
             queued = _Queued(dataclasses.replace(item, enqueued_at=time.monotonic()), loaded)
-            outcome = await self._queue.submit(queued, deadline)
+            outcome = await self._queue.submit(queued, deadline, item.priority)
             if outcome.retry_message is not None:
                 return Retry(outcome.retry_message)
             return outcome
         except Overloaded as err:
-            metrics.record_shed(self._model, "model")
+            metrics.record_shed(self._model, "model", priority=item.priority)
             return Retry(str(err), overloaded=True, retry_after_s=err.retry_after_s)
         except (DeadlineExceeded, TransientError) as err:
             return Retry(str(err))
@@ -657,6 +660,7 @@ class ModelServer:
             "decode": {v: lv.decode for v, lv in self._versions.items()},
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
             "queue_depth": self._queue.depth,
+            "queue_depth_by_priority": {p.value: self._queue.depth_of(p) for p in Priority},
             "healthy": self._fault is None,
         }
 

@@ -30,8 +30,8 @@ def test_instruments_carry_the_names_the_alerts_and_dashboard_use(recorder: Reco
     metrics.record_answer("m", "1", "http", 0.1)
 
     assert recorder.declared == {
-        "triggerfish_requests": ("counter", ("model", "version", "entry_path", "status")),
-        "triggerfish_request_duration_seconds": ("histogram", ("model", "version", "entry_path")),
+        "triggerfish_requests": ("counter", ("model", "version", "entry_path", "priority", "status")),
+        "triggerfish_request_duration_seconds": ("histogram", ("model", "version", "entry_path", "priority")),
         "triggerfish_errors": ("counter", ("model", "reason")),
         "triggerfish_inference_count": ("counter", ("model", "version")),
         "triggerfish_execution_count": ("counter", ("model", "version")),
@@ -40,7 +40,7 @@ def test_instruments_carry_the_names_the_alerts_and_dashboard_use(recorder: Reco
         "triggerfish_compute_duration_seconds": ("histogram", ("model", "version")),
         "triggerfish_fetch_duration_seconds": ("histogram", ("model",)),
         "triggerfish_decode_duration_seconds": ("histogram", ("model",)),
-        "triggerfish_load_shed": ("counter", ("model", "where")),
+        "triggerfish_load_shed": ("counter", ("model", "where", "priority")),
         "triggerfish_model_loaded": ("gauge", ("model", "version", "backend")),
         "triggerfish_queue_depth": ("gauge", ("model",)),
     }
@@ -58,7 +58,7 @@ def test_an_ok_result_counts_once_with_its_stage_timings(recorder: Recorder) -> 
 
     metrics.record_result(result, 0.25)
 
-    ok = {"model": "mobilenet_v2", "version": "1", "entry_path": "upload"}
+    ok = {"model": "mobilenet_v2", "version": "1", "entry_path": "upload", "priority": "live"}
     assert recorder.get("triggerfish_requests", **ok, status="ok") == 1
     assert recorder.get("triggerfish_request_duration_seconds", **ok) == [0.25]
     assert recorder.get("triggerfish_fetch_duration_seconds", model="mobilenet_v2") == [0.012]
@@ -76,7 +76,7 @@ def test_an_error_record_counts_as_an_error_with_its_reason(recorder: Recorder) 
 
     assert (
         recorder.get(
-            "triggerfish_requests", model="m", version="*", entry_path="pubsub", status="error"
+            "triggerfish_requests", model="m", version="*", entry_path="pubsub", priority="live", status="error"
         )
         == 2
     )
@@ -123,8 +123,19 @@ def test_shed_inputs_are_counted_by_where(recorder: Recorder) -> None:
     metrics.record_shed("m", "model")
     metrics.record_shed("m", "model", 0)
 
-    assert recorder.get("triggerfish_load_shed", model="*", where="ingress") == 3
-    assert recorder.get("triggerfish_load_shed", model="m", where="model") == 1
+    assert recorder.get("triggerfish_load_shed", model="*", where="ingress", priority="live") == 3
+    assert recorder.get("triggerfish_load_shed", model="m", where="model", priority="live") == 1
+
+
+def test_shed_and_answers_are_counted_by_traffic_class(recorder: Recorder) -> None:
+    metrics.record_shed("m", "model", 2, priority="bulk")
+    metrics.record_answer("m", "1", "pubsub", 0.5, priority="bulk")
+
+    assert recorder.get("triggerfish_load_shed", model="m", where="model", priority="bulk") == 2
+    assert recorder.get("triggerfish_load_shed", model="m", where="model", priority="live") is None
+    answer = {"model": "m", "version": "1", "entry_path": "pubsub", "priority": "bulk"}
+    assert recorder.get("triggerfish_requests", **answer, status="ok") == 1
+    assert recorder.get("triggerfish_request_duration_seconds", **answer) == [0.5]
 
 
 def test_a_failing_metrics_backend_never_fails_the_caller(caplog: pytest.LogCaptureFixture) -> None:

@@ -42,9 +42,9 @@ def started(monkeypatch, tmp_path):
     return spawned
 
 
-def test_both_function_processes_get_the_footprint_settings(started):
+def test_every_function_process_gets_the_footprint_settings(started):
     expected = load_footprint().functions.environment()
     functions = {name: env for name, env in started.items() if name.startswith("fn-")}
-    assert set(functions) == {"fn-on-request", "fn-on-upload"}
+    assert set(functions) == {"fn-on-request", "fn-on-upload", "fn-on-bulk"}
     for name, env in functions.items():
         assert {k: env.get(k) for k in expected} == expected, name

@@ -156,4 +156,8 @@ def test_the_snapshot_shows_what_is_held_the_peaks_and_the_limits() -> None:
     assert asyncio.run(run()) == {
         "inputs": 5, "bytes": 300, "peak_inputs": 9, "peak_bytes": 800,
         "max_inputs": 10, "max_bytes": 1000, "waiting": 0,
+        "classes": {
+            "live": {"inputs": 5, "bytes": 300, "waiting": 0, "admitted_inputs": 9, "shed_inputs": 0},
+            "bulk": {"inputs": 0, "bytes": 0, "waiting": 0, "admitted_inputs": 0, "shed_inputs": 0},
+        },
     }  # fmt: skip

@@ -248,8 +248,8 @@ def test_an_image_body_goes_to_process_bytes_with_model_version_and_deadline() -
     )
 
     assert status == 200
-    [(data, model, version, request_id, deadline)] = pipeline.bytes
-    assert (data, model, version) == (b"\xff\xd8jpeg", "text_detector", "2")
+    [(data, model, version, request_id, deadline, priority)] = pipeline.bytes
+    assert (data, model, version, priority) == (b"\xff\xd8jpeg", "text_detector", "2", "live")
     assert request_id.startswith("http-")
     assert deadline == pytest.approx(time.time() + 60 - ANSWER_MARGIN_S, abs=1)
 

@@ -74,6 +74,7 @@ def test_each_input_of_a_call_is_counted_once(recorder: Any) -> None:
             model="mobilenet_v2",
             version="1",
             entry_path="pubsub",
+            priority="live",
             status="ok",
         )
         == 1
@@ -84,6 +85,7 @@ def test_each_input_of_a_call_is_counted_once(recorder: Any) -> None:
             model="mobilenet_v2",
             version="*",
             entry_path="pubsub",
+            priority="live",
             status="ok",
         )
         == 1
@@ -121,6 +123,7 @@ def test_a_raw_body_that_fails_is_counted_and_re_raised(recorder: Any) -> None:
             model="mobilenet_v2",
             version="*",
             entry_path="http",
+            priority="live",
             status="error",
         )
         == 1
