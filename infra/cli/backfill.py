@@ -25,6 +25,7 @@ from rich.text import Text
 from infra.ops.backfill import Plan, Summary
 from infra.ops.backfill_run import BackfillOptions, run_backfill
 from infra.ops.target import resolve_target
+from shared.messages import Priority
 
 
 class _RateColumn(ProgressColumn):
@@ -60,15 +61,16 @@ class _RichSink:
             TimeRemainingColumn(),
             TimeElapsedColumn(),
             TextColumn("published {task.fields[published]}"),
+            TextColumn("[dim]{task.fields[classes]}"),
             console=self._console,
             speed_estimate_period=15.0,
         )
-        self._task = self._progress.add_task("results", total=total, published=0)
+        self._task = self._progress.add_task("results", total=total, published=0, classes="")
         self._progress.start()
 
-    def update(self, done: int, published: int) -> None:
+    def update(self, done: int, published: int, classes: str = "") -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, published=published)
+            self._progress.update(self._task, completed=done, published=published, classes=classes)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -106,7 +108,8 @@ def _print_summary(summary: Summary) -> None:
     state = "interrupted; re-run the same command to resume" if summary.interrupted else "done"
     out.print(
         f"{summary.processed} results in {summary.elapsed_s:.1f} s ({rate:.1f} images/s), "
-        f"{summary.published_images} images published in {summary.published_messages} messages: {state}\n"
+        f"{summary.published_images} images published in {summary.published_messages} messages "
+        f"as {summary.priority} work ({summary.bulk_shed} bulk inputs shed by Serve meanwhile): {state}\n"
         f"results: {summary.results_prefix}"
     )
 
@@ -124,6 +127,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         resubmit_after_s=args.resubmit_after,
         wait=not args.no_wait,
         dry_run=args.dry_run,
+        priority=Priority(args.priority),
     )
     target = resolve_target(args)
     # A process manager's SIGTERM stops a backfill as cleanly as Ctrl-C does.

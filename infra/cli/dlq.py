@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from rich.console import Console
@@ -119,7 +120,12 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     target = resolve_target(args)
     subscriber, publisher = target.subscriber_client(), target.publisher_client()
     path = _subscription_path(target, subscriber, args)
-    topic_for = _TopicResolver(target, subscriber, publisher)
+    topic_for: Callable[[DeadLetter], str] = _TopicResolver(target, subscriber, publisher)
+    if getattr(args, "to", "bulk") == "bulk" and target.bulk_topic:
+        # Replays are bulk work: the bulk function takes request messages and storage
+        # notifications alike (their attributes travel with them).
+        bulk_topic = publisher.topic_path(target.project, target.bulk_topic)
+        topic_for = lambda _letter: bulk_topic  # noqa: E731 - one topic for every letter
     total = ReplayReport()
     seen: set[str] = set()
     limit = args.max if args.max is not None else float("inf")

@@ -127,7 +127,14 @@ def _add_backfill_commands(sub, common: argparse.ArgumentParser) -> None:  # noq
     submit.add_argument("--model", help="model (default: the default model)")
     submit.add_argument("--version", help="model version (default: the newest in the repository)")
     submit.add_argument("--per-message", type=int, default=16, help="URIs per request message (1-100)")
-    submit.add_argument("--max-in-flight", type=int, default=1000, help="images published but without a result yet")
+    submit.add_argument(
+        "--max-in-flight", type=int, default=1000,
+        help="most images published but without a result yet (the window below it follows Serve's bulk sheds)",
+    )  # fmt: skip
+    submit.add_argument(
+        "--priority", choices=("bulk", "live"), default="bulk",
+        help="traffic class: bulk (default: the bulk topic, after live work, shed first) or live",
+    )  # fmt: skip
     submit.add_argument("--dry-run", action="store_true", help="say what would be published, publish nothing")
     submit.add_argument("--no-wait", action="store_true", help="exit once everything is published")
     submit.add_argument("--timeout", type=float, default=600, help="stop waiting after this many seconds without a new result")
@@ -144,7 +151,14 @@ def _add_backfill_commands(sub, common: argparse.ArgumentParser) -> None:  # noq
     listing.add_argument("--subscription", help="dead-letter subscription (default: the footprint's)")
     listing.add_argument("--from", dest="source", metavar="SUBSCRIPTION", help="only dead letters of this subscription")
     listing.set_defaults(func=_lazy("infra.cli.dlq", "cmd_dlq_list"))
-    again = dlq.add_parser("replay", parents=[common, target], help="republish dead letters to their original topics")
+    again = dlq.add_parser(
+        "replay", parents=[common, target],
+        help="republish dead letters as bulk work (the bulk topic), or to their original topics",
+    )  # fmt: skip
+    again.add_argument(
+        "--to", choices=("bulk", "origin"), default="bulk",
+        help="bulk: the bulk topic, handled after live work (default); origin: the topic each message came from",
+    )  # fmt: skip
     again.add_argument("--max", type=int, default=None, help="at most this many messages (default: all)")
     again.add_argument("--subscription", help="dead-letter subscription (default: the footprint's)")
     again.add_argument("--from", dest="source", metavar="SUBSCRIPTION", help="only dead letters of this subscription")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ErrorReason, PermanentError
-from shared.messages import MAX_URIS_PER_MESSAGE, RequestMessage
+from shared.messages import MAX_URIS_PER_MESSAGE, Priority, RequestMessage
 from shared.result_store import (
     ERROR_REASON_METADATA_KEY,
     GENERATION_METADATA_KEY,
@@ -213,12 +213,14 @@ class Batch:
 
 
 def batches(
-    items: Sequence[SourceObject], per_message: int, model: str, version: str, run_id: str
-) -> list[Batch]:
+    items: Sequence[SourceObject], per_message: int, model: str, version: str, run_id: str,
+    priority: Priority = Priority.BULK,
+) -> list[Batch]:  # fmt: skip
     """Group ``items`` into request messages of at most ``per_message`` URIs.
 
     The messages pin ``version``, so a version promoted during the backfill does
-    not split it across two versions.
+    not split it across two versions, and carry their traffic class (bulk, unless
+    the run asked to be live), so they are bulk work whichever topic they reach.
 
     Raises:
         ValueError: ``per_message`` outside 1..100.
@@ -236,6 +238,7 @@ def batches(
             model=model,
             version=version,
             request_id=request_id,
+            priority=priority,
         )
         body = message.model_dump_json(exclude_none=True).encode()
         out.append(Batch(request_id, body, chunk))
@@ -306,6 +309,9 @@ class Summary:
     interrupted: bool = False
     elapsed_s: float = 0.0
     results_prefix: str = ""
+    priority: str = Priority.BULK.value
+    # Bulk inputs Serve shed while the run watched (it backs off on each).
+    bulk_shed: int = 0
 
     @property
     def processed(self) -> int:
@@ -342,7 +348,7 @@ class Summary:
             "published_images": self.published_images,
             "published_messages": self.published_messages,
             "publish_failed": self.publish_failed, "not_published": self.not_published,
-            "unfinished": self.unfinished,
+            "unfinished": self.unfinished, "priority": self.priority, "bulk_shed": self.bulk_shed,
             "interrupted": self.interrupted, "elapsed_s": round(self.elapsed_s, 3),
             "results_prefix": self.results_prefix,
         }  # fmt: skip

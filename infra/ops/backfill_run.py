@@ -40,7 +40,9 @@ from infra.ops.backfill import (
     parse_uri_list,
     result_name,
 )
+from infra.ops.pacing import ServePressure, Window
 from infra.ops.target import Target
+from shared.messages import Priority
 from shared.results import version_sort_key
 from shared.uris import GcsUri, parse_gcs_uri
 
@@ -66,6 +68,7 @@ class BackfillOptions:
     resubmit_after_s: float = 1800.0
     wait: bool = True
     dry_run: bool = False
+    priority: Priority = Priority.BULK
 
     def check(self) -> None:
         if (self.source is None) == (self.uri_list is None):
@@ -83,7 +86,7 @@ class ProgressSink(Protocol):
 
     def status(self, text: str) -> None: ...
     def start(self, total: int) -> None: ...
-    def update(self, done: int, published: int) -> None: ...
+    def update(self, done: int, published: int, classes: str = "") -> None: ...
 
 
 class Journal:
@@ -278,6 +281,7 @@ class BackfillRun:
             skipped=plan.skipped, invalid=len(plan.invalid), missing=len(plan.missing),
             awaited=len(plan.awaiting), to_publish=len(plan.publish),
             results_prefix=f"gs://{self.target.results_bucket}/{plan.results_prefix}",
+            priority=self.options.priority.value,
         )  # fmt: skip
 
     def run(self, plan: Plan, sink: ProgressSink) -> Summary:
@@ -306,7 +310,7 @@ class _Publishing:
         self.run, self.plan, self.summary, self.sink = run, plan, summary, sink
         opts = run.options
         self.queue: deque[Batch] = deque(
-            batches(plan.publish, opts.per_message, plan.model, plan.version, run.run_id)
+            batches(plan.publish, opts.per_message, plan.model, plan.version, run.run_id, opts.priority)
         )
         self.tracker = Tracker(plan.version)
         for name, (source, published_at) in plan.awaiting.items():
@@ -323,7 +327,18 @@ class _Publishing:
                 )
             )
         )
-        self.topic = self.publisher.topic_path(run.target.project, run.target.requests_topic)
+        # Bulk work goes to the bulk topic (its own subscription, function and retries);
+        # its messages say "bulk" too, so a target without one still treats them as bulk.
+        bulk = opts.priority is Priority.BULK and run.target.bulk_topic
+        topic = run.target.bulk_topic if bulk else run.target.requests_topic
+        self.topic = self.publisher.topic_path(run.target.project, topic)
+        sink.status(f"publishing {opts.priority.value} work to topic {topic}")
+        # In flight: paced by Serve's bulk sheds where Serve can be read, else the fixed bound.
+        self.pressure = ServePressure(run.target.serve_url) if run.target.serve_url else None
+        start = None if self.pressure is not None else opts.max_in_flight
+        self.window = Window(opts.per_message, opts.max_in_flight, start)
+        self.classes = ""
+        self.landed_since_look = 0
         self.sent: list[tuple[Future, Batch, float]] = []
         self.reads: list[Future] = []
         self.reader = ThreadPoolExecutor(max_workers=8, thread_name_prefix="result-read")
@@ -337,11 +352,12 @@ class _Publishing:
     def loop(self) -> None:
         opts = self.run.options
         while True:
-            self._publish_window(opts.max_in_flight)
+            self._publish_window(self.window.size)
             self._settle_sent(block=False)
             if time.monotonic() >= self.next_poll and len(self.tracker):
                 self._poll()
-            self.sink.update(self.landed, self.summary.published_images)
+                self._look_at_serve()
+            self.sink.update(self.landed, self.summary.published_images, self.classes)
             if not self.queue and not self.sent and (not len(self.tracker) or not opts.wait):
                 return
             if time.monotonic() - self.last_change > opts.stall_timeout_s:
@@ -385,6 +401,7 @@ class _Publishing:
         self.poll_every = max(self.run.options.poll_s, 2 * (time.monotonic() - started))
         self.next_poll = time.monotonic() + self.poll_every
         landed = self.tracker.observe(records)
+        self.landed_since_look += len(landed)
         if landed:
             self.last_change = time.monotonic()
         for record in landed:
@@ -393,6 +410,21 @@ class _Publishing:
                 self.summary.ok += 1
             else:  # an error, or a result without status metadata: its body says which
                 self.reads.append(self.reader.submit(self._read_outcome, record.name))
+
+    def _look_at_serve(self) -> None:
+        """Pace the window on Serve's sheds of bulk work; note the live/bulk split for the progress line."""
+        full = len(self.tracker) + self.run.options.per_message > self.window.size
+        change = self.pressure.look() if self.pressure is not None else None
+        self.window.observe(change, self.landed_since_look, full)
+        self.summary.bulk_shed = self.window.shed_seen
+        self.landed_since_look = 0
+        if change is not None:
+            seconds = max(self.poll_every, 1e-3)
+            rates = {name: n / seconds for name, n in change.admitted.items()}
+            self.classes = (
+                f"serve: live {rates.get('live', 0.0):.1f}/s bulk {rates.get('bulk', 0.0):.1f}/s, "
+                f"bulk shed {self.window.shed_seen}, window {self.window.size}"
+            )
 
     def _read_outcome(self, name: str) -> str:
         blob = self.run.storage.bucket(self.run.target.results_bucket).blob(name)
@@ -415,6 +447,8 @@ class _Publishing:
                 self.summary.ok += 1
             else:
                 self.summary.errors[reason] += 1
+        if self.pressure is not None:
+            self.pressure.close()
         self.summary.unfinished = len(self.tracker)
         self.summary.not_published = sum(len(b.items) for b in self.queue)
         self.journal.keep_only(self.tracker.outstanding())

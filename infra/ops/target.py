@@ -33,6 +33,9 @@ class Target:
     Attributes:
         project: Project id (``triggerfish-local`` on the local stack).
         requests_topic: Topic that request messages are published to.
+        bulk_topic: Topic for bulk work (``submit``, ``dlq replay``); empty when unknown.
+        serve_url: Serve's address where this machine can reach it (the local stack), for
+            ``submit``'s pacing; empty otherwise.
         results_bucket: Bucket holding result JSON.
         models_repository: ``gs://bucket[/prefix]`` of the model repository.
         dead_letter_subscription: Pull subscription on the dead-letter topic.
@@ -49,6 +52,8 @@ class Target:
     models_repository: str
     dead_letter_subscription: str
     subscription_topics: Mapping[str, str] = field(default_factory=dict)
+    bulk_topic: str = ""
+    serve_url: str = ""
     default_model: str = "mobilenet_v2"
     state_dir: Path = DEFAULT_STATE_DIR
     stack: StackState | None = None
@@ -107,6 +112,8 @@ def local_target(stack: StackState, directory: Path) -> Target:
     return Target(
         project=stack.project,
         requests_topic=stack.requests_topic,
+        bulk_topic=stack.bulk_topic or fp.bulk_topic,
+        serve_url=stack.serve_url,
         results_bucket=stack.results_bucket,
         models_repository=f"gs://{stack.models_bucket}",
         dead_letter_subscription=fp.dead_letter_subscription,
@@ -163,6 +170,7 @@ def cloud_target(
     return Target(
         project=project,
         requests_topic=topic,
+        bulk_topic=_output(outputs, "topics", "bulk") or ("" if topic != fp.requests_topic else fp.bulk_topic),
         results_bucket=results_bucket,
         models_repository=repository or (f"gs://{models}" if models else ""),
         dead_letter_subscription=dead_letter_subscription

@@ -16,7 +16,7 @@ def args(**values: object) -> argparse.Namespace:
     defaults = dict(
         source="gs://images/photos", list=None, model=None, version="1", per_message=2,
         max_in_flight=100, poll=0.01, timeout=5.0, resubmit_after=1800.0, no_wait=False,
-        dry_run=False, json=False,
+        dry_run=False, json=False, priority="bulk",
     )  # fmt: skip
     return argparse.Namespace(**(defaults | values))
 
@@ -37,7 +37,7 @@ def test_the_summary_table_counts_outcomes(target, capsys: pytest.CaptureFixture
         line.strip("│ ").split("│")[0].strip(): line for line in out.splitlines() if "│" in line
     }
     assert "2" in rows["ok"] and "1" in rows["error: not_an_image"]
-    assert "3 images published in 2 messages: done" in out
+    assert "3 images published in 2 messages as bulk work (0 bulk inputs shed by Serve meanwhile): done" in out
 
 
 def test_dry_run_lists_what_would_be_published(target, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001

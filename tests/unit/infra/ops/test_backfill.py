@@ -3,6 +3,7 @@ whole run against in-memory fakes of Cloud Storage and the Pub/Sub publisher."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from concurrent.futures import Future
@@ -35,7 +36,13 @@ from infra.ops.backfill_run import (
     newest_version,
 )
 from shared.errors import ErrorReason
-from shared.messages import EntryPath, InferenceRequest, RequestMessage, parse_request_message
+from shared.messages import (
+    EntryPath,
+    InferenceRequest,
+    Priority,
+    RequestMessage,
+    parse_request_message,
+)
 from shared.result_store import result_metadata
 from shared.results import InferenceResult, result_object_name
 from shared.uris import GcsUri, parse_gcs_uri
@@ -159,7 +166,7 @@ def test_batches_group_uris_and_pin_model_and_version() -> None:
     assert [len(b.items) for b in out] == [2, 2, 1]
     assert [b.request_id for b in out] == ["backfill-run1-0", "backfill-run1-1", "backfill-run1-2"]
     first, last = (json.loads(b.body) for b in (out[0], out[-1]))
-    assert first == {"uris": ["gs://images/0.jpg", "gs://images/1.jpg"], "model": "mobilenet_v2", "version": "3", "request_id": "backfill-run1-0"}  # fmt: skip
+    assert first == {"uris": ["gs://images/0.jpg", "gs://images/1.jpg"], "model": "mobilenet_v2", "version": "3", "request_id": "backfill-run1-0", "priority": "bulk"}  # fmt: skip
     assert last["uri"] == "gs://images/4.jpg" and "uris" not in last
     requests = parse_request_message(out[0].body, "msg-1")  # what on_request does with it
     assert [(r.uri, r.model, r.version, r.request_id) for r in requests] == [
@@ -283,7 +290,7 @@ class FakePublisher:
     """Publishes instantly; the 'pipeline' stores a result per URI (an error for names with 'bad')."""
 
     def __init__(self, storage: FakeStorage, fail_after: int | None = None, interrupt_after: int | None = None) -> None:  # fmt: skip
-        self.storage, self.bodies = storage, []
+        self.storage, self.bodies, self.topics = storage, [], []
         self.fail_after, self.interrupt_after = fail_after, interrupt_after
         self.stopped = False
 
@@ -294,6 +301,7 @@ class FakePublisher:
         if self.interrupt_after is not None and len(self.bodies) >= self.interrupt_after:
             raise KeyboardInterrupt
         future: Future = Future()
+        self.topics.append(topic)
         self.bodies.append(json.loads(data))
         if self.fail_after is not None and len(self.bodies) > self.fail_after:
             future.set_exception(RuntimeError("publish refused"))
@@ -320,6 +328,8 @@ class FakeTarget:
     models_repository: str = "gs://models"
     default_model: str = "m"
     local: bool = True
+    bulk_topic: str = "bulk"
+    serve_url: str = ""
 
     def describe(self) -> str:
         return "fake"
@@ -341,7 +351,7 @@ class QuietSink:
     def start(self, total: int) -> None:
         self.total = total
 
-    def update(self, done: int, published: int) -> None:
+    def update(self, done: int, published: int, classes: str = "") -> None:
         self.done.append(done)
 
 
@@ -392,6 +402,26 @@ def test_a_run_publishes_everything_once_and_a_rerun_skips_it(tmp_path: Path) ->
 
     again, _ = run(target, per_message=3)
     assert (again.published_images, again.skipped, again.exit_code()) == (0, 8, 0)
+
+
+@pytest.mark.parametrize(("priority", "topic"), [(Priority.BULK, "bulk"), (Priority.LIVE, "requests")])
+def test_a_run_publishes_its_class_to_its_topic(tmp_path: Path, priority: Priority, topic: str) -> None:
+    target = fake_target(tmp_path, [f"photos/{i}.jpg" for i in range(3)])
+
+    summary, _ = run(target, per_message=2, priority=priority)
+
+    assert set(target.publisher.topics) == {f"projects/p/topics/{topic}"}
+    assert {b["priority"] for b in target.publisher.bodies} == {priority.value}
+    assert summary.to_dict()["priority"] == priority.value and summary.ok == 3
+
+
+def test_bulk_without_a_bulk_topic_goes_to_the_requests_topic_marked_bulk(tmp_path: Path) -> None:
+    target = dataclasses.replace(fake_target(tmp_path, ["photos/a.jpg"]), bulk_topic="")
+
+    run(target)
+
+    assert target.publisher.topics == ["projects/p/topics/requests"]
+    assert target.publisher.bodies[0]["priority"] == "bulk"
 
 
 def test_dry_run_publishes_nothing(tmp_path: Path) -> None:
