@@ -37,6 +37,7 @@ SOURCE = ROOT / "functions" / "main.py"
 SERVE_URL = "http://serve.test:8000"
 REQUESTS_TOPIC_PATH = "/projects/triggerfish-local/topics/triggerfish-requests"
 UPLOADS_TOPIC_PATH = "/projects/triggerfish-local/topics/triggerfish-uploads"
+BULK_TOPIC_PATH = "/projects/triggerfish-local/topics/triggerfish-bulk"
 CAT = "gs://triggerfish-images/cat.jpg"
 GENERATION = "1795239515643133"
 
@@ -159,7 +160,7 @@ def apps() -> Iterator[dict[str, FlaskClient]]:
         target: create_app(
             target=target, source=str(SOURCE), signature_type="cloudevent"
         ).test_client()
-        for target in ("on_request", "on_upload")
+        for target in ("on_request", "on_upload", "on_bulk")
     }
     yield clients
     # create_app puts functions/ on sys.path and the source into sys.modules["main"].
@@ -793,3 +794,52 @@ def test_a_200_whose_results_do_not_match_the_requests_is_transient(serve: FakeS
 
     with pytest.raises(TransientError, match="answered 2 requests"):
         forward_module._post(_requests(2), deadline=time.time() + 60)
+
+
+# --- on_bulk --------------------------------------------------------------------------
+
+
+def test_every_request_of_a_bulk_message_is_forwarded_as_bulk(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    message = {"uris": [CAT, CAT.replace("cat", "dog")], "request_id": "backfill-1", "priority": "live"}
+
+    assert _post_push(apps, "on_bulk", _push(message), BULK_TOPIC_PATH) == 200
+
+    [(_, body)] = serve.posts
+    assert [(r["request_id"], r["priority"], r["model"]) for r in body["requests"]] == [
+        ("backfill-1/0", "bulk", "mobilenet_v2"),
+        ("backfill-1/1", "bulk", "mobilenet_v2"),
+    ]  # the bulk topic's messages are bulk whatever they say
+
+
+def test_a_replayed_storage_notification_on_the_bulk_topic_is_bulk_upload_work(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    assert _post_push(apps, "on_bulk", _load("gcs_notification_push.json"), BULK_TOPIC_PATH) == 200
+
+    [(_, body)] = serve.posts
+    [request] = body["requests"]
+    assert (request["uri"], request["generation"], request["entry_path"], request["priority"]) == (
+        CAT, GENERATION, "upload", "bulk",
+    )  # fmt: skip
+
+
+def test_a_message_may_ask_to_be_bulk_on_the_requests_topic(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    assert _request(apps, _push({"uri": CAT, "priority": "bulk"})) == 200
+
+    [(_, body)] = serve.posts
+    assert body["requests"][0]["priority"] == "bulk"
+
+
+def test_a_malformed_bulk_message_is_recorded_and_acknowledged(
+    apps: dict[str, FlaskClient], serve: FakeServe, stored: StoredResults
+) -> None:
+    assert _post_push(apps, "on_bulk", _push({"uri": CAT, "priority": "urgent"}), BULK_TOPIC_PATH) == 200
+
+    assert serve.posts == []
+    [record] = stored
+    assert record.reason is ErrorReason.MALFORMED_MESSAGE
+    assert "priority" in (record.result.error.message if record.result.error else "")

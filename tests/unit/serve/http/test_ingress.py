@@ -326,6 +326,29 @@ def test_a_call_beyond_the_in_flight_bound_is_shed_before_any_work() -> None:
     assert _post(_ingress(pipeline, max_inflight=2), json.dumps({"uris": [CAT] * 2}).encode(), {})[0] == 200
 
 
+def test_a_bulk_call_is_shed_where_a_live_call_still_gets_in() -> None:
+    pipeline = _Pipeline()
+    ingress = _ingress(pipeline, max_inflight=8)  # bulk may hold 6 of 8 (live headroom 25 %)
+    busy = asyncio.run(_hold(ingress, 5))
+    bulk = {"uris": [CAT] * 2, "priority": "bulk"}
+
+    status, _, body = _post(busy, json.dumps(bulk).encode(), {})
+    assert (status, body["error"]) == (429, "overloaded") and "(bulk)" in body["message"]
+    assert _post(busy, json.dumps({"uris": [CAT] * 2}).encode(), {})[0] == 200
+    classes = busy._gate.snapshot()["classes"]
+    assert (classes["bulk"]["shed_inputs"], classes["live"]["admitted_inputs"]) == (2, 7)
+
+
+def test_an_image_body_may_ask_to_be_bulk_and_a_bad_class_is_a_400() -> None:
+    pipeline = _Pipeline()
+
+    status, _, _ = _post(_ingress(pipeline), b"\xff\xd8jpeg", {"content-type": "image/jpeg"}, b"priority=bulk")
+    bad, _, answer = _post(_ingress(pipeline), b"\xff\xd8jpeg", {"content-type": "image/jpeg"}, b"priority=urgent")
+
+    assert status == 200 and pipeline.bytes[0][-1] == "bulk"
+    assert (bad, answer["error"]) == (400, "bad_request") and "'urgent'" in answer["message"]
+
+
 async def _hold(ingress: Any, inputs: int, size: int = 0) -> Any:
     """``ingress`` with ``inputs`` inputs (and ``size`` bytes) held by a call that never ends."""
     from serve.http.admission import Cost

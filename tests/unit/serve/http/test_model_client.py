@@ -24,6 +24,9 @@ from serve.model.model_server import Rejection, Retry, VersionInfo
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.postprocess.base import ImageGeometry
 from shared.errors import ErrorReason, PermanentError, TransientError
+from shared.messages import Priority
+
+LIVE, BULK = Priority.LIVE, Priority.BULK
 
 
 class _Method:
@@ -142,9 +145,10 @@ def test_infer_many_passes_the_deadline_and_stops_waiting_when_it_passes() -> No
         asyncio.run(HandleModelClient({"m": slow}).infer_many("m", _items(1, 8), time.time() + 0.05))  # type: ignore[dict-item]
 
 
-def _items(count: int, side: int) -> list[BatchItem]:
+def _items(count: int, side: int, priority: Priority = Priority.LIVE) -> list[BatchItem]:
     pixels = np.zeros((side, side, 3), np.uint8)
-    return [BatchItem(pixels, ImageGeometry(side, side, side, side, 1.0, 1.0), "1") for _ in range(count)]
+    geometry = ImageGeometry(side, side, side, side, 1.0, 1.0)
+    return [BatchItem(pixels, geometry, "1", priority=priority) for _ in range(count)]
 
 
 def test_text_detector_inputs_go_to_the_model_in_calls_below_the_byte_cap() -> None:
@@ -172,3 +176,46 @@ def test_a_failed_part_answers_retry_for_its_items_only() -> None:
 
     assert served == ["done"]
     assert isinstance(failed[0], Retry) and "message larger than max" in failed[0].message
+
+
+def test_live_and_bulk_items_travel_in_calls_of_their_own_class() -> None:
+    handle = _Handle(delay_s=0.01)
+    client = HandleModelClient({"m": handle})  # type: ignore[dict-item]
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    geometry = ImageGeometry(8, 8, 8, 8, 1, 1)
+    mixed = [BatchItem(pixels, geometry, str(i), priority=p) for i, p in enumerate([BULK, LIVE, BULK, LIVE])]
+
+    answers = asyncio.run(client.infer_many("m", mixed, time.time() + 30))
+
+    assert answers == ["done"] * 4
+    sent = sorted([(item.priority.value, item.version) for item in call[0]] for call in handle.infer_many.calls)
+    assert sent == [[("bulk", "0"), ("bulk", "2")], [("live", "1"), ("live", "3")]]
+
+
+def test_a_live_call_does_not_wait_for_bulk_calls_holding_every_slot() -> None:
+    gate = asyncio.Event()
+
+    class Handle(_Handle):
+        def __init__(self) -> None:
+            super().__init__()
+
+            async def infer_answer(items: list, deadline: float | None) -> list:
+                if items[0].priority is BULK:
+                    await gate.wait()  # bulk calls stay in flight
+                return ["done"] * len(items)
+
+            self.infer_many = _Method(infer_answer)
+
+    client = HandleModelClient({"m": Handle()})  # type: ignore[dict-item]
+
+    async def run() -> list:
+        bulk = [
+            asyncio.ensure_future(client.infer_many("m", _items(1, 8, BULK), time.time() + 30)) for _ in range(4)
+        ]
+        await asyncio.sleep(0.01)
+        live = await asyncio.wait_for(client.infer_many("m", _items(1, 8), time.time() + 30), 1.0)
+        gate.set()
+        await asyncio.gather(*bulk)
+        return live
+
+    assert asyncio.run(run()) == ["done"]
