@@ -135,11 +135,13 @@ class CallLog:
     results: list[dict] = field(default_factory=list)
 
 
-def call_until_done(http: httpx.Client, url: str, uris: list[str], deadline: float) -> CallLog:
+def call_until_done(
+    http: httpx.Client, url: str, uris: list[str], deadline: float, priority: str = "live"
+) -> CallLog:
     """POST, and after a 429 wait ``Retry-After`` seconds (plus jitter) and POST again."""
     log = CallLog()
     while time.monotonic() < deadline:
-        response = http.post(url, json={"uris": uris})
+        response = http.post(url, json={"uris": uris, "priority": priority})
         log.statuses.append(response.status_code)
         if response.status_code != 429:
             log.results = response.json().get("results", [])
@@ -213,6 +215,41 @@ def test_burst_is_shed_with_retry_after_and_every_input_is_done(
     # ... so this bound is the model replica's own, not implied by the Ingress's.
     assert sampler.queue_depths and max(sampler.queue_depths) <= MAX_QUEUED, sampler.queue_depths
     assert max(sampler.rss) - baseline < MAX_INGRESS_GROWTH_MB, (baseline, max(sampler.rss))
+
+
+def test_a_burst_of_both_classes_sheds_only_bulk_and_every_input_is_done(
+    burst_stack: StackState, burst_uris: list[list[str]]
+) -> None:
+    """Ten times what the path admits, live work within its headroom: every 429 goes to bulk."""
+    url = f"{burst_stack.serve_url}/v1/infer"
+    # Bulk may hold the budget up to a quarter short of it (TRIGGERFISH_LIVE_HEADROOM 0.25).
+    live_calls = burst_uris[: MAX_INFLIGHT // 4 // URIS_PER_CALL]
+    bulk_calls = burst_uris[len(live_calls) :]
+    calls = [("live", uris) for uris in live_calls] + [("bulk", uris) for uris in bulk_calls]
+    random.shuffle(calls)
+    before = httpx.get(f"{burst_stack.serve_url}/v1/admission", timeout=30).json()["classes"]
+    gate = threading.Barrier(len(calls))
+    deadline = time.monotonic() + 120
+
+    def client_call(call: tuple[str, list[str]]) -> tuple[str, CallLog]:
+        priority, uris = call
+        with httpx.Client(timeout=90) as http:
+            gate.wait()
+            return priority, call_until_done(http, url, uris, deadline, priority)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        logs = list(pool.map(client_call, calls))
+
+    after = httpx.get(f"{burst_stack.serve_url}/v1/admission", timeout=30).json()["classes"]
+    statuses = {p: Counter(s for q, log in logs if q == p for s in log.statuses) for p in ("live", "bulk")}
+    shed = {p: after[p]["shed_inputs"] - before[p]["shed_inputs"] for p in ("live", "bulk")}
+    print(f"\nmixed burst: {len(live_calls)} live and {len(bulk_calls)} bulk calls of {URIS_PER_CALL} URIs: "
+          f"answers {statuses}, inputs shed by class {shed}")  # fmt: skip
+    assert statuses["live"] == Counter({200: len(live_calls)}), statuses
+    assert statuses["bulk"][429] >= len(bulk_calls) // 2, statuses
+    assert shed["live"] == 0 and shed["bulk"] > 0, shed
+    done = [r for _, log in logs for r in log.results if r.get("status") == "ok"]
+    assert {r["source"]["uri"] for r in done} == {u for _, uris in calls for u in uris}
 
 
 def test_every_input_has_one_stored_result_after_the_burst(
