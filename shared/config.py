@@ -49,6 +49,9 @@ class Settings:
             (``TRIGGERFISH_BULK_MIN_SHARE``, 0 to 1): a backfill slows under live load, never stops.
         live_headroom: Fraction of the batch queue and of the admission budget that bulk work
             may not fill (``TRIGGERFISH_LIVE_HEADROOM``, 0 to 1): live work finds room at once.
+        bulk_batch_while_live: Fraction of a model's ``max_batch_size`` a batch fills with bulk
+            items while live work arrives (``TRIGGERFISH_BULK_BATCH_WHILE_LIVE``, 0 to 1): a live
+            item waits for shorter batches; a backfill alone keeps full ones.
     """
 
     project: str = "triggerfish-local"
@@ -68,6 +71,7 @@ class Settings:
     decode: str = "auto"
     bulk_min_share: float = 0.1
     live_headroom: float = 0.25
+    bulk_batch_while_live: float = 0.25
 
 
 #: The values ``TRIGGERFISH_DECODE`` takes.
@@ -170,4 +174,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         decode=_choice(env, p + "DECODE", d.decode, DECODE_MODES),
         bulk_min_share=_fraction(env, p + "BULK_MIN_SHARE", d.bulk_min_share),
         live_headroom=_fraction(env, p + "LIVE_HEADROOM", d.live_headroom),
+        bulk_batch_while_live=_fraction(env, p + "BULK_BATCH_WHILE_LIVE", d.bulk_batch_while_live),
     )

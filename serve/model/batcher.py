@@ -20,6 +20,13 @@ under a flood of live work). Bulk may fill the queue only up to ``capacity`` les
 the live headroom (``live_headroom``); a live item that finds the queue full
 pushes out the newest bulk item (which is shed), so live is refused only when no
 bulk is left to shed.
+
+A live item waits for the batch in flight and then runs in its own batch, so both
+batch sizes are its latency. While live work arrives (an item in the last
+:data:`LIVE_ACTIVE_S`), batches carry at most ``bulk_batch_while_live`` of
+``max_batch_size`` bulk items, and a batch that holds live items is not topped up
+past that either; an idle engine does not wait to fill a batch a live item is in.
+With no live work, bulk batches are full size: a backfill alone runs at full speed.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ _EWMA_ALPHA = 0.2
 #: Defaults: a tenth of the batch slots for bulk while it waits, a quarter of the queue kept for live.
 DEFAULT_BULK_MIN_SHARE = 0.1
 DEFAULT_LIVE_HEADROOM = 0.25
+DEFAULT_BULK_BATCH_WHILE_LIVE = 0.25
+#: Live work counts as arriving for this long after its latest item.
+LIVE_ACTIVE_S = 2.0
 
 
 class Overloaded(TransientError):
@@ -77,6 +87,8 @@ class BatchQueue(Generic[T, R]):
         capacity: Items that may wait at once; more are refused with :class:`Overloaded`.
         bulk_min_share: Fraction of the batch slots bulk items get while any wait (0..1).
         live_headroom: Fraction of ``capacity`` that bulk items may not fill (0..1).
+        bulk_batch_while_live: Fraction of ``max_batch_size`` a batch fills with bulk
+            items while live work arrives (0..1; at least one item).
     """
 
     def __init__(
@@ -87,13 +99,19 @@ class BatchQueue(Generic[T, R]):
         capacity: int,
         bulk_min_share: float = DEFAULT_BULK_MIN_SHARE,
         live_headroom: float = DEFAULT_LIVE_HEADROOM,
+        bulk_batch_while_live: float = DEFAULT_BULK_BATCH_WHILE_LIVE,
     ) -> None:
         self._run = run
-        for name, value in (("bulk_min_share", bulk_min_share), ("live_headroom", live_headroom)):
+        for name, value in (
+            ("bulk_min_share", bulk_min_share), ("live_headroom", live_headroom),
+            ("bulk_batch_while_live", bulk_batch_while_live),
+        ):  # fmt: skip
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
         self.bulk_min_share = bulk_min_share
         self.live_headroom = live_headroom
+        self.bulk_batch_while_live = bulk_batch_while_live
+        self._last_live = float("-inf")  # monotonic time of the latest live arrival
         self.configure(max_batch_size, max_wait_s, capacity)
         self._queues: dict[Priority, deque[_Pending[T, R]]] = {p: deque() for p in Priority}
         self._bulk_credit = 0.0  # bulk slots owed by the minimum share
@@ -140,6 +158,8 @@ class BatchQueue(Generic[T, R]):
         self._make_room(priority)
         self._start()
         now = time.monotonic()
+        if priority is Priority.LIVE:
+            self._last_live = now
         if self._last_arrival:
             gap = now - self._last_arrival
             self._gap_s = gap if self._gap_s == float("inf") else (1 - _EWMA_ALPHA) * self._gap_s + _EWMA_ALPHA * gap
@@ -213,7 +233,7 @@ class BatchQueue(Generic[T, R]):
         """Wait for a fuller batch only when arrivals are dense enough to deliver one soon."""
         assert self._arrived is not None
         missing = self.max_batch_size - self.depth
-        if missing <= 0 or self._gap_s >= self.max_wait_s:
+        if missing <= 0 or self._gap_s >= self.max_wait_s or self._queues[Priority.LIVE]:
             return
         wait_until = time.monotonic() + min(self.max_wait_s, self._gap_s * missing)
         while self.depth < self.max_batch_size:
@@ -237,7 +257,11 @@ class BatchQueue(Generic[T, R]):
         owed = min(int(self._bulk_credit), self.max_batch_size) if bulk_waiting else 0
         batch = self._pop(live, self.max_batch_size - owed, now)
         taken_live = len(batch)
-        batch += self._pop(bulk, self.max_batch_size - len(batch), now)
+        room = self.max_batch_size - len(batch)
+        if time.monotonic() - self._last_live < LIVE_ACTIVE_S:  # keep batches short while live work arrives
+            bulk_cap = max(1, math.floor(self.max_batch_size * self.bulk_batch_while_live))
+            room = min(room, max(owed, bulk_cap - taken_live))
+        batch += self._pop(bulk, room, now)
         if bulk_waiting:  # bulk is owed its share of every batch formed while it waits
             earned = (
                 self._bulk_credit + self.bulk_min_share * len(batch) - (len(batch) - taken_live)

@@ -241,8 +241,9 @@ class ModelServer:
         self._default: str | None = None
         capacity = int(os.environ.get("TRIGGERFISH_MAX_QUEUED", DEFAULT_QUEUE_CAPACITY))
         self._queue: BatchQueue[_Queued, ItemOutcome] = BatchQueue(
-            self._run, 8, 0.005, max(capacity, 64), settings.bulk_min_share, settings.live_headroom
-        )
+            self._run, 8, 0.005, max(capacity, 64),
+            settings.bulk_min_share, settings.live_headroom, settings.bulk_batch_while_live,
+        )  # fmt: skip
         self._poll_interval_s = poll_interval_s or float(
             os.environ.get("TRIGGERFISH_REPOSITORY_POLL_S", "30")
         )

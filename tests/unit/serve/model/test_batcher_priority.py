@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
+from serve.model import batcher
 from serve.model.batcher import BatchQueue, Overloaded
 from shared.messages import Priority
 
@@ -42,7 +43,7 @@ def test_live_items_are_batched_before_bulk_items_that_came_first() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(
-            engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0
+            engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0, bulk_batch_while_live=1.0
         )
         first = await _hold_first_batch(queue, engine)
         calls = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(6)]
@@ -82,7 +83,7 @@ def test_without_a_share_bulk_waits_while_live_items_fill_the_batches() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(
-            engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0
+            engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0, bulk_batch_while_live=1.0
         )
         first = await _hold_first_batch(queue, engine)
         bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(2)]
@@ -152,7 +153,36 @@ def test_a_live_item_is_refused_only_when_no_bulk_is_left_to_shed() -> None:
     _run(test)
 
 
-@pytest.mark.parametrize("field", ["bulk_min_share", "live_headroom"])
+def test_batches_stay_short_while_live_work_arrives_and_fill_again_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def test() -> None:
+        engine = Engine()
+        queue = BatchQueue(engine, max_batch_size=8, max_wait_s=0.0, capacity=64, bulk_batch_while_live=0.25)
+        first = await _hold_first_batch(queue, engine)
+        bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(12)]
+        live = asyncio.ensure_future(queue.submit("l0", priority=LIVE))
+        await asyncio.sleep(0)
+        engine.gate.set()
+        await asyncio.gather(first, live, *bulk)
+        # The live item's batch, and the bulk batches after it, carry 2 (a quarter of 8).
+        assert engine.batches[1] == ["l0", "b0"]
+        assert [len(b) for b in engine.batches[2:]] == [2, 2, 2, 2, 2, 1]  # the 11 bulk items left
+        monkeypatch.setattr(batcher, "LIVE_ACTIVE_S", 0.0)  # live work has stopped arriving
+        engine.gate.clear()
+        engine.started.clear()
+        held = asyncio.ensure_future(queue.submit("held", priority=BULK))
+        await engine.started.wait()
+        more = [asyncio.ensure_future(queue.submit(f"c{i}", priority=BULK)) for i in range(8)]
+        await asyncio.sleep(0)
+        engine.gate.set()
+        await asyncio.gather(held, *more)
+        assert engine.batches[-1] == [f"c{i}" for i in range(8)]
+
+    _run(test)
+
+
+@pytest.mark.parametrize("field", ["bulk_min_share", "live_headroom", "bulk_batch_while_live"])
 def test_shares_outside_zero_to_one_are_refused_by_name(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be between 0 and 1, got 1.5"):
         BatchQueue(Engine(), 2, 0.0, 8, **{field: 1.5})
