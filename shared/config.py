@@ -71,7 +71,7 @@ class Settings:
     decode: str = "auto"
     bulk_min_share: float = 0.1
     live_headroom: float = 0.25
-    bulk_batch_while_live: float = 0.25
+    bulk_batch_while_live: float = 0.125
 
 
 #: The values ``TRIGGERFISH_DECODE`` takes.

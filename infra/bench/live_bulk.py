@@ -268,18 +268,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-rate", type=float, default=2.0, help="live uploads per second")
     parser.add_argument("--live-seconds", type=float, default=30.0, help="length of the live-alone phase")
     parser.add_argument("--no-compare", action="store_true", help="skip the phase with a backfill sent as live")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for the stack's processes, e.g. TRIGGERFISH_BULK_BATCH_WHILE_LIVE=0.125 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
+    settings = dict(item.split("=", 1) for item in args.env if "=" in item)
+    if len(settings) != len(args.env):
+        parser.error(f"--env takes NAME=VALUE, got {args.env}")
     progress = (lambda m: None) if args.json else (lambda m: print(f"... {m}", file=sys.stderr, flush=True))
     stack = LocalStack(StackOptions(
         state_dir=Path(tempfile.mkdtemp(prefix="triggerfish-live-bulk-")),
-        extra_env={"TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{ARCHIVE_BUCKET}", "TRIGGERFISH_MODELS": MODEL},
+        extra_env={
+            "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{ARCHIVE_BUCKET}", "TRIGGERFISH_MODELS": MODEL,
+            **settings,
+        },
     ))  # fmt: skip
     state = stack.start(progress=progress)
     try:
         StackClient(state).storage.create_bucket(ARCHIVE_BUCKET)
         report = LiveBulkBench(state, args, progress).run()
+        report["settings"] = settings
     finally:
         progress("stopping the local stack")
         stack.stop()

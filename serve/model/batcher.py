@@ -50,7 +50,7 @@ _EWMA_ALPHA = 0.2
 #: Defaults: a tenth of the batch slots for bulk while it waits, a quarter of the queue kept for live.
 DEFAULT_BULK_MIN_SHARE = 0.1
 DEFAULT_LIVE_HEADROOM = 0.25
-DEFAULT_BULK_BATCH_WHILE_LIVE = 0.25
+DEFAULT_BULK_BATCH_WHILE_LIVE = 0.125
 #: Live work counts as arriving for this long after its latest item.
 LIVE_ACTIVE_S = 2.0
 

@@ -115,3 +115,15 @@ def test_the_decode_setting_is_checked_once_with_the_others() -> None:
     assert load_settings({"TRIGGERFISH_DECODE": " Device "}).decode == "device"
     with pytest.raises(ConfigError, match=r"TRIGGERFISH_DECODE must be one of auto\|device\|cpu"):
         load_settings({"TRIGGERFISH_DECODE": "gpu"})
+
+
+def test_the_traffic_class_shares_are_read_and_checked_as_fractions() -> None:
+    settings = load_settings(
+        {"TRIGGERFISH_BULK_MIN_SHARE": "0.2", "TRIGGERFISH_LIVE_HEADROOM": "0", "TRIGGERFISH_BULK_BATCH_WHILE_LIVE": "1"}
+    )
+    assert (settings.bulk_min_share, settings.live_headroom, settings.bulk_batch_while_live) == (0.2, 0.0, 1.0)
+    assert load_settings({}).bulk_batch_while_live == 0.125
+    with pytest.raises(ConfigError, match=r"TRIGGERFISH_LIVE_HEADROOM must be a fraction between 0 and 1, got '1.5'"):
+        load_settings({"TRIGGERFISH_LIVE_HEADROOM": "1.5"})
+    with pytest.raises(ConfigError, match="TRIGGERFISH_BULK_MIN_SHARE"):
+        load_settings({"TRIGGERFISH_BULK_MIN_SHARE": "-0.1"})

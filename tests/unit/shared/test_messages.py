@@ -14,6 +14,7 @@ from shared.messages import (
     MAX_URIS_PER_MESSAGE,
     EntryPath,
     InferenceRequest,
+    Priority,
     parse_gcs_notification,
     parse_json_bounded,
     parse_request_message,
@@ -395,3 +396,13 @@ def test_the_depth_scan_skips_strings_whole_and_stops_past_the_limit() -> None:
 
     assert _depth('["[[[[", {"a": ["\\"[[", 1]}]') == 3
     assert _depth("[" * 10_000, stop_above=32) == 33
+
+
+def test_a_message_may_ask_for_bulk_and_a_topic_may_insist_on_it() -> None:
+    asked = parse_request_message(b'{"uri": "gs://b/x.jpg", "priority": "bulk"}', "m-1")
+    plain = parse_request_message(b'{"uri": "gs://b/x.jpg"}', "m-2")
+    forced = parse_request_message(b'{"uri": "gs://b/x.jpg", "priority": "live"}', "m-3", priority=Priority.BULK)
+
+    assert [r.priority for r in (*asked, *plain, *forced)] == [Priority.BULK, Priority.LIVE, Priority.BULK]
+    with pytest.raises(PermanentError, match="priority"):
+        parse_request_message(b'{"uri": "gs://b/x.jpg", "priority": "urgent"}', "m-4")
