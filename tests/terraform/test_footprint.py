@@ -79,7 +79,7 @@ def test_function_subscriptions_are_the_footprint_entries_with_an_entry_point(fo
         in functions
     )
     with_entry_point = {k for k, s in footprint["subscriptions"].items() if "entry_point" in s}
-    assert with_entry_point == {"requests", "uploads"}
+    assert with_entry_point == {"requests", "uploads", "bulk"}
 
 
 def test_footprint_settings_satisfy_the_pubsub_module_validations(footprint):

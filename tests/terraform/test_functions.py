@@ -67,7 +67,7 @@ def test_entry_points_are_cloud_event_handlers_in_functions_main():
     entry_points = {
         s["entry_point"] for s in footprint["subscriptions"].values() if "entry_point" in s
     }
-    assert entry_points == {"on_request", "on_upload"}
+    assert entry_points == {"on_request", "on_upload", "on_bulk"}
     assert entry_points <= _cloud_event_handlers(REPO_ROOT / "functions" / "main.py")
 
 
