@@ -48,9 +48,7 @@ def test_filters_and_bridges_parse_from_the_command_line() -> None:
             Bridge.parse(bad)
 
 
-def test_the_uploads_topic_carries_every_bucket_and_filters_split_it_like_two_notification_configs() -> (
-    None
-):
+def test_every_bucket_notifies_the_uploads_topic_and_filters_split_it_by_bucket() -> None:
     fp = load_footprint()
     argv = fake_gcs_argv(1, "p", fp, data_dir=None)  # type: ignore[arg-type]
     assert "-event.bucket" not in argv
