@@ -7,13 +7,16 @@ to the results topic, where ``triggerfish results`` reads them (infra/local/emul
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 
 from infra.bench.result_events import EventWatch
 from infra.local.client import StackClient
-from shared.result_events import ResultKind
+from shared.result_events import ResultEvent, ResultKind
 from shared.result_store import GENERATION_METADATA_KEY, STATUS_METADATA_KEY
 
 pytestmark = pytest.mark.integration
@@ -44,13 +47,20 @@ def test_every_upload_gives_one_event_after_its_result_is_readable(client: Stack
 
 
 def test_a_consumer_started_late_catches_up_from_the_subscription(client: StackClient) -> None:
+    """`triggerfish results --json` started after every result is stored gets every event."""
     watch = EventWatch(client, prefix=f"late-{uuid.uuid4().hex[:8]}/")
     watch.upload(10)
     for uri, generation in watch.uploads.items():
         client.wait_result(uri, 180, generation=generation)  # every result stored, nobody reading
+    prefix = f"gs://{client.state.images_bucket}/{watch.prefix}"
 
-    watch.collect(timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "infra.cli.main", "results", "--json", "--prefix", prefix],
+        env={**os.environ, "TRIGGERFISH_STATE_DIR": client.state.state_dir},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
 
-    report = watch.report()
-    assert report["uploads_without_event"] == 0, report
-    assert report["early_events"] == 0 and report["duplicates_differing"] == 0, report
+    assert done.returncode == 0, done.stderr
+    events = [ResultEvent.model_validate_json(line) for line in done.stdout.splitlines()]
+    assert {(e.source_uri, e.source_generation) for e in events} == set(watch.uploads.items())
+    assert all(e.status.value == "ok" and e.summary.top_label for e in events), events
