@@ -10,6 +10,8 @@ each event arrives, reads the result object it names. It reports:
 * uploads without an event, and events whose source generation is not the upload's;
 * early events: the result object was missing, or older than the event, when the
   event arrived (never allowed: Cloud Storage notifies after the object is final);
+* replacements without an event: the object read had a later generation than the event
+  and no event announced that generation;
 * the time from the first upload to the last event.
 
 With ``--late`` the reader starts only after every result is stored: a consumer
@@ -122,13 +124,15 @@ class EventWatch:
         early = [
             o
             for o in self.observations
-            if o.object_generation is None
-            or o.object_generation < o.event.result_generation
-            # Replaced by the time it was read: fine only when the replacement's own event came.
-            or (
-                o.object_generation > o.event.result_generation
-                and (o.event.result_uri, o.object_generation) not in writes
-            )
+            if o.object_generation is None or o.object_generation < o.event.result_generation
+        ]
+        # Replaced by the time it was read: fine when the replacement's own event came too.
+        unannounced = [
+            o
+            for o in self.observations
+            if o.object_generation is not None
+            and o.object_generation > o.event.result_generation
+            and (o.event.result_uri, o.object_generation) not in writes
         ]
         wrong_generation = [
             o
@@ -144,6 +148,7 @@ class EventWatch:
             "uploads_without_event": len(self.missing()),
             "events_with_another_source_generation": len(wrong_generation),
             "early_events": len(early),
+            "replacements_without_event": len(unannounced),
             "time_to_last_event_s": round(
                 max((o.arrived_s for o in self.observations), default=0.0), 1
             ),
