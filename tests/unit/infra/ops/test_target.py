@@ -117,7 +117,10 @@ def test_a_reader_of_result_events_needs_only_a_project() -> None:
     assert bare.results_subscription == "triggerfish-results-events-pull"  # the footprint's
     outputs = json.loads(json.dumps(OUTPUTS))
     outputs["subscriptions"]["value"]["results"] = "custom-results-pull"
-    assert cloud_target(outputs, "acme-ml", publishing=False).results_subscription == "custom-results-pull"
+    assert (
+        cloud_target(outputs, "acme-ml", publishing=False).results_subscription
+        == "custom-results-pull"
+    )
     flagged = cloud_target(outputs, "acme-ml", results_subscription="mine", publishing=False)
     assert flagged.results_subscription == "mine"
     with pytest.raises(TargetError, match="no requests topic"):
