@@ -48,6 +48,19 @@ VERSION_METADATA_KEY = "triggerfish-model-version"
 STATUS_METADATA_KEY = "triggerfish-status"
 # Not part of the rank: lets a listing tell which errors say nothing about the input.
 ERROR_REASON_METADATA_KEY = "triggerfish-error-reason"
+# Not part of the rank either: what a result event says (shared.result_events). The results
+# bucket's Pub/Sub notification carries an object's custom metadata, so a consumer learns
+# what a result says without reading it, and the hot path publishes nothing itself.
+MODEL_METADATA_KEY = "triggerfish-model"
+SOURCE_URI_METADATA_KEY = "triggerfish-source-uri"
+TOP_LABEL_METADATA_KEY = "triggerfish-top-label"
+TOP_SCORE_METADATA_KEY = "triggerfish-top-score"
+DETECTIONS_METADATA_KEY = "triggerfish-detections"
+# Caps in UTF-8 bytes that keep every result's metadata far below Cloud Storage's 8 KiB
+# (shared.gcs_limits), which would otherwise refuse the write. Every valid gs:// URI
+# (5 + 63 + 1 + 1024 bytes) fits; only a malformed request's URI is cut (the body has it whole).
+_MAX_URI_BYTES = 1100
+_MAX_NAME_BYTES = 256
 # Each retry means another writer changed the object in between; a handful is plenty.
 _MAX_ATTEMPTS = 8
 
@@ -62,15 +75,40 @@ def result_name(result: InferenceResult, source: GcsUri | None) -> str:
 
 
 def result_metadata(result: InferenceResult) -> dict[str, str]:
-    """The custom metadata that carries a result's rank (and an error's reason)."""
-    meta = {STATUS_METADATA_KEY: result.status.value}
+    """The custom metadata of a result object: its rank, and what its event summarizes.
+
+    Rank: status, source generation, model version. The rest (model, source URI, an
+    error's reason, the top label and score of a classifier or the number of detections)
+    is what :func:`shared.result_events.parse_result_notification` reads back.
+    """
+    meta = {
+        STATUS_METADATA_KEY: result.status.value,
+        MODEL_METADATA_KEY: _cut(result.model.name, _MAX_NAME_BYTES),
+        SOURCE_URI_METADATA_KEY: _cut(result.source.uri, _MAX_URI_BYTES),
+    }
     if result.error is not None:
         meta[ERROR_REASON_METADATA_KEY] = result.error.reason.value
     if result.source.generation:
         meta[GENERATION_METADATA_KEY] = result.source.generation
     if result.model.version:
         meta[VERSION_METADATA_KEY] = result.model.version
+    if result.labels:
+        top = max(result.labels, key=lambda label: label.score)
+        meta[TOP_LABEL_METADATA_KEY] = _cut(top.label, _MAX_NAME_BYTES)
+        meta[TOP_SCORE_METADATA_KEY] = f"{top.score:.4f}"
+    if result.detections is not None:
+        meta[DETECTIONS_METADATA_KEY] = str(len(result.detections))
     return meta
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """``text`` in at most ``max_bytes`` of UTF-8, cut at a character boundary.
+
+    Characters without a UTF-8 form (lone surrogates from a malformed message) become
+    ``?``: Cloud Storage stores metadata as UTF-8 and refuses anything else.
+    """
+    encoded = text.encode("utf-8", "replace")
+    return encoded[:max_bytes].decode("utf-8", "ignore")
 
 
 def rank(metadata: Mapping[str, str]) -> Rank:
@@ -159,7 +197,9 @@ async def store_result(
         expected = known[0]
     for _ in range(_MAX_ATTEMPTS):
         try:
-            written = await gcs.write(bucket, name, payload, metadata=metadata, if_generation_match=expected)
+            written = await gcs.write(
+                bucket, name, payload, metadata=metadata, if_generation_match=expected
+            )
         except PreconditionFailed:
             current = await gcs.info(bucket, name)
         else:
@@ -177,7 +217,11 @@ async def store_result(
             return StoredResult(uri, written=False)
         replacing_equal = theirs == ours
         if theirs > ours:
-            logger.info("kept %s: it outranks the new result", uri, extra={"kept": str(theirs), "offered": str(ours)})
+            logger.info(
+                "kept %s: it outranks the new result",
+                uri,
+                extra={"kept": str(theirs), "offered": str(ours)},
+            )
             record = await _keep_superseded_error(gcs, bucket, result, payload, metadata)
             return StoredResult(uri, written=False, superseded=True, error_record_uri=record)
         expected = current.generation

@@ -14,10 +14,14 @@ locals {
   # Globally unique bucket names: "<project id>-<footprint name>".
   bucket_names = { for key, name in local.footprint.buckets : key => "${var.project_id}-${name}" }
 
-  # Subscriptions that feed a function (they name an entry point); the other
-  # one drains the dead-letter topic.
+  # Subscriptions that feed a function (they name an entry point); the pull
+  # subscriptions of readers (the results events); the dead-letter sink.
   function_subscriptions = {
     for key, sub in local.footprint.subscriptions : key => sub if lookup(sub, "entry_point", null) != null
+  }
+  pull_subscriptions = {
+    for key, sub in local.footprint.subscriptions : key => sub
+    if lookup(sub, "entry_point", null) == null && key != "dead_letter"
   }
 
   labels = merge(var.labels, { managed-by = "terraform" })
@@ -71,10 +75,12 @@ locals {
     "storage.googleapis.com",
     "vpcaccess.googleapis.com",
   ]
+  # Only with the optional table of result events.
+  bigquery_apis = var.results_bigquery.enabled ? ["bigquery.googleapis.com"] : []
 }
 
 resource "google_project_service" "this" {
-  for_each = var.activate_apis ? toset(local.apis) : toset([])
+  for_each = var.activate_apis ? toset(concat(local.apis, local.bigquery_apis)) : toset([])
 
   project            = var.project_id
   service            = each.value
@@ -158,6 +164,26 @@ module "pubsub" {
     }
   }
 
+  # `triggerfish results` reads the results events here (no expiry; a reader
+  # started late catches up within the retention).
+  pull_subscriptions = {
+    for key, sub in local.pull_subscriptions : key => {
+      name                      = sub.name
+      topic                     = sub.topic
+      ack_deadline_seconds      = sub.ack_deadline_seconds
+      message_retention_seconds = sub.message_retention_seconds
+    }
+  }
+
+  # Optional: every result event as a row of BigQuery (var.results_bigquery).
+  bigquery_subscriptions = var.results_bigquery.enabled ? {
+    results_bigquery = {
+      name  = "${local.footprint.topics.results}-bigquery"
+      topic = "results"
+      table = module.results_bigquery[0].table_id
+    }
+  } : {}
+
   dead_letter_subscription = {
     name                      = local.footprint.subscriptions.dead_letter.name
     ack_deadline_seconds      = local.footprint.subscriptions.dead_letter.ack_deadline_seconds
@@ -166,6 +192,23 @@ module "pubsub" {
 
   push_invoker_service_account_email = google_service_account.this["push_invoker"].email
   pubsub_service_agent_email         = local.pubsub_service_agent
+
+  depends_on = [google_project_service.this]
+}
+
+module "results_bigquery" {
+  source = "./modules/results-bigquery"
+  count  = var.results_bigquery.enabled ? 1 : 0
+
+  project_id                   = var.project_id
+  dataset_id                   = var.results_bigquery.dataset
+  table_id                     = var.results_bigquery.table
+  location                     = var.results_bigquery.location != "" ? var.results_bigquery.location : var.region
+  schema                       = file("${path.module}/schemas/result_events.json")
+  partition_expiration_days    = var.results_bigquery.partition_expiration_days
+  deletion_protection          = var.results_bigquery.deletion_protection
+  writer_service_account_email = local.pubsub_service_agent
+  labels                       = local.labels
 
   depends_on = [google_project_service.this]
 }
@@ -233,6 +276,13 @@ module "storage" {
   upload_notification = {
     bucket      = "images"
     topic       = module.pubsub.topic_ids["uploads"]
+    event_types = ["OBJECT_FINALIZE"]
+  }
+
+  # One event per stored result (first write and every replacement that wins).
+  result_notification = {
+    bucket      = "results"
+    topic       = module.pubsub.topic_ids["results"]
     event_types = ["OBJECT_FINALIZE"]
   }
 

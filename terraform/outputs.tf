@@ -6,7 +6,7 @@ output "topics" {
 }
 
 output "subscriptions" {
-  description = "Subscription names: the two push subscriptions and the dead-letter pull subscription."
+  description = "Subscription names: the push subscriptions, the results-events pull subscription (results, read by `triggerfish results`), the BigQuery one when enabled, and the dead-letter pull subscription."
   value       = module.pubsub.subscription_names
 }
 
@@ -82,4 +82,9 @@ output "deploy_check" {
     threads             = tostring(local.function_settings.request_concurrency)
     function_timeout_s  = { for key, sub in local.function_subscriptions : key => sub.ack_deadline_seconds - local.function_settings.timeout_margin_seconds }
   }
+}
+
+output "results_bigquery_table" {
+  description = "The result events table as PROJECT.DATASET.TABLE, or null when var.results_bigquery.enabled is false."
+  value       = var.results_bigquery.enabled ? module.results_bigquery[0].table_id : null
 }

@@ -240,3 +240,16 @@ variable "alert_thresholds" {
   description = "Alert thresholds: dead letters waiting (count; age of the oldest in seconds), function 5xx per second and for how long (longer than a scale-from-zero cold start), Serve share of requests whose status is not ok, Serve p95 latency in seconds."
   default     = {}
 }
+
+variable "results_bigquery" {
+  type = object({
+    enabled                   = optional(bool, false)
+    dataset                   = optional(string, "triggerfish")
+    table                     = optional(string, "result_events")
+    location                  = optional(string, "")
+    partition_expiration_days = optional(number, 400)
+    deletion_protection       = optional(bool, true)
+  })
+  description = "Optional BigQuery table of result events: a dataset, a table partitioned by day (schema in terraform/schemas/result_events.json) and a BigQuery subscription on the results topic that writes every event as a row. location empty means var.region; partition_expiration_days 0 keeps rows forever; deletion_protection (default true) keeps terraform destroy from deleting the table: set it to false and apply first."
+  default     = {}
+}

@@ -1,4 +1,4 @@
-"""``triggerfish upload | publish | infer | results``."""
+"""``triggerfish upload | publish | infer | results``  (result events: :mod:`infra.cli.result_events`)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from infra.cli.result_events import check_flags, cmd_result_events
+
+    if args.uri is None:
+        return cmd_result_events(args)
+    check_flags(args)
     result = _client().find_result(args.uri, model=args.model)
     if result is None:
         raise LookupError(f"no result stored for {args.uri}")

@@ -67,9 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--version")
     infer.set_defaults(func=_cli_client.cmd_infer)
 
-    results = sub.add_parser("results", parents=[common], help="print a stored result JSON")
-    results.add_argument("uri", metavar="gs://BUCKET/OBJECT")
-    results.add_argument("--model")
+    results = sub.add_parser(
+        "results", parents=[common],
+        help="print the stored result of an object, or (without one) result events as they arrive",
+    )  # fmt: skip
+    results.add_argument("uri", nargs="?", metavar="gs://BUCKET/OBJECT", help="print this object's stored result")
+    results.add_argument("--model", help="the result of this model; without a URI: only its events")
+    results.add_argument("--follow", action="store_true", help="keep printing events until Ctrl-C")
+    results.add_argument("--status", choices=("ok", "error"), help="only events of results with this status")
+    results.add_argument("--prefix", metavar="gs://BUCKET/PREFIX", help="only events whose source or result URI starts so")
+    results.add_argument("--max", type=_at_least_one, help="stop after this many events")
+    events_target = results.add_argument_group("real project (default: the running local stack)")
+    events_target.add_argument("--project", help="project id (Application Default Credentials)")
+    events_target.add_argument("--terraform-dir", help="read the subscription name from terraform output")
+    events_target.add_argument("--subscription", help="results pull subscription (default: the footprint's)")
     results.set_defaults(func=_cli_client.cmd_results)
 
     env = sub.add_parser(

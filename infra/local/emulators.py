@@ -10,6 +10,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from infra.footprint import Footprint, PushSubscription
+from infra.local.subscription_filter import bucket_filter
+
+# Local only: the subscription on the uploads topic whose results-bucket notifications the
+# push dispatcher republishes to the results topic (see create_push_subscriptions).
+RESULTS_BRIDGE_SUBSCRIPTION = "triggerfish-results-bridge"
 
 
 @contextlib.contextmanager
@@ -46,7 +51,12 @@ def fake_gcs_binary() -> Path:
 
 
 def fake_gcs_argv(port: int, project: str, fp: Footprint, data_dir: Path) -> list[str]:
-    """fake-gcs-server over http, publishing OBJECT_FINALIZE for the images bucket."""
+    """fake-gcs-server over http, publishing OBJECT_FINALIZE of every bucket to the uploads topic.
+
+    fake-gcs-server has one notification target where Cloud Storage has one per bucket;
+    filters on the uploads topic's subscriptions split the events by bucket again
+    (:func:`subscription_filters`).
+    """
     return [
         str(fake_gcs_binary()),
         "-scheme", "http",
@@ -57,7 +67,6 @@ def fake_gcs_argv(port: int, project: str, fp: Footprint, data_dir: Path) -> lis
         "-log-level", "warn",
         "-event.pubsub-project-id", project,
         "-event.pubsub-topic", fp.uploads_topic,
-        "-event.bucket", fp.images_bucket,
         "-event.list", "finalize",
     ]  # fmt: skip
 
@@ -95,6 +104,21 @@ def create_topics(env: Mapping[str, str], project: str, fp: Footprint) -> None:
             name=subscriber.subscription_path(project, fp.dead_letter_subscription),
             topic=publisher.topic_path(project, fp.dead_letter_topic),
         )
+        # What `triggerfish results` reads: it exists before the first result is stored.
+        subscriber.create_subscription(
+            name=subscriber.subscription_path(project, fp.results_subscription),
+            topic=publisher.topic_path(project, fp.results_topic),
+            ack_deadline_seconds=60,
+        )
+
+
+def subscription_filters(fp: Footprint) -> dict[str, str]:
+    """Subscription -> filter: the uploads topic's push subscriptions see the images bucket's
+    notifications, the results bridge the results bucket's (as the cloud's two configs send them)."""
+    filters = {sub.name: str(bucket_filter(fp.images_bucket))
+               for sub in fp.push_subscriptions if sub.topic == fp.uploads_topic}  # fmt: skip
+    filters[RESULTS_BRIDGE_SUBSCRIPTION] = str(bucket_filter(fp.results_bucket))
+    return filters
 
 
 def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprint) -> None:
@@ -103,7 +127,8 @@ def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprin
     Locally they are pull subscriptions: :mod:`infra.local.push_dispatcher` delivers
     them to the functions the way Cloud Pub/Sub pushes (concurrently, with the
     retry policy's backoff and the dead-letter bound), which the emulator's own
-    push does not do.
+    push does not do. The results bridge, a pull subscription on the uploads topic,
+    is created first, so no result's notification precedes it.
     """
     from google.cloud import pubsub_v1
     from google.protobuf import duration_pb2
@@ -111,12 +136,22 @@ def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprin
     with _environ(env):
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
+        filters = subscription_filters(fp)
+        subscriber.create_subscription(
+            request={
+                "name": subscriber.subscription_path(project, RESULTS_BRIDGE_SUBSCRIPTION),
+                "topic": publisher.topic_path(project, fp.uploads_topic),
+                "ack_deadline_seconds": 60,
+                "filter": filters[RESULTS_BRIDGE_SUBSCRIPTION],
+            }
+        )
         sub: PushSubscription
         for sub in fp.push_subscriptions:
             subscriber.create_subscription(
                 request={
                     "name": subscriber.subscription_path(project, sub.name),
                     "topic": publisher.topic_path(project, sub.topic),
+                    "filter": filters.get(sub.name, ""),
                     "ack_deadline_seconds": sub.ack_deadline_seconds,
                     "retry_policy": {
                         "minimum_backoff": duration_pb2.Duration(seconds=sub.min_backoff_seconds),
@@ -131,7 +166,8 @@ def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprin
 
 
 def dispatcher_argv(project: str, fp: Footprint, ports: Mapping[str, int]) -> list[str]:
-    """The push dispatcher's command line: one route per subscription."""
+    """The push dispatcher's command line: one route per push subscription, their filters,
+    and the bridge that carries the results bucket's notifications to the results topic."""
     argv = [sys.executable, "-m", "infra.local.push_dispatcher", "--project", project,
             "--dead-letter-topic", fp.dead_letter_topic]  # fmt: skip
     for sub in fp.push_subscriptions:
@@ -139,6 +175,9 @@ def dispatcher_argv(project: str, fp: Footprint, ports: Mapping[str, int]) -> li
         endpoint = f"http://127.0.0.1:{ports[sub.entry_point]}/projects/{project}/topics/{sub.topic}"
         argv += ["--route", f"{sub.name}={endpoint}:{sub.max_delivery_attempts}:"
                             f"{sub.min_backoff_seconds}:{sub.max_backoff_seconds}"]  # fmt: skip
+    for name, expression in subscription_filters(fp).items():
+        argv += ["--filter", f"{name}={expression}"]
+    argv += ["--bridge", f"{RESULTS_BRIDGE_SUBSCRIPTION}={fp.results_topic}"]
     return argv
 
 

@@ -27,11 +27,20 @@ delivery still holds, and copies never run concurrently.
 Messages up to Pub/Sub's 10 MB are pulled: gRPC's default 4 MB receive limit is
 lifted on the channel, as Google's Pub/Sub client library does.
 
+A subscription may have a filter (``--filter``): the emulator stores filters but
+does not apply them, so this process acknowledges what a filter excludes unseen, as
+Cloud Pub/Sub does (:mod:`infra.local.subscription_filter`). A bridge (``--bridge``)
+republishes a subscription's messages, data and attributes unchanged, to another
+topic and acknowledges each once published: with a filter it stands in for a
+Cloud Storage notification config of its own (the results bucket's, to the
+results topic), which fake-gcs-server cannot have.
+
 One asyncio loop does all of it: delivering a message costs a few hundred
 microseconds of CPU, which on a small machine is CPU the stack it feeds keeps.
 
     python -m infra.local.push_dispatcher --project P --dead-letter-topic T \\
-        --route SUBSCRIPTION=URL:MAX_ATTEMPTS:MIN_BACKOFF:MAX_BACKOFF ...
+        --route SUBSCRIPTION=URL:MAX_ATTEMPTS:MIN_BACKOFF:MAX_BACKOFF ... \\
+        [--filter SUBSCRIPTION='attributes.KEY = "VALUE"' ...] [--bridge SUBSCRIPTION=TOPIC ...]
 """
 
 from __future__ import annotations
@@ -45,11 +54,14 @@ import os
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from google.api_core import exceptions as api_exceptions
+
+from infra.local.subscription_filter import AttributeFilter
 
 logger = logging.getLogger("infra.push_dispatcher")
 
@@ -98,6 +110,33 @@ class Route:
     def backoff_s(self, attempt: int) -> int:
         """Delay before redelivering after ``attempt`` failed (exponential, capped)."""
         return min(self.max_backoff_s, self.min_backoff_s * 2 ** max(0, attempt - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Bridge:
+    """One subscription whose messages are republished, unchanged, to ``topic``."""
+
+    subscription: str
+    topic: str
+
+    @classmethod
+    def parse(cls, text: str) -> Bridge:
+        """``SUBSCRIPTION=TOPIC``."""
+        subscription, _, topic = text.partition("=")
+        if not subscription or not topic or "/" in topic:
+            raise argparse.ArgumentTypeError(f"a bridge is SUBSCRIPTION=TOPIC, got {text!r}")
+        return cls(subscription, topic)
+
+
+def parse_filter(text: str) -> tuple[str, AttributeFilter]:
+    """``SUBSCRIPTION=FILTER``: the filter of one subscription, in Pub/Sub's syntax."""
+    subscription, _, expression = text.partition("=")
+    try:
+        if not subscription:
+            raise ValueError(f"a filter is SUBSCRIPTION=FILTER, got {text!r}")
+        return subscription, AttributeFilter.parse(expression)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 class Attempts:
@@ -188,6 +227,8 @@ class Dispatcher:
         routes: list[Route],
         concurrency: int,
         emulator_host: str | None = None,
+        filters: Mapping[str, AttributeFilter] | None = None,
+        bridges: list[Bridge] | None = None,
     ) -> None:
         host = emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST", "")
         if not host:
@@ -198,6 +239,9 @@ class Dispatcher:
         self._project = project
         self._dead_letter = f"projects/{project}/topics/{dead_letter_topic}"
         self._routes = routes
+        self._bridges = bridges or []
+        # Subscription short name -> its filter; a subscription without one gets everything.
+        self._filters = dict(filters or {})
         self._concurrency = concurrency
         self._attempts = Attempts()
         self._loop = asyncio.new_event_loop()
@@ -249,7 +293,9 @@ class Dispatcher:
             path = self._subscription_path(route)
             self._ack_deadlines[path] = await self._read_ack_deadline(path)
             logger.info("delivering %s to %s (ack deadline %d s)", path, route.endpoint, self._ack_deadlines[path])
-        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in self._routes]
+        for bridge in self._bridges:
+            logger.info("republishing %s to %s", self._subscription_path(bridge), bridge.topic)
+        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in [*self._routes, *self._bridges]]
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -263,7 +309,7 @@ class Dispatcher:
             await self._session.close()
             await channel.close()
 
-    def _subscription_path(self, route: Route) -> str:
+    def _subscription_path(self, route: Route | Bridge) -> str:
         return f"projects/{self._project}/subscriptions/{route.subscription}"
 
     async def _read_ack_deadline(self, path: str) -> int:
@@ -275,9 +321,10 @@ class Dispatcher:
         return int(subscription.ack_deadline_seconds) or _DEFAULT_ACK_DEADLINE_S
 
     # -- delivery -----------------------------------------------------------------------------
-    async def _pump(self, route: Route, deliveries: set[asyncio.Task[None]]) -> None:
-        """Pull as many messages as there are free slots, deliver each, repeat."""
+    async def _pump(self, route: Route | Bridge, deliveries: set[asyncio.Task[None]]) -> None:
+        """Pull as many messages as there are free slots, deliver (or republish) each, repeat."""
         path = self._subscription_path(route)
+        wanted = self._filters.get(route.subscription)
         acks = self._acks.setdefault(path, _Acks(self, path))
         slots = asyncio.Semaphore(self._concurrency)
         while True:
@@ -299,10 +346,19 @@ class Dispatcher:
                 logger.warning("pulling %s failed: %r; trying again in 1 s", path, err)
                 received = []
                 await asyncio.sleep(1.0)
+            if wanted is not None:
+                for ack_id, message in received:
+                    if not wanted.matches(message.get("attributes", {})):
+                        acks.add(ack_id)  # excluded by the filter: acknowledged unseen
+                received = [(a, m) for a, m in received if wanted.matches(m.get("attributes", {}))]
             for _ in range(free - len(received)):
                 slots.release()
             for ack_id, message in received:
-                task = asyncio.create_task(self._deliver(route, path, ack_id, message, acks))
+                if isinstance(route, Bridge):
+                    work = self._republish(route, path, ack_id, message, acks)
+                else:
+                    work = self._deliver(route, path, ack_id, message, acks)
+                task = asyncio.create_task(work)
                 deliveries.add(task)
                 task.add_done_callback(lambda t: (deliveries.discard(t), slots.release()))
 
@@ -351,6 +407,22 @@ class Dispatcher:
         await asyncio.sleep(delay)
         await lease.end()  # no extension may land after the release
         await self._redeliver_after(path, ack_id, 0)
+
+    async def _republish(self, bridge: Bridge, path: str, ack_id: str, message: dict[str, Any], acks: _Acks) -> None:
+        """Publish the message, data and attributes unchanged, to the bridge's topic; then acknowledge."""
+        try:
+            await self._publisher.publish(
+                topic=f"projects/{self._project}/topics/{bridge.topic}",
+                messages=[{"data": base64.b64decode(message.get("data", "")), "attributes": message.get("attributes", {})}],
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except _EMULATOR_ERRORS as err:
+            # Kept: released after a pause and republished then (at least once, like the service).
+            logger.warning("could not republish message %s to %s: %r", message["messageId"], bridge.topic, err)
+            await asyncio.sleep(1.0)
+            await self._redeliver_after(path, ack_id, 0)
+            return
+        acks.add(ack_id)
 
     async def _redeliver_after(self, path: str, ack_id: str, delay_s: int) -> None:
         """The message's ack deadline becomes ``delay_s`` (0: a nack): then the emulator delivers it again."""
@@ -431,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", required=True)
     parser.add_argument("--dead-letter-topic", required=True)
     parser.add_argument("--route", type=Route.parse, action="append", required=True)
+    parser.add_argument("--filter", type=parse_filter, action="append", default=[],
+                        help="SUBSCRIPTION=FILTER: what the subscription delivers (the emulator ignores filters)")
+    parser.add_argument("--bridge", type=Bridge.parse, action="append", default=[],
+                        help="SUBSCRIPTION=TOPIC: republish the subscription's messages to TOPIC")
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("TRIGGERFISH_PUSH_CONCURRENCY", "64")))
     args = parser.parse_args(argv)
     from shared.logging import configure_json_logging
@@ -439,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    dispatcher = Dispatcher(args.project, args.dead_letter_topic, args.route, args.concurrency)
+    dispatcher = Dispatcher(
+        args.project, args.dead_letter_topic, args.route, args.concurrency,
+        filters=dict(args.filter), bridges=args.bridge,
+    )  # fmt: skip
     dispatcher.start()
     stop.wait()
     with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""Where ``submit`` and ``dlq`` act: the local stack's emulators, or a real project.
+"""Where ``submit``, ``dlq`` and ``results`` act: the local stack's emulators, or a real project.
 
 The local stack is found through its state file, like the other client
 commands. A real project is chosen by any of ``--project``, ``--terraform-dir``,
@@ -39,6 +39,7 @@ class Target:
         results_bucket: Bucket holding result JSON.
         models_repository: ``gs://bucket[/prefix]`` of the model repository.
         dead_letter_subscription: Pull subscription on the dead-letter topic.
+        results_subscription: Pull subscription on the results-events topic.
         subscription_topics: Push subscription name -> its topic, used when the
             subscription itself cannot be read (deleted, or no permission).
         default_model: Model used when a command names none.
@@ -51,6 +52,7 @@ class Target:
     results_bucket: str
     models_repository: str
     dead_letter_subscription: str
+    results_subscription: str = ""
     subscription_topics: Mapping[str, str] = field(default_factory=dict)
     bulk_topic: str = ""
     serve_url: str = ""
@@ -117,6 +119,7 @@ def local_target(stack: StackState, directory: Path) -> Target:
         results_bucket=stack.results_bucket,
         models_repository=f"gs://{stack.models_bucket}",
         dead_letter_subscription=fp.dead_letter_subscription,
+        results_subscription=fp.results_subscription,
         subscription_topics={
             **{sub.name: sub.topic for sub in fp.push_subscriptions},
         },
@@ -141,9 +144,14 @@ def cloud_target(
     results_bucket: str | None = None,
     repository: str | None = None,
     dead_letter_subscription: str | None = None,
+    results_subscription: str | None = None,
     directory: Path = DEFAULT_STATE_DIR,
+    publishing: bool = True,
 ) -> Target:
     """A real project from ``terraform output -json`` (may be empty) and explicit names.
+
+    ``publishing``: the command publishes requests and waits for their results, so the
+    requests topic and the results bucket must be known (``results`` only reads events).
 
     Raises:
         TargetError: naming the flag that is needed when a name is known from neither.
@@ -155,27 +163,30 @@ def cloud_target(
         )
     topic = topic or _output(outputs, "topics", "requests")
     results_bucket = results_bucket or _output(outputs, "buckets", "results")
-    if not topic:
+    if publishing and not topic:
         raise TargetError("no requests topic: give --topic or --terraform-dir")
-    if not results_bucket:
+    if publishing and not results_bucket:
         raise TargetError("no results bucket: give --results-bucket or --terraform-dir")
     models = _output(outputs, "buckets", "models")
     subscriptions = (outputs.get("subscriptions") or {}).get("value") or {}
     topics = (outputs.get("topics") or {}).get("value") or {}
     mapping = {
         subscriptions[key]: topics[key]
-        for key in ("requests", "uploads")
+        for key in ("requests", "uploads", "bulk")
         if key in subscriptions and key in topics
     }
     return Target(
         project=project,
-        requests_topic=topic,
+        requests_topic=topic or "",
         bulk_topic=_output(outputs, "topics", "bulk") or ("" if topic != fp.requests_topic else fp.bulk_topic),
-        results_bucket=results_bucket,
+        results_bucket=results_bucket or "",
         models_repository=repository or (f"gs://{models}" if models else ""),
         dead_letter_subscription=dead_letter_subscription
         or _output(outputs, "subscriptions", "dead_letter")
         or fp.dead_letter_subscription,
+        results_subscription=results_subscription
+        or _output(outputs, "subscriptions", "results")
+        or fp.results_subscription,
         subscription_topics=mapping
         or {
             **{sub.name: sub.topic for sub in fp.push_subscriptions},
@@ -221,8 +232,11 @@ def default_project() -> str | None:
         return None
 
 
-def resolve_target(args: Any) -> Target:
-    """The target named by a command's flags: a real project, or the running local stack."""
+def resolve_target(args: Any, *, publishing: bool = True) -> Target:
+    """The target named by a command's flags: a real project, or the running local stack.
+
+    ``publishing=False`` for a command that only reads (see :func:`cloud_target`).
+    """
     directory = state_dir()
     flags = ("project", "terraform_dir", "topic", "results_bucket")
     if not any(getattr(args, name, None) for name in flags):
@@ -240,5 +254,7 @@ def resolve_target(args: Any) -> Target:
         results_bucket=getattr(args, "results_bucket", None),
         repository=getattr(args, "repository", None),
         dead_letter_subscription=getattr(args, "dead_letter_subscription", None),
+        results_subscription=getattr(args, "subscription", None) if not publishing else None,
         directory=directory,
+        publishing=publishing,
     )

@@ -207,3 +207,49 @@ def test_a_held_message_is_never_handed_out_again_while_held(emulator: str) -> N
     assert [e["deliveryAttempt"] for e in endpoint.envelopes] == [1, 2]
     # Unleased, the emulator would hand out a copy at the 10 s ack deadline, mid-backoff.
     assert endpoint.arrivals[1] - endpoint.arrivals[0] >= 15
+
+
+def test_a_filter_keeps_what_it_excludes_from_the_endpoint_and_a_bridge_republishes_the_rest(emulator: str) -> None:
+    """fake-gcs-server's one topic split by bucket, as two notification configs would send it:
+    the push route sees the images bucket, the bridge carries the results bucket on."""
+    from google.cloud import pubsub_v1
+
+    from infra.local.push_dispatcher import Bridge
+    from infra.local.subscription_filter import bucket_filter
+
+    tag = uuid.uuid4().hex[:8]
+    topic, sub, _ = _setup(tag)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    bridged, out = f"bridge-{tag}", publisher.topic_path(PROJECT, f"out-{tag}")
+    publisher.create_topic(name=out)
+    subscriber.create_subscription(name=subscriber.subscription_path(PROJECT, bridged), topic=topic)
+    subscriber.create_subscription(name=subscriber.subscription_path(PROJECT, f"out-{tag}"), topic=out)
+    endpoint = Endpoint(204, delay_s=0.0)
+    dispatcher = Dispatcher(
+        PROJECT, f"dead-{tag}", [Route(sub, endpoint.url, 5, 1, 2)], concurrency=8,
+        filters={sub: bucket_filter("images"), bridged: bucket_filter("results")},
+        bridges=[Bridge(bridged, f"out-{tag}")],
+    )  # fmt: skip
+    dispatcher.start()
+    try:
+        futures = [publisher.publish(topic, f"{bucket}-{i}".encode(), bucketId=bucket, objectId=str(i))
+                   for i in range(10) for bucket in ("images", "results", "models")]  # fmt: skip
+        for future in futures:
+            future.result(timeout=30)
+        republished: list[tuple[bytes, dict[str, str]]] = []
+        deadline = time.monotonic() + 30
+        while (len(endpoint.envelopes) < 10 or len(republished) < 10) and time.monotonic() < deadline:
+            answer = subscriber.pull(subscription=subscriber.subscription_path(PROJECT, f"out-{tag}"),
+                                     max_messages=50, timeout=5)  # fmt: skip
+            republished += [(m.message.data, dict(m.message.attributes)) for m in answer.received_messages]
+            if answer.received_messages:
+                subscriber.acknowledge(subscription=subscriber.subscription_path(PROJECT, f"out-{tag}"),
+                                       ack_ids=[m.ack_id for m in answer.received_messages])  # fmt: skip
+        time.sleep(1.5)  # what was excluded was acknowledged, not redelivered
+    finally:
+        dispatcher.stop()
+        endpoint.server.shutdown()
+    delivered = sorted(base64.b64decode(e["message"]["data"]) for e in endpoint.envelopes)
+    assert delivered == sorted(f"images-{i}".encode() for i in range(10))
+    assert sorted(data for data, _ in republished) == sorted(f"results-{i}".encode() for i in range(10))
+    assert all(attrs["bucketId"] == "results" and attrs["objectId"] for _, attrs in republished)

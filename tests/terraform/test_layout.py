@@ -25,6 +25,7 @@ def test_the_expected_modules_exist():
         "pubsub",
         "ray",
         "ray-manifests",
+        "results-bigquery",
         "storage",
     }
 

@@ -15,11 +15,17 @@ def _is_dead_letter_sink(body):
     return expr(body["topic"]) == "${google_pubsub_topic.dead_letter.id}"
 
 
-def test_there_are_push_subscriptions_and_one_dead_letter_sink():
+def test_there_are_push_pull_and_bigquery_subscriptions_and_one_dead_letter_sink():
     subs = {name: body for _, name, body in _subscriptions()}
-    assert set(subs) == {"push", "dead_letter"}
+    assert set(subs) == {"push", "pull", "bigquery", "dead_letter"}
     assert _is_dead_letter_sink(subs["dead_letter"])
-    assert not _is_dead_letter_sink(subs["push"])
+    assert not any(_is_dead_letter_sink(subs[name]) for name in ("push", "pull", "bigquery"))
+
+
+def _is_reader_pull(name: str) -> bool:
+    """Pull subscriptions of readers outside the pipeline (results events): whoever reads
+    acknowledges what it read, and a message handed back unread must not count as failed."""
+    return name == "pull"
 
 
 def test_every_subscription_has_an_exponential_backoff_retry_policy():
@@ -33,7 +39,7 @@ def test_every_subscription_has_an_exponential_backoff_retry_policy():
 def test_every_source_subscription_dead_letters_after_a_bounded_number_of_attempts():
     pubsub = child("pubsub")
     for module, name, body in _subscriptions():
-        if _is_dead_letter_sink(body):
+        if _is_dead_letter_sink(body) or _is_reader_pull(name):
             # The sink itself is where dead letters end; it must not have one.
             assert "dead_letter_policy" not in body
             continue
@@ -46,9 +52,8 @@ def test_every_source_subscription_dead_letters_after_a_bounded_number_of_attemp
             assert 5 <= attempts <= 100
         else:
             assert attempts == "${each.value.max_delivery_attempts}"
-            conditions = [
-                v["condition"] for v in pubsub.variables["push_subscriptions"]["validation"]
-            ]
+            variable = "bigquery_subscriptions" if name == "bigquery" else "push_subscriptions"
+            conditions = [v["condition"] for v in pubsub.variables[variable]["validation"]]
             assert any(
                 "s.max_delivery_attempts >= 5 && s.max_delivery_attempts <= 100" in c
                 for c in conditions

@@ -102,6 +102,66 @@ resource "google_pubsub_subscription" "dead_letter" {
   }
 }
 
+# Readers outside the pipeline (`triggerfish results`, a downstream service)
+# pull at their own pace. No dead-letter policy: such a reader acknowledges
+# everything it reads, and one that hands messages back unread (a `--max`
+# reached) must not push them toward the dead-letter topic and its alert.
+resource "google_pubsub_subscription" "pull" {
+  for_each = var.pull_subscriptions
+
+  project                    = var.project_id
+  name                       = each.value.name
+  topic                      = google_pubsub_topic.this[each.value.topic].id
+  labels                     = var.labels
+  ack_deadline_seconds       = each.value.ack_deadline_seconds
+  message_retention_duration = "${each.value.message_retention_seconds}s"
+  retain_acked_messages      = false
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  # A reader started late catches up: an idle subscription must not expire.
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# Every message becomes a row: write_metadata adds subscription_name,
+# message_id, publish_time and attributes (as JSON) next to data, the columns of
+# terraform/schemas/result_events.json. A row BigQuery refuses is retried with
+# backoff and then dead-lettered like a failed push.
+resource "google_pubsub_subscription" "bigquery" {
+  for_each = var.bigquery_subscriptions
+
+  project = var.project_id
+  name    = each.value.name
+  topic   = google_pubsub_topic.this[each.value.topic].id
+  labels  = var.labels
+
+  bigquery_config {
+    table          = each.value.table
+    write_metadata = true
+  }
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter.id
+    max_delivery_attempts = each.value.max_delivery_attempts
+  }
+
+  expiration_policy {
+    ttl = ""
+  }
+
+  depends_on = [google_pubsub_topic_iam_member.dead_letter_publisher]
+}
+
 # Dead-lettering is performed by the Pub/Sub service agent: it must be able
 # to publish to the dead-letter topic and to acknowledge (subscribe to) the
 # source subscriptions it forwards from.
@@ -114,6 +174,15 @@ resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
 
 resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
   for_each = google_pubsub_subscription.push
+
+  project      = var.project_id
+  subscription = each.value.name
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${var.pubsub_service_agent_email}"
+}
+
+resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber_bigquery" {
+  for_each = google_pubsub_subscription.bigquery
 
   project      = var.project_id
   subscription = each.value.name

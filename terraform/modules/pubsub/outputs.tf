@@ -19,9 +19,11 @@ output "dead_letter_topic_name" {
 }
 
 output "subscription_names" {
-  description = "Push subscription names keyed by footprint key, plus the dead-letter pull subscription under dead_letter."
+  description = "Subscription names keyed by footprint key (push, pull and BigQuery subscriptions), plus the dead-letter pull subscription under dead_letter."
   value = merge(
     { for key, sub in google_pubsub_subscription.push : key => sub.name },
+    { for key, sub in google_pubsub_subscription.pull : key => sub.name },
+    { for key, sub in google_pubsub_subscription.bigquery : key => sub.name },
     { dead_letter = google_pubsub_subscription.dead_letter.name },
   )
 }

@@ -70,6 +70,33 @@ variable "dead_letter_subscription" {
   description = "Pull subscription on the dead-letter topic where operators inspect and replay failed messages."
 }
 
+variable "pull_subscriptions" {
+  type = map(object({
+    name                      = string
+    topic                     = string
+    ack_deadline_seconds      = number
+    message_retention_seconds = number
+  }))
+  description = "Pull subscriptions for readers outside the pipeline (the results events that `triggerfish results` reads), keyed by footprint key; topic is a key of var.topics."
+  default     = {}
+}
+
+variable "bigquery_subscriptions" {
+  type = map(object({
+    name                  = string
+    topic                 = string
+    table                 = string
+    max_delivery_attempts = optional(number, 10)
+  }))
+  description = "Subscriptions that write every message as a row of a BigQuery table (PROJECT.DATASET.TABLE) with the subscription's metadata columns; topic is a key of var.topics. Rows that cannot be written end on the dead-letter topic."
+  default     = {}
+
+  validation {
+    condition     = alltrue([for s in values(var.bigquery_subscriptions) : s.max_delivery_attempts >= 5 && s.max_delivery_attempts <= 100])
+    error_message = "max_delivery_attempts must be between 5 and 100 (the bounds Pub/Sub accepts for dead-lettering)."
+  }
+}
+
 variable "push_invoker_service_account_email" {
   type        = string
   description = "Service account whose OIDC token Pub/Sub attaches to every push request; it holds roles/run.invoker on the functions and nothing else."

@@ -1,5 +1,6 @@
 /**
- * Buckets that can never become public, and the upload notification.
+ * Buckets that can never become public, the upload notification and the
+ * result notification.
  */
 
 resource "google_storage_bucket" "this" {
@@ -59,4 +60,25 @@ resource "google_storage_notification" "upload" {
   event_types    = var.upload_notification.event_types
 
   depends_on = [google_pubsub_topic_iam_member.gcs_publisher]
+}
+
+resource "google_pubsub_topic_iam_member" "gcs_results_publisher" {
+  project = var.project_id
+  topic   = var.result_notification.topic
+  role    = "roles/pubsub.publisher"
+  member  = "serviceAccount:${var.gcs_service_agent_email}"
+}
+
+# Every stored result becomes one event: a result object is created only by a
+# write that wins (shared/result_store.py conditions each on a generation), and
+# Cloud Storage notifies once the object is final, so never before it is
+# readable. The payload's object resource carries the result's custom metadata
+# (status, model, source, summary): nothing on the hot path publishes.
+resource "google_storage_notification" "results" {
+  bucket         = google_storage_bucket.this[var.result_notification.bucket].name
+  topic          = var.result_notification.topic
+  payload_format = "JSON_API_V1"
+  event_types    = var.result_notification.event_types
+
+  depends_on = [google_pubsub_topic_iam_member.gcs_results_publisher]
 }

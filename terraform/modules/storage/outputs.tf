@@ -12,3 +12,8 @@ output "upload_notification_id" {
   description = "Id of the upload notification on the images bucket."
   value       = google_storage_notification.upload.notification_id
 }
+
+output "result_notification_id" {
+  description = "Id of the result notification on the results bucket."
+  value       = google_storage_notification.results.notification_id
+}

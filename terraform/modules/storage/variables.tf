@@ -57,6 +57,20 @@ variable "upload_notification" {
   }
 }
 
+variable "result_notification" {
+  type = object({
+    bucket      = string
+    topic       = string
+    event_types = list(string)
+  })
+  description = "Pub/Sub notification for stored results: bucket is a key of var.buckets (the results bucket), topic the id of the results-events topic (payload JSON_API_V1, which carries each result's custom metadata)."
+
+  validation {
+    condition     = length(var.result_notification.event_types) > 0 && alltrue([for t in var.result_notification.event_types : contains(["OBJECT_FINALIZE", "OBJECT_METADATA_UPDATE", "OBJECT_DELETE", "OBJECT_ARCHIVE"], t)])
+    error_message = "event_types must list Cloud Storage notification event types, e.g. [\"OBJECT_FINALIZE\"]."
+  }
+}
+
 variable "gcs_service_agent_email" {
   type        = string
   description = "Email of the project's Cloud Storage service agent, which publishes bucket notifications."

@@ -14,11 +14,17 @@ import random
 import pytest
 
 from shared.errors import ErrorReason, TransientError
+from shared.gcs_limits import MAX_CUSTOM_METADATA_BYTES, custom_metadata_bytes
 from shared.messages import EntryPath, InferenceRequest
 from shared.result_store import (
+    DETECTIONS_METADATA_KEY,
     ERROR_REASON_METADATA_KEY,
     GENERATION_METADATA_KEY,
+    MODEL_METADATA_KEY,
+    SOURCE_URI_METADATA_KEY,
     STATUS_METADATA_KEY,
+    TOP_LABEL_METADATA_KEY,
+    TOP_SCORE_METADATA_KEY,
     VERSION_METADATA_KEY,
     RecentWrites,
     StoredResult,
@@ -28,7 +34,9 @@ from shared.result_store import (
     store_result,
 )
 from shared.results import (
+    Detection,
     InferenceResult,
+    Label,
     ModelRef,
     SourceRef,
     Status,
@@ -83,7 +91,11 @@ def _stored_body(gcs: InMemoryGcs, name: str = NAME) -> dict:
 
 
 def _meta(generation: str | None, version: str | None, status: str) -> dict[str, str]:
-    meta = {STATUS_METADATA_KEY: status}
+    meta = {
+        STATUS_METADATA_KEY: status,
+        MODEL_METADATA_KEY: "mobilenet_v2",
+        SOURCE_URI_METADATA_KEY: str(SOURCE),
+    }
     if status == "error":
         meta[ERROR_REASON_METADATA_KEY] = "not_an_image"
     if generation is not None:
@@ -122,6 +134,42 @@ def test_result_metadata_carries_the_rank_of_the_result() -> None:
     assert result_metadata(_ok("5", "1")) == _meta("5", "1", "ok")
     assert result_metadata(_error(None, None)) == _meta(None, None, "error")
     assert rank(result_metadata(_ok("5", "1"))) > rank(result_metadata(_error("5", "1")))
+
+
+def test_result_metadata_summarizes_a_classification_by_its_top_label() -> None:
+    result = _ok().model_copy(
+        update={
+            "labels": [
+                Label(class_id=3, label="tiger shark", score=0.1),
+                Label(class_id=281, label="tabby", score=0.873149),
+            ]
+        }
+    )
+    meta = result_metadata(result)
+    assert meta[TOP_LABEL_METADATA_KEY] == "tabby"
+    assert meta[TOP_SCORE_METADATA_KEY] == "0.8731"
+    assert DETECTIONS_METADATA_KEY not in meta
+
+
+def test_result_metadata_summarizes_detections_by_their_number() -> None:
+    box = Detection(ymin=0, xmin=0, ymax=1, xmax=1, score=0.9, class_id=1, label="text")
+    meta = result_metadata(_ok().model_copy(update={"labels": None, "detections": [box, box]}))
+    assert meta[DETECTIONS_METADATA_KEY] == "2"
+    assert TOP_LABEL_METADATA_KEY not in meta
+    no_boxes = result_metadata(_ok().model_copy(update={"labels": None, "detections": []}))
+    assert no_boxes[DETECTIONS_METADATA_KEY] == "0"
+
+
+def test_result_metadata_stays_within_the_limit_for_any_source_uri() -> None:
+    """A request's URI may be 2,048 characters of 4-byte UTF-8: it is cut, never a refused write."""
+    request = InferenceRequest(
+        uri="gs://x/" + "𝄞" * 2040, request_id="r", entry_path=EntryPath.PUBSUB
+    )
+    result = InferenceResult.failure(request, ErrorReason.INVALID_URI, "bad", model="m" * 300)
+    meta = result_metadata(result)
+    assert custom_metadata_bytes(meta) < MAX_CUSTOM_METADATA_BYTES // 2
+    assert meta[SOURCE_URI_METADATA_KEY].startswith("gs://x/𝄞𝄞")
+    assert len(meta[SOURCE_URI_METADATA_KEY].encode()) <= 1100
 
 
 # --- store_result ----------------------------------------------------------------------
@@ -369,7 +417,10 @@ def test_a_remembered_result_is_rewritten_in_one_conditional_request() -> None:
     again = _store(gcs, _ok(request_id="redelivered"), recent=recent)
 
     assert again == StoredResult(URI, written=True, superseded=False)
-    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [(0, True), (generation, True)]
+    assert [(w.if_generation_match, w.succeeded) for w in gcs.writes] == [
+        (0, True),
+        (generation, True),
+    ]
     assert gcs.infos == []
     assert _stored_body(gcs)["request_id"] == "redelivered"
 

@@ -109,3 +109,19 @@ def test_a_real_project_never_talks_to_an_emulator(monkeypatch) -> None:  # noqa
     assert "PUBSUB_EMULATOR_HOST" not in os.environ
     local_target(stack_state(), Path("."))._point_pubsub_clients()
     assert os.environ["PUBSUB_EMULATOR_HOST"] == "127.0.0.1:1"
+
+
+def test_a_reader_of_result_events_needs_only_a_project() -> None:
+    """``triggerfish results`` publishes nothing: no topic or results bucket required."""
+    bare = cloud_target({}, "acme-ml", publishing=False)
+    assert bare.results_subscription == "triggerfish-results-events-pull"  # the footprint's
+    outputs = json.loads(json.dumps(OUTPUTS))
+    outputs["subscriptions"]["value"]["results"] = "custom-results-pull"
+    assert (
+        cloud_target(outputs, "acme-ml", publishing=False).results_subscription
+        == "custom-results-pull"
+    )
+    flagged = cloud_target(outputs, "acme-ml", results_subscription="mine", publishing=False)
+    assert flagged.results_subscription == "mine"
+    with pytest.raises(TargetError, match="no requests topic"):
+        cloud_target({}, "acme-ml")
