@@ -4,7 +4,7 @@
  *
  *   functions       runtime of the Cloud Functions: write (error) results
  *   functions_build Cloud Build for the functions: read source, push images, write build logs
- *   push_invoker    identity of Pub/Sub push requests: run.invoker on the two functions only
+ *   push_invoker    identity of Pub/Sub push requests: run.invoker on the three functions only
  *   serve           Ray pods through workload identity: read images/models, write results,
  *                   read/write the engine cache
  *   gke_nodes       node identity: logs, metrics, pulling the Serve and KubeRay images

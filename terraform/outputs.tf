@@ -1,5 +1,5 @@
 output "topics" {
-  description = "Pub/Sub topic names: publish {\"uri\": \"gs://...\"} to requests; uploads is fed by the images bucket; dead_letter collects failed messages."
+  description = "Pub/Sub topic names: publish {\"uri\": \"gs://...\"} to requests (live) or bulk (backfills, replays); uploads is fed by the images bucket; results carries one event per stored result; dead_letter collects failed messages."
   value = merge(module.pubsub.topic_names, {
     dead_letter = module.pubsub.dead_letter_topic_name
   })
