@@ -12,10 +12,6 @@ from pathlib import Path
 from infra.footprint import Footprint, PushSubscription
 from infra.local.subscription_filter import bucket_filter
 
-# Local only: the subscription on the uploads topic whose results-bucket notifications the
-# push dispatcher republishes to the results topic (see create_push_subscriptions).
-RESULTS_BRIDGE_SUBSCRIPTION = "triggerfish-results-bridge"
-
 
 @contextlib.contextmanager
 def _environ(env: Mapping[str, str]) -> Iterator[None]:
@@ -114,11 +110,17 @@ def create_topics(env: Mapping[str, str], project: str, fp: Footprint) -> None:
 
 def subscription_filters(fp: Footprint) -> dict[str, str]:
     """Subscription -> filter: the uploads topic's push subscriptions see the images bucket's
-    notifications, the results bridge the results bucket's (as the cloud's two configs send them)."""
-    filters = {sub.name: str(bucket_filter(fp.images_bucket))
-               for sub in fp.push_subscriptions if sub.topic == fp.uploads_topic}  # fmt: skip
-    filters[RESULTS_BRIDGE_SUBSCRIPTION] = str(bucket_filter(fp.results_bucket))
-    return filters
+    notifications (as the cloud's notification config sends them)."""
+    return {sub.name: str(bucket_filter(fp.images_bucket))
+            for sub in fp.push_subscriptions if sub.topic == fp.uploads_topic}  # fmt: skip
+
+
+def results_bridges(fp: Footprint) -> list[str]:
+    """``--bridge`` values: the results bucket's notifications, which reach the uploads topic here,
+    go on to the results topic, as the results bucket's own notification config sends them in the
+    cloud. They ride on the uploads subscription's pulls: one pull per notification."""
+    return [f"{sub.name}={fp.results_topic};{bucket_filter(fp.results_bucket)}"
+            for sub in fp.push_subscriptions if sub.topic == fp.uploads_topic]  # fmt: skip
 
 
 def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprint) -> None:
@@ -127,8 +129,7 @@ def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprin
     Locally they are pull subscriptions: :mod:`infra.local.push_dispatcher` delivers
     them to the functions the way Cloud Pub/Sub pushes (concurrently, with the
     retry policy's backoff and the dead-letter bound), which the emulator's own
-    push does not do. The results bridge, a pull subscription on the uploads topic,
-    is created first, so no result's notification precedes it.
+    push does not do.
     """
     from google.cloud import pubsub_v1
     from google.protobuf import duration_pb2
@@ -137,14 +138,6 @@ def create_push_subscriptions(env: Mapping[str, str], project: str, fp: Footprin
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
         filters = subscription_filters(fp)
-        subscriber.create_subscription(
-            request={
-                "name": subscriber.subscription_path(project, RESULTS_BRIDGE_SUBSCRIPTION),
-                "topic": publisher.topic_path(project, fp.uploads_topic),
-                "ack_deadline_seconds": 60,
-                "filter": filters[RESULTS_BRIDGE_SUBSCRIPTION],
-            }
-        )
         sub: PushSubscription
         for sub in fp.push_subscriptions:
             subscriber.create_subscription(
@@ -177,7 +170,8 @@ def dispatcher_argv(project: str, fp: Footprint, ports: Mapping[str, int]) -> li
                             f"{sub.min_backoff_seconds}:{sub.max_backoff_seconds}"]  # fmt: skip
     for name, expression in subscription_filters(fp).items():
         argv += ["--filter", f"{name}={expression}"]
-    argv += ["--bridge", f"{RESULTS_BRIDGE_SUBSCRIPTION}={fp.results_topic}"]
+    for bridge in results_bridges(fp):
+        argv += ["--bridge", bridge]
     return argv
 
 

@@ -30,10 +30,13 @@ lifted on the channel, as Google's Pub/Sub client library does.
 A subscription may have a filter (``--filter``): the emulator stores filters but
 does not apply them, so this process acknowledges what a filter excludes unseen, as
 Cloud Pub/Sub does (:mod:`infra.local.subscription_filter`). A bridge (``--bridge``)
-republishes a subscription's messages, data and attributes unchanged, to another
-topic and acknowledges each once published: with a filter it stands in for a
-Cloud Storage notification config of its own (the results bucket's, to the
-results topic), which fake-gcs-server cannot have.
+republishes messages, data and attributes unchanged, to another topic and
+acknowledges each once published. On a push route's subscription it takes what the
+route's filter excludes and its own filter matches: so one subscription on the
+uploads topic feeds the upload function with the images bucket's notifications and
+the results topic with the results bucket's, standing in for the two Cloud Storage
+notification configs fake-gcs-server cannot have, at one pull per notification. On a
+subscription of its own (no route), a bridge republishes everything its filter keeps.
 
 One asyncio loop does all of it: delivering a message costs a few hundred
 microseconds of CPU, which on a small machine is CPU the stack it feeds keeps.
@@ -114,18 +117,28 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Bridge:
-    """One subscription whose messages are republished, unchanged, to ``topic``."""
+    """Messages of ``subscription`` republished, unchanged, to ``topic``: those ``only`` matches
+    (every one without it); on a push route's subscription, only those its route's filter excludes."""
 
     subscription: str
     topic: str
+    only: AttributeFilter | None = None
 
     @classmethod
     def parse(cls, text: str) -> Bridge:
-        """``SUBSCRIPTION=TOPIC``."""
-        subscription, _, topic = text.partition("=")
+        """``SUBSCRIPTION=TOPIC`` or ``SUBSCRIPTION=TOPIC;FILTER``."""
+        head, _, expression = text.partition(";")
+        subscription, _, topic = head.partition("=")
         if not subscription or not topic or "/" in topic:
-            raise argparse.ArgumentTypeError(f"a bridge is SUBSCRIPTION=TOPIC, got {text!r}")
-        return cls(subscription, topic)
+            raise argparse.ArgumentTypeError(f"a bridge is SUBSCRIPTION=TOPIC[;FILTER], got {text!r}")
+        try:
+            only = AttributeFilter.parse(expression) if expression.strip() else None
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+        return cls(subscription, topic, only)
+
+    def takes(self, attributes: Mapping[str, str]) -> bool:
+        return self.only is None or self.only.matches(attributes)
 
 
 def parse_filter(text: str) -> tuple[str, AttributeFilter]:
@@ -293,9 +306,12 @@ class Dispatcher:
             path = self._subscription_path(route)
             self._ack_deadlines[path] = await self._read_ack_deadline(path)
             logger.info("delivering %s to %s (ack deadline %d s)", path, route.endpoint, self._ack_deadlines[path])
+        routed = {route.subscription for route in self._routes}
         for bridge in self._bridges:
-            logger.info("republishing %s to %s", self._subscription_path(bridge), bridge.topic)
-        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in [*self._routes, *self._bridges]]
+            logger.info("republishing %s to %s (%s)", self._subscription_path(bridge), bridge.topic, bridge.only)
+        # A bridge on a route's subscription rides on the route's pulls; others pull for themselves.
+        own = [bridge for bridge in self._bridges if bridge.subscription not in routed]
+        pumps = [asyncio.create_task(self._pump(route, deliveries)) for route in [*self._routes, *own]]
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -325,6 +341,10 @@ class Dispatcher:
         """Pull as many messages as there are free slots, deliver (or republish) each, repeat."""
         path = self._subscription_path(route)
         wanted = self._filters.get(route.subscription)
+        if isinstance(route, Bridge) and route.only is not None:
+            wanted = route.only
+        # What this route's filter excludes, these bridges may take.
+        riders = [b for b in self._bridges if isinstance(route, Route) and b.subscription == route.subscription]
         acks = self._acks.setdefault(path, _Acks(self, path))
         slots = asyncio.Semaphore(self._concurrency)
         while True:
@@ -346,18 +366,24 @@ class Dispatcher:
                 logger.warning("pulling %s failed: %r; trying again in 1 s", path, err)
                 received = []
                 await asyncio.sleep(1.0)
-            if wanted is not None:
-                for ack_id, message in received:
-                    if not wanted.matches(message.get("attributes", {})):
-                        acks.add(ack_id)  # excluded by the filter: acknowledged unseen
-                received = [(a, m) for a, m in received if wanted.matches(m.get("attributes", {}))]
-            for _ in range(free - len(received)):
-                slots.release()
+            work_items: list[tuple[Route | Bridge, str, dict[str, Any]]] = []
             for ack_id, message in received:
-                if isinstance(route, Bridge):
-                    work = self._republish(route, path, ack_id, message, acks)
+                attributes = message.get("attributes", {})
+                if wanted is None or wanted.matches(attributes):
+                    work_items.append((route, ack_id, message))
+                    continue
+                rider = next((b for b in riders if b.takes(attributes)), None)
+                if rider is not None:
+                    work_items.append((rider, ack_id, message))
                 else:
-                    work = self._deliver(route, path, ack_id, message, acks)
+                    acks.add(ack_id)  # excluded by the filter: acknowledged unseen
+            for _ in range(free - len(work_items)):
+                slots.release()
+            for target, ack_id, message in work_items:
+                if isinstance(target, Bridge):
+                    work = self._republish(target, path, ack_id, message, acks)
+                else:
+                    work = self._deliver(target, path, ack_id, message, acks)
                 task = asyncio.create_task(work)
                 deliveries.add(task)
                 task.add_done_callback(lambda t: (deliveries.discard(t), slots.release()))
@@ -506,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", type=parse_filter, action="append", default=[],
                         help="SUBSCRIPTION=FILTER: what the subscription delivers (the emulator ignores filters)")
     parser.add_argument("--bridge", type=Bridge.parse, action="append", default=[],
-                        help="SUBSCRIPTION=TOPIC: republish the subscription's messages to TOPIC")
+                        help="SUBSCRIPTION=TOPIC[;FILTER]: republish the subscription's messages (those FILTER "
+                             "keeps; on a route's subscription, those its filter excludes) to TOPIC")
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("TRIGGERFISH_PUSH_CONCURRENCY", "64")))
     args = parser.parse_args(argv)
     from shared.logging import configure_json_logging
