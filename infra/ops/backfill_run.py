@@ -339,6 +339,7 @@ class _Publishing:
         self.window = Window(opts.per_message, opts.max_in_flight, start)
         self.classes = ""
         self.landed_since_look = 0
+        self.window_limited = False  # since the last look, the window held publishing back
         self.sent: list[tuple[Future, Batch, float]] = []
         self.reads: list[Future] = []
         self.reader = ThreadPoolExecutor(max_workers=8, thread_name_prefix="result-read")
@@ -374,6 +375,8 @@ class _Publishing:
             for item in batch.items:
                 self.tracker.expect(self.plan.names[item.key], item, published_at)
             self.sent.append((future, batch, published_at))
+        if self.queue:  # more to publish, held back by the window
+            self.window_limited = True
 
     def _settle_sent(self, block: bool, timeout_s: float = 30.0) -> None:
         still = []
@@ -413,9 +416,9 @@ class _Publishing:
 
     def _look_at_serve(self) -> None:
         """Pace the window on Serve's sheds of bulk work; note the live/bulk split for the progress line."""
-        full = len(self.tracker) + self.run.options.per_message > self.window.size
         change = self.pressure.look() if self.pressure is not None else None
-        self.window.observe(change, self.landed_since_look, full)
+        self.window.observe(change, self.landed_since_look, self.window_limited)
+        self.window_limited = False
         self.summary.bulk_shed = self.window.shed_seen
         self.landed_since_look = 0
         if change is not None:

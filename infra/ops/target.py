@@ -66,7 +66,8 @@ class Target:
 
     def describe(self) -> str:
         where = "local stack" if self.local else f"project {self.project}"
-        return f"{where}: topic {self.requests_topic}, results gs://{self.results_bucket}"
+        topics = f"topic {self.requests_topic}" + (f" (live), {self.bulk_topic} (bulk)" if self.bulk_topic else "")
+        return f"{where}: {topics}, results gs://{self.results_bucket}"
 
     def storage_client(self):  # noqa: ANN201 - google.cloud.storage.Client, imported lazily
         from google.cloud import storage

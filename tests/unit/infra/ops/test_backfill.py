@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from infra.ops import backfill_run
 from infra.ops.backfill import (
     ResultRecord,
     SourceObject,
@@ -35,6 +36,7 @@ from infra.ops.backfill_run import (
     Journal,
     newest_version,
 )
+from infra.ops.pacing import ClassCounts, Window
 from shared.errors import ErrorReason
 from shared.messages import (
     EntryPath,
@@ -511,3 +513,31 @@ def test_record_from_listing() -> None:
     )
     assert (rec.generation, rec.version, rec.status, rec.updated) == (12, None, "ok", 5.0)
     assert ResultRecord.from_listing("n", None, 0.0).generation is None
+
+
+def test_the_window_grows_when_it_held_publishing_back_and_results_landed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = dataclasses.replace(fake_target(tmp_path, [f"photos/{i}.jpg" for i in range(200)]), serve_url="x")
+    sizes: list[int] = []
+
+    class Pressure:
+        def __init__(self, url: str) -> None: ...
+
+        def look(self) -> ClassCounts:
+            return ClassCounts({"bulk": 0}, {"bulk": 0})
+
+        def close(self) -> None: ...
+
+    class RecordedWindow(Window):
+        def observe(self, change: ClassCounts | None, landed: int, full: bool) -> None:
+            super().observe(change, landed, full)
+            sizes.append(self.size)
+
+    monkeypatch.setattr(backfill_run, "ServePressure", Pressure)
+    monkeypatch.setattr(backfill_run, "Window", RecordedWindow)
+
+    summary, _ = run(target, per_message=4)
+
+    assert summary.ok == 200
+    assert sizes[0] > 16 and max(sizes) > sizes[0], sizes  # from 4 messages, grown by what landed
