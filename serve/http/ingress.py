@@ -252,11 +252,11 @@ class Ingress:
             return await self._admitted(cost, deadline, self._process(requests, deadline), priority)
 
     async def _process(self, requests: list[InferenceRequest], deadline: CallDeadline) -> JSONResponse:
-        response = self._respond(await self._pipeline.process_many(requests, deadline.work))
-        if response.status_code == 429:  # the model queues shed: counted by class, as admission's are
-            for request in requests:
-                self._gate.shed[request.priority] += 1
-        return response
+        outcomes = await self._pipeline.process_many(requests, deadline.work)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and isinstance(unwrap(outcome), ShedError):
+                self._gate.shed[request.priority] += 1  # a model queue shed it: counted as admission's are
+        return self._respond(outcomes)
 
     async def _admitted(
         self,
