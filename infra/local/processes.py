@@ -42,20 +42,34 @@ def free_port(avoid: frozenset[int] = frozenset()) -> int:
     A port is chosen and bound later by another process. Taken from the ephemeral
     range, it could meanwhile go to any of the sockets that Ray's processes open
     on port 0 while the stack starts; below that range only an explicit bind
-    takes it, so it is picked from there when one is free.
+    takes it, so it is picked from there when one is free. A port this process
+    handed out recently is not handed out again: the stack picks all its ports
+    before its processes bind them, so one still free may already be promised.
     """
     low = _ephemeral_low()
     first = max(1024, low - _RESERVABLE_SPAN)
     for _ in range(100):
         port = random.randrange(first, low)
-        if port not in avoid and _binds(port):
-            return port
+        if port not in avoid and port not in _handed_out and _binds(port):
+            return _hand_out(port)
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in avoid:
-            return port
+        if port not in avoid and port not in _handed_out:
+            return _hand_out(port)
+
+
+# Ports free_port handed out, newest last (bounded: the oldest are forgotten).
+_handed_out: dict[int, None] = {}
+_HANDED_OUT_KEPT = 256
+
+
+def _hand_out(port: int) -> int:
+    _handed_out[port] = None
+    while len(_handed_out) > _HANDED_OUT_KEPT:
+        del _handed_out[next(iter(_handed_out))]
+    return port
 
 
 def free_port_block(count: int, avoid: frozenset[int] = frozenset()) -> int:
@@ -65,7 +79,9 @@ def free_port_block(count: int, avoid: frozenset[int] = frozenset()) -> int:
     for _ in range(200):
         first = free_port(avoid)
         block = range(first, first + count)
-        if all(p not in avoid and p < 65536 and (p == first or _binds(p)) for p in block):
+        if all(p not in avoid and p < 65536 and (p == first or (p not in _handed_out and _binds(p))) for p in block):
+            for port in block:
+                _hand_out(port)
             return first
     raise RuntimeError(f"no {count} consecutive free ports found")
 
