@@ -255,7 +255,7 @@ class ModelServer:
             logger.error("listing versions of %s failed at start-up: %s", model, err)
             versions = []
         self._load_newest_loadable(versions)
-        # Started from the first call: __init__ may run off the replica's event loop.
+        # Started by the first call or health check: __init__ may run off the replica's event loop.
         self._watcher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 
@@ -665,8 +665,14 @@ class ModelServer:
             "healthy": self._fault is None,
         }
 
-    def check_health(self) -> None:
-        """Serve replaces a replica whose engine faulted (a sticky device error, a wedged provider)."""
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose engine faulted (a sticky device error, a wedged provider).
+
+        Serve calls this every ``health_check_period_s`` on the replica's event loop, so it
+        also starts the version watcher: a replica that no call reaches (just restarted,
+        or behind a router that prefers another) still polls and promotes new versions.
+        """
+        self._start_watcher()
         if self._fault is None:
             broken = [v for v, lv in self._versions.items() if not engine_healthy(lv.engine)]
             if broken:

@@ -361,7 +361,7 @@ def test_a_version_faulting_at_run_time_is_quarantined_and_the_previous_one_serv
 
     assert all(isinstance(a, Retry) for a in answers)  # nobody's image is blamed
     assert "2" in s._quarantined and s._default == "1"
-    s.check_health()  # a faulty version is not a faulty replica
+    run(s.check_health())  # a faulty version is not a faulty replica
     [after] = run(s.infer_many([item("1")]))
     assert isinstance(after, ItemOutcome) and after.version == "1"
 
@@ -375,7 +375,7 @@ def test_a_sticky_device_fault_makes_the_replica_unhealthy(repo: Path, loads: li
 
     assert isinstance(outcome, Retry)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        s.check_health()
+        run(s.check_health())
 
 
 def test_an_out_of_memory_item_is_retried_and_the_version_kept(repo: Path, loads: list[str]) -> None:
@@ -387,7 +387,7 @@ def test_an_out_of_memory_item_is_retried_and_the_version_kept(repo: Path, loads
 
     assert isinstance(outcome, Retry) and "out of memory" in outcome.message
     assert not s._quarantined and s._runtime_faults["1"] == 0
-    s.check_health()
+    run(s.check_health())
 
 
 def test_every_request_for_a_version_that_does_not_exist_is_rejected_alike(
@@ -425,6 +425,23 @@ def test_a_request_for_a_newer_version_wakes_the_watcher_without_waiting_for_the
 
     assert isinstance(first, Retry)
     assert isinstance(second, ItemOutcome) and second.version == "2"
+
+
+def test_a_replica_no_call_reaches_still_promotes_a_new_version(repo: Path, loads: list[str]) -> None:
+    publish(repo, "1")
+    s = ModelServer(MODEL, poll_interval_s=0.05, clock=Clock())
+    publish(repo, "2")
+
+    async def scenario() -> str | None:
+        await s.check_health()  # Serve's periodic health check: no request ever arrives
+        for _ in range(200):
+            if s._default == "2":
+                break
+            await asyncio.sleep(0.01)
+        return s._default
+
+    assert run(scenario()) == "2"
+    assert loads == ["1", "2"]
 
 
 def test_callers_waiting_on_a_load_see_its_quarantine_without_loading_again(

@@ -3,6 +3,7 @@ the newest version that loads (real ONNX Runtime on the bundled MobileNetV2)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def test_a_broken_newest_version_is_quarantined_and_the_previous_one_served(
 
     assert server._default == "1"
     assert list(server._quarantined) == ["2"]
-    server.check_health()  # healthy: the quarantine is not a fault
+    asyncio.run(server.check_health())  # healthy: the quarantine is not a fault
 
 
 def test_a_replica_starts_before_any_version_exists(repository: Path) -> None:
