@@ -57,6 +57,12 @@ logger = logging.getLogger("infra.local.serve_host")
 # is 10 s); short, so that a scrape shows what the stack just did.
 METRICS_REPORT_INTERVAL_MS = 2000
 
+# Ray prints every replica's output through this process and merges lines from different
+# processes that differ only in words holding digits ("[repeated 2x across cluster]").
+# triggerfish's own JSON lines differ only in their time, so one replica's "default version
+# of m: 1 -> 2" would hide another's: those lines always print, each under its own pid.
+LOG_DEDUP_ENV = {"RAY_DEDUP_LOGS_ALLOW_REGEX": r'^\{"severity": '}
+
 
 def apply_env(values: Mapping[str, str]) -> None:
     """Set ``values`` unless the operator set them already (their choice wins)."""
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray's temp dir (default /tmp/ray); worker raylets inherit it")  # fmt: skip
     args = parser.parse_args(argv)
     configure_json_logging()
+    apply_env(LOG_DEDUP_ENV)  # before Ray is imported: it reads these at import
     app = app_args(args.replicas, args.nodes, args.scale_to_zero, args.idle_delay_s)
     ports, proxy_port = head_ports(args) if args.data_plane != "proxy" else (None, args.port)
     if ports is not None:

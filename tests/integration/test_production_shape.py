@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.bench.reliability import replica_pids
+from infra.bench.reliability_cluster import DEPLOYMENT, replica_promotions
 from infra.local.client import StackClient
 from infra.local.processes import process_command_line, session_pids
 from infra.local.ray_cluster import replica_processes
@@ -73,6 +75,15 @@ def test_status_shows_replicas_per_model_and_their_nodes(shaped: tuple[Path, Sta
     assert report["shape"] == {"replicas": 2, "nodes": 2, "scale_to_zero": False, "data_plane": "haproxy"}
     for deployment in DEPLOYMENTS:
         assert report["replicas"][deployment] == {"running": 2, "nodes": [0, 1], "processes": 2}, deployment
+
+
+def test_every_model_replica_logs_its_own_default_version(shaped: tuple[Path, StackState]) -> None:
+    # Both replicas promote their first version within seconds of each other: Ray merges
+    # such near-identical lines from different processes unless the stack keeps them apart.
+    _, state = shaped
+    live = set(replica_pids(state, DEPLOYMENT))
+    assert len(live) == 2, live
+    assert live <= set(replica_promotions(state, None)), (live, replica_promotions(state, None))
 
 
 def test_a_message_and_an_http_call_complete(shaped: tuple[Path, StackState]) -> None:
