@@ -10,6 +10,10 @@ while the clients keep going. The report compares the latency of the requests th
 
     .venv/bin/python -m infra.bench.swap_latency                    # 90 s, publish at 30 s
     .venv/bin/python -m infra.bench.swap_latency --duration-s 45 --publish-at-s 15 --window-s 15
+    .venv/bin/python -m infra.bench.swap_latency --replicas 2 --nodes 2   # production's shape
+
+On several replicas the new version counts as promoted once every model replica has
+logged it as its default (``/v1/stats`` answers from one replica only).
 
 Bounded: it stops by itself after ``--duration-s`` plus the stack's start and stop.
 """
@@ -31,7 +35,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+from infra.bench.reliability_cluster import every_replica_promoted
+from infra.cli.stack import default_data_plane
 from infra.local.emulators import upload_tree
+from infra.local.ray_cluster import DATA_PLANES
 from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,12 +128,19 @@ def _default_version(state: StackState) -> str | None:
         return None
 
 
+def _promoted_everywhere(state: StackState, version: str) -> bool:
+    if state.replicas == 1:
+        return _default_version(state) == version
+    return every_replica_promoted(state, version)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = (lambda m: None) if args.json else (lambda m: sys.stderr.write(f"... {m}\n"))
     work = Path(tempfile.mkdtemp(prefix="triggerfish-swap-"))
     stack = LocalStack(StackOptions(
         state_dir=work / "stack",
         extra_env={"TRIGGERFISH_REPOSITORY_POLL_S": str(args.poll_s)},
+        replicas=args.replicas, nodes=args.nodes, data_plane=args.data_plane,
     ))  # fmt: skip
     state = stack.start(progress=progress)
     try:
@@ -151,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _publish_copy(state, new_version, work / "repository")
         promoted_s = None
         while time.monotonic() - started < args.duration_s:
-            if promoted_s is None and _default_version(state) == new_version:
+            if promoted_s is None and _promoted_everywhere(state, new_version):
                 promoted_s = time.monotonic() - started
             time.sleep(0.25)
         stop.set()
@@ -166,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         clients=args.clients, duration_s=args.duration_s, published_at_s=round(published_s, 2),
         promoted_after_s=round(promoted_s - published_s, 2) if promoted_s is not None else None,
         window_s=args.window_s, versions=[before, new_version],
+        shape={"replicas": args.replicas, "nodes": args.nodes, "data_plane": args.data_plane},
     )  # fmt: skip
     return report
 
@@ -199,9 +214,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, default=3.0, help="requests started before this are left out")
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"closed-loop clients (default {CLIENTS})")
     parser.add_argument("--poll-s", type=float, default=2.0, help="the replicas' repository poll interval")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of every deployment (default 1)")
+    parser.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (default 1)")
+    parser.add_argument("--data-plane", choices=DATA_PLANES, default=None,
+                        help="default: direct on one node, haproxy (the cloud's) on several")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
+    args.data_plane = default_data_plane(args.data_plane, args.nodes)
     if not 0 < args.publish_at_s < args.duration_s:
         parser.error(f"--publish-at-s must be within (0, {args.duration_s}), got {args.publish_at_s}")
     if args.clients < 1:

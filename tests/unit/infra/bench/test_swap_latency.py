@@ -52,3 +52,11 @@ def test_the_window_splits_at_the_promotion() -> None:
 
     assert report["loading"]["count"] == 10 and report["loading"]["p99_ms"] == 20.0
     assert report["promoted"]["count"] == 25 and report["promoted"]["p99_ms"] == 12.0
+
+
+def test_the_shape_defaults_to_one_node_direct_and_several_nodes_take_haproxy() -> None:
+    one = parse_args([])
+    assert (one.replicas, one.nodes, one.data_plane) == (1, 1, "direct")
+    several = parse_args(["--replicas", "2", "--nodes", "2"])
+    assert (several.replicas, several.nodes, several.data_plane) == (2, 2, "haproxy")
+    assert parse_args(["--nodes", "2", "--data-plane", "proxy"]).data_plane == "proxy"
