@@ -10,7 +10,7 @@ MODEL_STAMP := $(MODEL_REPO)/.stamp
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: help install model demo test test-unit test-integration lint bench gpu-check reliability functions-zip lock clean
+.PHONY: help install model demo test test-unit test-load lint bench gpu-check reliability functions-zip lock clean
 
 help:
 	@echo "make demo   - install, prepare the model, run photos through all entry paths on the local stack"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench  - every entry path vs a Beam RunInference peer timed warm, CPU per image (a few minutes; creates .venv-bench)"
 	@echo "make model  - build the local model repository in $(MODEL_REPO)"
 	@echo "make reliability  - delivery scenarios on the production shape (2 replicas, 2 Ray nodes)"
+	@echo "make test-load    - the Ingress under bursts: 256 calls x 16 URIs, 4 x 100 MiB OIP bodies (about 4 min)"
 	@echo "make gpu-check    - the GPU node's service path against engine-only and the CPU (says what it could not run)"
 	@echo "make deploy-check - after terraform apply: address, RayService, functions' concurrency, one round trip"
 	@echo "make lint   - ruff and terraform fmt"
@@ -80,8 +81,12 @@ RELIABILITY_SHAPE ?= --replicas 2 --nodes 2 --data-plane haproxy
 reliability: $(MODEL_STAMP)
 	$(PY) -m infra.bench.reliability $(RELIABILITY_SHAPE)
 
+# Tests marked `load` run minutes under a burst: their own target, outside `make test`.
 test: $(MODEL_STAMP) $(TOOLS_STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not load" tests
+
+test-load: $(MODEL_STAMP) $(TOOLS_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -s -m load tests
 
 test-unit: $(INSTALLED)
 	$(PY) -m pytest -q -m "not integration" tests/unit

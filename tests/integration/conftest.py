@@ -15,6 +15,10 @@ from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions
 SAMPLES = Path(__file__).resolve().parents[2] / "infra" / "samples"
 # Small enough that a test can exceed it quickly, large enough for every sample photo.
 MAX_IMAGE_BYTES = 2_000_000
+# A source bucket Serve reads from but whose uploads the stack does not notify (outside the
+# uploads subscription's filter): a test that delivers an object's notification itself
+# then has no second delivery of it racing its own.
+QUIET_BUCKET = "triggerfish-quiet"
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +30,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
             state_dir=tmp_path_factory.mktemp("stack"),
             extra_env={
                 "TRIGGERFISH_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+                "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{QUIET_BUCKET}",
                 "TRIGGERFISH_REPOSITORY_POLL_S": "2",
             },
         )

@@ -9,9 +9,8 @@
 Every call is answered (no timeouts, no 5xx but a retryable 503), every input of the
 URI burst ends ``ok``, and the Ingress replica's resident memory stays bounded. The
 figures (resident memory before and at its peak, the other caller's p50/p95) are
-printed; run with ``-s`` to see them::
-
-    .venv/bin/python -m pytest -q -p no:cacheprovider -s tests/integration/test_ingress_burst.py
+printed (``make test-load`` runs it with ``-s``). About four minutes on two cores, so it
+is marked ``load`` and left out of ``make test``.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions
 from tests.integration.conftest import SAMPLES
 from tests.integration.test_overload import ingress_pid, rss_mb
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.load]
 
 MODEL = "mobilenet_v2"
 BUCKET = "triggerfish-burst"
