@@ -234,9 +234,13 @@ class AdmissionGate:
         return Ticket(self, cost, priority)
 
     def _take(self, cost: Cost, priority: Priority) -> Ticket:
+        self._hold(cost, priority)
+        return Ticket(self, cost, priority)
+
+    def _hold(self, cost: Cost, priority: Priority) -> None:
+        """Count an admitted call of ``cost`` (adding never wakes anyone)."""
         self.admitted[priority] += cost.inputs
         self._change(cost, priority, running=1)
-        return Ticket(self, cost, priority)
 
     def _change(self, delta: Cost, priority: Priority, running: int = 0) -> None:
         self.held = self.held + delta
@@ -258,11 +262,7 @@ class AdmissionGate:
                 if not self._fits(waiter.cost, priority):
                     break
                 line.popleft()
-                self.admitted[priority] += waiter.cost.inputs
-                self.held = self.held + waiter.cost
-                self._held[priority] = self._held[priority] + waiter.cost
-                self._running += 1
-                self._note_peak()
+                self._hold(waiter.cost, priority)
                 waiter.admitted.set_result(None)
 
     def _note_peak(self) -> None:

@@ -83,6 +83,12 @@ resource "google_pubsub_subscription" "push" {
 # no dead-letter policy of its own: forwarding dead letters to another topic
 # would only move the same problem one hop further (and pointing it at its
 # own topic would loop).
+# Redelivery backoff of the subscriptions that readers pull from or that BigQuery
+# writes from (the push subscriptions take theirs from the footprint).
+locals {
+  reader_backoff = { minimum = "10s", maximum = "600s" }
+}
+
 resource "google_pubsub_subscription" "dead_letter" {
   project                    = var.project_id
   name                       = var.dead_letter_subscription.name
@@ -93,8 +99,8 @@ resource "google_pubsub_subscription" "dead_letter" {
   retain_acked_messages      = false
 
   retry_policy {
-    minimum_backoff = "10s"
-    maximum_backoff = "600s"
+    minimum_backoff = local.reader_backoff.minimum
+    maximum_backoff = local.reader_backoff.maximum
   }
 
   expiration_policy {
@@ -118,8 +124,8 @@ resource "google_pubsub_subscription" "pull" {
   retain_acked_messages      = false
 
   retry_policy {
-    minimum_backoff = "10s"
-    maximum_backoff = "600s"
+    minimum_backoff = local.reader_backoff.minimum
+    maximum_backoff = local.reader_backoff.maximum
   }
 
   # A reader started late catches up: an idle subscription must not expire.
@@ -146,8 +152,8 @@ resource "google_pubsub_subscription" "bigquery" {
   }
 
   retry_policy {
-    minimum_backoff = "10s"
-    maximum_backoff = "600s"
+    minimum_backoff = local.reader_backoff.minimum
+    maximum_backoff = local.reader_backoff.maximum
   }
 
   dead_letter_policy {
