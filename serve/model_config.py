@@ -207,6 +207,11 @@ class ModelConfig(_Strict):
         return self
 
 
+def preparation_key(input: InputSpec, preprocess: PreprocessSpec) -> str:
+    """Equal for two versions exactly when a CPU-prepared image suits both."""
+    return f"{input.model_dump_json()}|{preprocess.model_dump_json()}"
+
+
 def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a ``config.yaml`` (or ``.json``: YAML is a superset).
 

@@ -28,6 +28,7 @@ from serve.engines.errors import is_out_of_memory
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
 from serve.model.batch import AnyItem, BatchItem, EncodedItem, ItemOutcome
 from serve.model.model_server import Rejection, Retry, VersionInfo
+from serve.model_config import preparation_key
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError
 from shared.gcs import GcsClient
@@ -105,12 +106,17 @@ class _Prepared:
 
     def item(self) -> AnyItem:
         priority = self.request.priority
+        # A caller that named no version asked for the default: during a rollout, a replica
+        # still on the previous default may serve it (see BatchItem.default_prepared_as).
+        default = self.request.version is None
         if self.image is None:
             assert self.data is not None
-            return EncodedItem(self.data, self.info.version, priority=priority)
+            return EncodedItem(self.data, self.info.version, priority=priority, default_ok=default)
+        prepared_as = preparation_key(self.info.input, self.info.preprocess) if default else None
         return BatchItem(
-            self.image.pixels, self.image.geometry, self.info.version, priority=priority
-        )
+            self.image.pixels, self.image.geometry, self.info.version, priority=priority,
+            default_prepared_as=prepared_as,
+        )  # fmt: skip
 
 
 def unwrap(err: BaseException) -> BaseException:

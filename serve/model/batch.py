@@ -48,6 +48,10 @@ class BatchItem:
     detections (the Open Inference Protocol returns them). ``deadline`` (wall-clock
     seconds) is this item's caller's own, when calls were merged; the call's otherwise.
     ``priority`` is its request's traffic class (the batch queue serves live first).
+    ``default_prepared_as`` is set when the caller asked for the model's default version,
+    not for ``version`` by name: the :func:`~serve.model_config.preparation_key` the pixels
+    were prepared under. A replica that has not promoted ``version`` yet (a rollout in
+    progress) then serves the item with its own default if that one prepares alike.
     """
 
     pixels: np.ndarray
@@ -58,6 +62,7 @@ class BatchItem:
     raw: bool = False
     deadline: float | None = None
     priority: Priority = Priority.LIVE
+    default_prepared_as: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +72,8 @@ class EncodedItem:
     Sent to a version whose replica decodes on its GPU (``VersionInfo.decode`` is not
     ``cpu``): the replica decodes, resizes and normalizes whole batches after its queue
     formed them (:mod:`serve.model.encoded_batch`). ``deadline`` and ``priority`` as in
-    :class:`BatchItem`.
+    :class:`BatchItem`; ``default_ok``: the caller asked for the default version, so a
+    replica that has not promoted ``version`` yet may serve the bytes with its own default.
     """
 
     data: bytes
@@ -75,6 +81,7 @@ class EncodedItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None
     priority: Priority = Priority.LIVE
+    default_ok: bool = False
 
 
 #: Either kind of item a model replica takes.

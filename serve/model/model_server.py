@@ -27,8 +27,10 @@ New versions are loaded in the background by one loader thread at a lower OS
 priority (:data:`LOADER_NICE`), warmed up, and only then become the default, so
 a version change neither puts a cold engine in front of traffic nor starves the
 batches being served. Items that name a version newer than this replica's
-default (another replica promoted it first) are answered with :class:`Retry`
-and the watcher is woken: never with a permanent ``unknown_version``.
+default (another replica promoted it first) wake the watcher. Meanwhile an item
+whose caller asked for the default is served by this replica's default (when that
+version takes the item as prepared), and one whose caller named the version is
+answered with :class:`Retry`: never with a permanent ``unknown_version``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from serve.model.encoded_batch import run_encoded_batch
 from serve.model.loader import load_version, warm_up
 from serve.model.repository import ModelRepository
 from serve.model.signature import ModelSignature, signature_of
-from serve.model_config import InputSpec, ModelConfig, PreprocessSpec
+from serve.model_config import InputSpec, ModelConfig, PreprocessSpec, preparation_key
 from shared.config import load_settings
 from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 from shared.logging import configure_json_logging
@@ -593,7 +595,7 @@ class ModelServer:
         if self._fault is not None:
             return Retry(f"model replica unhealthy: {self._fault}")
         try:
-            loaded = await self._get(item.version, for_item=True)
+            loaded = await self._get(self._serving_version(item), for_item=True)
             if isinstance(item, EncodedItem) and loaded.preparer is None:
                 # Sent by an ingress that saw another replica (or version) decode on its GPU.
                 item = await asyncio.to_thread(decode_on_cpu, item, loaded.config, self._max_pixels)
@@ -622,6 +624,26 @@ class ModelServer:
                 del self._users[key]
                 if key in self._retired:
                     self._close_later(self._retired.pop(key))
+
+    def _serving_version(self, item: AnyItem) -> str:
+        """The version that serves ``item`` here: its own, or, while this replica has not yet
+        promoted it (another replica did first), this replica's default, when the item's
+        caller asked for the default and that version takes the item as prepared."""
+        default = self._default
+        if default is None or item.version in self._versions or not newer(item.version, default):
+            return item.version
+        current = self._versions.get(default)
+        if current is None:
+            return item.version
+        if isinstance(item, EncodedItem):
+            takes = item.default_ok  # decoded here, by whichever version serves it
+        else:
+            takes = item.default_prepared_as == preparation_key(current.config.input, current.config.preprocess)
+        if not takes:
+            return item.version
+        self._start_watcher()
+        self._wake_watcher()  # the newer version is loaded meanwhile
+        return default
 
     async def _run(self, batch: list[_Queued]) -> list[ItemOutcome]:
         self._batch_sizes[len(batch)] += 1

@@ -17,7 +17,7 @@ import serve.http.pipeline as pipeline_module
 from serve.http.pipeline import InferencePipeline, Processed, ShedError, unwrap
 from serve.model.batch import BatchItem, EncodedItem, ItemOutcome
 from serve.model.model_server import Rejection, Retry, VersionInfo
-from serve.model_config import InputSpec, PreprocessSpec
+from serve.model_config import InputSpec, PreprocessSpec, preparation_key
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, TransientError
 from shared.messages import EntryPath, InferenceRequest
@@ -220,6 +220,19 @@ def test_the_requested_model_and_version_are_used(
     assert [model for model, _, _ in models.calls] == ["text_detector"]
     assert processed.result is not None and processed.result.model.name == "text_detector"
     assert gcs.names(RESULTS) == ["text_detector/triggerfish-images/cat.jpg.json"]
+
+
+def test_only_an_item_whose_caller_asked_for_the_default_may_be_served_by_another_default(
+    gcs: InMemoryGcs, executor: ThreadPoolExecutor
+) -> None:
+    models = FakeModels()
+
+    _process(executor, gcs, _request(request_id="default"), models)
+    _process(executor, gcs, _request(request_id="named", version="1"), models)
+
+    [(_, asked_default), (_, named)] = models.items
+    assert asked_default.default_prepared_as == preparation_key(InputSpec(height=32, width=32), PreprocessSpec())
+    assert named.default_prepared_as is None
 
 
 def test_an_invalid_uri_is_an_error_result_under_invalid(

@@ -33,6 +33,7 @@ from serve.model.model_server import (
     VersionInfo,
 )
 from serve.model.repository import ModelVersion
+from serve.model_config import preparation_key
 from serve.postprocess.base import ImageGeometry
 from serve.postprocess.factory import make_postprocessor
 from shared.errors import ErrorReason
@@ -442,6 +443,49 @@ def test_a_replica_no_call_reaches_still_promotes_a_new_version(repo: Path, load
 
     assert run(scenario()) == "2"
     assert loads == ["1", "2"]
+
+
+def _asking_default(s: ModelServer, version: str, key: str | None = None) -> BatchItem:
+    """An item for ``version`` whose caller asked for the default, prepared as this replica's default is."""
+    current = s._versions[s._default].config  # type: ignore[index]
+    return dataclasses.replace(item(version), default_prepared_as=key or preparation_key(current.input, current.preprocess))
+
+
+def test_an_item_for_the_default_is_served_by_this_replicas_default_until_it_promotes_the_newer(
+    repo: Path, loads: list[str]
+) -> None:
+    publish(repo, "1")
+    s = server()  # polls hourly: the newer version is loaded only when a call wakes it
+    publish(repo, "2")
+
+    async def scenario() -> tuple[ItemOutcome | Rejection | Retry, ItemOutcome | Rejection | Retry]:
+        [meanwhile] = await s.infer_many([_asking_default(s, "2")])
+        for _ in range(200):  # the item woke the watcher
+            if s._default == "2":
+                break
+            await asyncio.sleep(0.01)
+        [after] = await s.infer_many([_asking_default(s, "2")])
+        return meanwhile, after
+
+    meanwhile, after = run(scenario())
+
+    assert isinstance(meanwhile, ItemOutcome) and meanwhile.version == "1"
+    assert isinstance(after, ItemOutcome) and after.version == "2"
+
+
+def test_an_item_that_named_its_version_or_was_prepared_otherwise_is_not_served_by_another(
+    repo: Path, loads: list[str]
+) -> None:
+    publish(repo, "1")
+    s = server()
+    publish(repo, "2")
+
+    async def scenario() -> list[ItemOutcome | Rejection | Retry]:
+        return await s.infer_many([item("2"), _asking_default(s, "2", key="prepared for another input")])
+
+    named, prepared_otherwise = run(scenario())
+
+    assert isinstance(named, Retry) and isinstance(prepared_otherwise, Retry)
 
 
 def test_callers_waiting_on_a_load_see_its_quarantine_without_loading_again(
