@@ -7,6 +7,7 @@ from pathlib import Path
 
 from infra.bench import reliability_cluster
 from infra.bench.reliability_cluster import (
+    RolloutReport,
     every_replica_promoted,
     replica_promotions,
     replicas_serving,
@@ -57,3 +58,12 @@ def test_every_live_replica_must_have_promoted(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(reliability_cluster, "replica_pids", lambda state, name: [11])
     assert every_replica_promoted(state, "4")
     assert not replicas_serving(state), "one replica short of the deployment's two"
+
+
+def test_a_rollout_counts_three_polls_from_the_end_of_its_upload() -> None:
+    report = RolloutReport(10, version="4", poll_s=2.0, upload_s=8.0, promotions_s={11: 3.0, 12: 13.9})
+    assert report.promoted_in_time  # one replica promoted while the upload was still running
+    report.promotions_s[12] = 14.5
+    assert not report.promoted_in_time
+    report.promotions_s[12] = float("inf")  # never
+    assert not report.promoted_in_time
