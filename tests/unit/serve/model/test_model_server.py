@@ -137,6 +137,14 @@ def run(coro):  # noqa: ANN001, ANN201
     return asyncio.run(coro)
 
 
+async def promoted(s: ModelServer, version: str, timeout_s: float = 2.0) -> None:
+    """Until the watcher, running in the background, has made ``version`` the default (or the time is up)."""
+    for _ in range(int(timeout_s / 0.01)):
+        if s._default == version:
+            return
+        await asyncio.sleep(0.01)
+
+
 def engine_of(s: ModelServer, version: str) -> FakeEngine:
     return s._versions[version].engine  # type: ignore[return-value]
 
@@ -415,10 +423,7 @@ def test_a_request_for_a_newer_version_wakes_the_watcher_without_waiting_for_the
 
     async def scenario() -> tuple[ItemOutcome | Rejection | Retry, ItemOutcome | Rejection | Retry]:
         [first] = await s.infer_many([item("2")])
-        for _ in range(200):  # the watcher loads and promotes in the background
-            if s._default == "2":
-                break
-            await asyncio.sleep(0.01)
+        await promoted(s, "2")  # the watcher loads and promotes in the background
         [second] = await s.infer_many([item("2")])
         return first, second
 
@@ -435,10 +440,7 @@ def test_a_replica_no_call_reaches_still_promotes_a_new_version(repo: Path, load
 
     async def scenario() -> str | None:
         await s.check_health()  # Serve's periodic health check: no request ever arrives
-        for _ in range(200):
-            if s._default == "2":
-                break
-            await asyncio.sleep(0.01)
+        await promoted(s, "2")
         return s._default
 
     assert run(scenario()) == "2"
@@ -460,10 +462,7 @@ def test_an_item_for_the_default_is_served_by_this_replicas_default_until_it_pro
 
     async def scenario() -> tuple[ItemOutcome | Rejection | Retry, ItemOutcome | Rejection | Retry]:
         [meanwhile] = await s.infer_many([_asking_default(s, "2")])
-        for _ in range(200):  # the item woke the watcher
-            if s._default == "2":
-                break
-            await asyncio.sleep(0.01)
+        await promoted(s, "2")  # the item woke the watcher
         [after] = await s.infer_many([_asking_default(s, "2")])
         return meanwhile, after
 
