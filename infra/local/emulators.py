@@ -185,8 +185,23 @@ def create_buckets(env: Mapping[str, str], project: str, fp: Footprint) -> None:
             client.create_bucket(name)
 
 
+def publish_order(root: Path) -> list[Path]:
+    """Every file under ``root``, each ``config.yaml`` after all the other files.
+
+    A model version is listed once its ``config.yaml`` and ``model.onnx`` both exist
+    (:mod:`serve.model.repository`); uploading the config last keeps a version
+    unlisted until its labels, validation and calibration images are all there, so
+    a replica polling meanwhile never loads it without them.
+    """
+    from serve.model.repository import CONFIG_FILE
+
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return sorted(files, key=lambda p: (p.name == CONFIG_FILE, p.as_posix()))
+
+
 def upload_tree(env: Mapping[str, str], root: Path, bucket: str, prefix: str = "") -> int:
-    """Upload every file under ``root`` to ``gs://bucket/prefix``; returns the count."""
+    """Upload every file under ``root`` to ``gs://bucket/prefix`` in :func:`publish_order`;
+    returns the count."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
@@ -194,7 +209,7 @@ def upload_tree(env: Mapping[str, str], root: Path, bucket: str, prefix: str = "
     with _environ(env):
         client = storage.Client(project=env["GOOGLE_CLOUD_PROJECT"], credentials=AnonymousCredentials())
         target = client.bucket(bucket)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in publish_order(root):
             target.blob(prefix + path.relative_to(root).as_posix()).upload_from_filename(str(path))
             count += 1
     return count

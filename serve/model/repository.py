@@ -161,7 +161,9 @@ class ModelRepository:
             if len(parts) == 3 and parts[2] in (CONFIG_FILE, MODEL_FILE):
                 seen.setdefault((parts[0], parts[1]), set()).add(parts[2])
         # A version being uploaded is invisible until both of its key files exist
-        # (each GCS object appears whole, so neither can be half-written).
+        # (each GCS object appears whole, so neither can be half-written). Publishers
+        # upload config.yaml last (docs/models-and-engines.md), so a listed version
+        # has its labels and validation images too.
         return {pair for pair, files in seen.items() if files == {CONFIG_FILE, MODEL_FILE}}
 
     def _gcs_files(self, model: str, version: str) -> list[tuple[str, int | None, object]]:
