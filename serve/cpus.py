@@ -1,4 +1,5 @@
-"""How many CPUs this process was given: for sizing thread pools.
+"""How many CPUs this process was given (for sizing thread pools), and work at a
+lower priority than serving.
 
 ``os.cpu_count()`` reports the node's cores, not the replica's share: a replica
 limited by its cgroup (a Kubernetes CPU limit), its CPU affinity or its Ray
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 THREADS_ENV = "TRIGGERFISH_DECODE_THREADS"
 
@@ -59,23 +62,64 @@ def replica_cpus(env: dict[str, str] | None = None) -> int:
     return max(1, math.ceil(min(limits)))
 
 
-#: Niceness of threads doing background work: version loads, bulk decodes.
-BACKGROUND_NICE = 10
+#: Niceness added to threads doing background work (engine builds, bulk decodes).
+BACKGROUND_NICE_STEP = 10
+#: The largest niceness Linux has.
+MAX_NICE = 19
+
+T = TypeVar("T")
 
 
-def lower_thread_priority(niceness: int = BACKGROUND_NICE) -> bool:
-    """Run the calling thread at ``niceness`` (Linux: niceness is per thread).
+def lower_thread_priority(step: int = BACKGROUND_NICE_STEP) -> bool:
+    """Make the calling thread ``step`` nicer than it is, at most :data:`MAX_NICE`
+    (Linux: niceness is per thread, and threads it starts inherit it).
 
-    A thread-pool initializer: the pool's threads then yield the CPU to the
-    replica's other threads (the ones serving live work) whenever both want it.
+    Relative, never absolute: Ray starts its workers at niceness 15
+    (``RAY_worker_niceness``), so an absolute 10 would put "background" threads
+    *ahead* of the replica's serving threads wherever raising a priority is allowed.
+    Usable as a thread-pool initializer.
 
     Returns:
-        False where the platform or permissions do not allow it (the thread keeps its priority).
+        False where the platform or permissions do not allow it, or the thread is at
+        :data:`MAX_NICE` already (it keeps its priority).
     """
     import threading
 
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current >= MAX_NICE:
+            return False
+        os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, current + step))
     except (AttributeError, OSError):
         return False
     return True
+
+
+def in_background(work: Callable[[], T], step: int = BACKGROUND_NICE_STEP) -> T:
+    """``work()`` on a thread of its own made ``step`` nicer (:func:`lower_thread_priority`);
+    waits for it and returns its result or raises its exception.
+
+    For CPU-heavy work that starts threads it then discards (an engine build: ONNX
+    Runtime's optimizing session, TensorRT's builder): those threads inherit the lower
+    priority and end with the work, while the caller, and any engine *it* opens
+    afterwards, keeps the replica's priority.
+    """
+    import threading
+
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        lower_thread_priority(step)
+        try:
+            outcome.append(work())
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="background-work", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

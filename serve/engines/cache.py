@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
+from serve.cpus import in_background
 from serve.engines._cache_key import CACHE_FORMAT_VERSION, EngineCacheKey
 from serve.engines._cache_stores import (
     CachedEntry,
@@ -261,7 +262,9 @@ class EngineCache:
             "engine %s: not cached, building (%s %s)", digest[:12], key.backend, key.precision
         )
         t0 = time.perf_counter()
-        data = build()
+        # At a lower priority: a build beside a serving version (a rollout) leaves the
+        # cores to its batches; the engine is opened below, at the caller's priority.
+        data = in_background(build)
         build_s = time.perf_counter() - t0
         if not isinstance(data, bytes) or not data:
             raise EngineBuildError(f"engine build for {digest[:12]} returned no bytes")

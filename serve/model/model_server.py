@@ -23,10 +23,11 @@ version; a sticky device fault instead makes the replica unhealthy, so that
 Serve replaces it. The replica starts even when the repository has no version
 of its model yet and picks one up when it appears.
 
-New versions are loaded in the background by one loader thread at a lower OS
-priority (:data:`LOADER_NICE`), warmed up, and only then become the default, so
-a version change neither puts a cold engine in front of traffic nor starves the
-batches being served. Items that name a version newer than this replica's
+New versions are loaded in the background by one loader thread (an engine build
+at a lower OS priority, :func:`serve.cpus.in_background`; the engine opened at the
+replica's own, so that its worker threads serve at that priority), warmed up at a
+pace, and only then become the default, so a version change neither puts a cold
+engine in front of traffic nor starves the batches being served. Items that name a version newer than this replica's
 default (another replica promoted it first) wake the watcher. Meanwhile an item
 whose caller asked for the default is served by this replica's default (when that
 version takes the item as prepared), and one whose caller named the version is
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from serve import metrics
-from serve.cpus import lower_thread_priority
 from serve.engines.base import engine_healthy
 from serve.engines.cache import EngineCache
 from serve.engines.errors import is_out_of_memory, load_error_is_permanent
@@ -83,8 +83,6 @@ DEFAULT_QUEUE_CAPACITY = 512
 LOAD_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 #: Blank-probe engine failures of one version before it is quarantined as a runtime fault.
 RUNTIME_FAULT_LIMIT = 3
-#: Niceness of the background loader thread (the serving threads keep 0).
-LOADER_NICE = 10
 #: A background warm-up sleeps this many times each warm-up batch's duration after it.
 WARM_UP_PAUSE = 1.0
 
@@ -170,12 +168,6 @@ def _absent(err: BaseException) -> bool:
     return isinstance(err, PermanentError) and err.reason in (ErrorReason.UNKNOWN_VERSION, ErrorReason.UNKNOWN_MODEL)
 
 
-def _lower_priority() -> None:
-    """Run the calling thread at :data:`LOADER_NICE`, where the platform allows."""
-    if not lower_thread_priority(LOADER_NICE):
-        logger.info("version loader keeps normal priority (not Linux, or not permitted)")
-
-
 def newer(version: str, than: str | None) -> bool:
     """``version`` sorts after ``than`` (numerically for numeric versions); anything is newer than None."""
     return than is None or version_sort_key(version) > version_sort_key(than)
@@ -249,8 +241,8 @@ class ModelServer:
         self._poll_interval_s = poll_interval_s or float(
             os.environ.get("TRIGGERFISH_REPOSITORY_POLL_S", "30")
         )
-        # Background loads: one thread, at a lower priority than the threads serving batches.
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="version-loader", initializer=_lower_priority)
+        # Background loads, one at a time (their engine builds run at a lower priority).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="version-loader")
         try:
             versions = self._repo.models().get(model, [])
         except Exception as err:  # noqa: BLE001 - start anyway; the watcher lists again
@@ -506,8 +498,7 @@ class ModelServer:
             loaded = self._versions.get(newest)
             if loaded is None:  # not loaded by a request meanwhile
                 loop = asyncio.get_running_loop()
-                # The load at low priority; the warm-up on a normal thread, so that the
-                # engine's own worker threads (created on first use) serve at normal priority.
+                # Loaded without its warm-up, which runs paced (beside the batches being served).
                 attempt = await loop.run_in_executor(
                     self._loader, self._attempt, newest, lambda: self._load(newest, warm=False)
                 )

@@ -7,6 +7,12 @@ from local files. The copy is named by the *fingerprint* of the version's files
 into place: two replicas on one node racing the same copy each finish their own
 download and the loser uses the winner's, and a version whose files change (a
 half upload completed) gets a fresh copy instead of the stale one.
+
+Only what every load reads is copied with it: the config, the model and the
+version's other top-level files. The data folders (``validation/`` and
+``calibration/``, hundreds of small images) are copied on first use
+(:meth:`ModelVersion.folder`): only reduced-precision TensorRT builds read them,
+and a replica that loads a cached engine, or runs ONNX Runtime, never does.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.model_config import ModelConfig, load_model_config
@@ -29,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.yaml"
+#: INT8 calibration images of a version (its validation images' folder is in its config).
+CALIBRATION_DIR = "calibration"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +49,21 @@ class ModelVersion:
     config: ModelConfig
     directory: Path
     labels: tuple[str, ...]
+    # Copies one of the version's data folders to local disk on first use (Cloud Storage).
+    fetch_folder: Callable[[str], Path] | None = field(default=None, repr=False, compare=False)
 
     @property
     def onnx_path(self) -> Path:
         return self.directory / MODEL_FILE
+
+    def folder(self, name: str) -> Path:
+        """The version's folder ``name`` on local disk, copied now if it is not yet
+        (it may not exist: a version without validation images has no such folder).
+
+        Raises:
+            TransientError: the copy from Cloud Storage failed.
+        """
+        return self.directory / name if self.fetch_folder is None else self.fetch_folder(name)
 
 
 class ModelRepository:
@@ -176,39 +196,42 @@ class ModelRepository:
             if not blob.name.endswith("/")
         ]
 
-    def _local_dir(self, model: str, version: str) -> Path:
+    def _local_dir(self, model: str, version: str) -> tuple[Path, Callable[[str], Path] | None]:
+        """The version's folder on local disk, and what copies a data folder into it."""
         if not self._location.startswith("gs://"):
-            return Path(self._location) / model / version
+            return Path(self._location) / model / version, None
         bucket, prefix = self._gcs_root()
         files = self._gcs_files(model, version)
         fingerprint = _digest(sorted((name, str(generation)) for name, generation, _ in files))
         parent = self._cache_dir / "models" / bucket / prefix / model
         target = parent / f"{version}@{fingerprint[:16]}"
-        if (target / CONFIG_FILE).is_file() and (target / MODEL_FILE).is_file():
-            return target
-        parent.mkdir(parents=True, exist_ok=True)
-        # A folder of its own per download: another replica on this node may be
-        # downloading the same version right now.
-        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}-"))
-        try:
-            for name, _, blob in files:
-                dest = staging / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                blob.download_to_filename(str(dest))  # type: ignore[attr-defined]
-            logger.info("fetched %d files of %s/%s from gs://%s/%s", len(files), model, version, bucket, prefix)
-            try:
-                os.rename(staging, target)  # atomic; fails when the target exists
-            except OSError:
-                if not ((target / CONFIG_FILE).is_file() and (target / MODEL_FILE).is_file()):
-                    raise
-                logger.info("%s/%s was fetched by another process meanwhile; using its copy", model, version)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return target
+        cached = (target / CONFIG_FILE).is_file() and (target / MODEL_FILE).is_file()
+        deferred = _data_folders(target / CONFIG_FILE if cached else next(
+            (blob for name, _, blob in files if name == CONFIG_FILE), None
+        ))  # fmt: skip
+        now = [(name, blob) for name, _, blob in files if name.split("/", 1)[0] not in deferred]
+        later = [(name, blob) for name, _, blob in files if name.split("/", 1)[0] in deferred]
+
+        def fetch_folder(folder: str) -> Path:
+            dest = target / folder
+            if dest.is_dir():
+                return dest
+            wanted = [(name[len(folder) + 1 :], blob) for name, blob in later if name.startswith(f"{folder}/")]
+            if wanted:
+                try:
+                    _copy_into(dest, wanted, f"{model}/{version}/{folder}")
+                except Exception as err:  # noqa: BLE001 - I/O and Cloud Storage errors are worth a retry
+                    raise TransientError(
+                        f"copying {model}/{version}/{folder} from {self._location} failed: {err!r}"
+                    ) from err
+            return dest
+
+        if not cached:
+            _copy_into(target, now, f"{model}/{version}")
+        return target, fetch_folder
 
     def _load(self, model: str, version: str) -> ModelVersion:
-        directory = self._local_dir(model, version)
+        directory, fetch_folder = self._local_dir(model, version)
         config = load_model_config(directory / CONFIG_FILE)
         if not (directory / MODEL_FILE).is_file():
             raise ConfigError(f"model {model}/{version} has no {MODEL_FILE} in {directory}")
@@ -218,7 +241,49 @@ class ModelRepository:
             if not path.is_file():
                 raise ConfigError(f"model {model}/{version} names labels {config.labels!r}, missing")
             labels = tuple(line.rstrip("\n") for line in path.read_text().splitlines())
-        return ModelVersion(model, version, config, directory, labels)
+        return ModelVersion(model, version, config, directory, labels, fetch_folder)
+
+
+def _data_folders(config: Path | object | None) -> set[str]:
+    """The version's folders copied on first use: calibration, and validation as its
+    config (a local file, or its blob) names it."""
+    folders = {CALIBRATION_DIR, "validation"}
+    if config is None:
+        return folders
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = config if isinstance(config, Path) else Path(tmp) / CONFIG_FILE
+            if not isinstance(config, Path):
+                config.download_to_filename(str(path))  # type: ignore[attr-defined]
+            folders.add(load_model_config(path).accuracy_guard.validation_dir.strip("/").split("/", 1)[0])
+    except Exception:  # noqa: BLE001 - the load reads the config again and reports what is wrong with it
+        pass
+    return folders
+
+
+def _copy_into(target: Path, files: list[tuple[str, object]], what: str) -> None:
+    """Download ``files`` (relative name, blob) into ``target``, which appears whole or not at all.
+
+    A folder of its own per download, renamed into place: another replica on this
+    node may be copying the same files right now, and the loser uses the winner's copy.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        for name, blob in files:
+            dest = staging / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            blob.download_to_filename(str(dest))  # type: ignore[attr-defined]
+        logger.info("fetched %d files of %s", len(files), what)
+        try:
+            os.rename(staging, target)  # atomic; fails when the target exists
+        except OSError:
+            if not target.is_dir():
+                raise
+            logger.info("%s was fetched by another process meanwhile; using its copy", what)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _digest(entries: list[tuple[str, str]]) -> str:

@@ -16,13 +16,12 @@ import numpy as np
 from serve.engines.accuracy_guard import AccuracyGuard
 from serve.engines.build import CalibrationSet, ValidationSet
 from serve.imaging.cpu_decode import prepare_image, to_model_input
-from serve.model.repository import ModelVersion
+from serve.model.repository import CALIBRATION_DIR, ModelVersion
 from serve.postprocess.base import ImageGeometry
 from serve.postprocess.factory import make_postprocessor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_VALIDATION_IMAGES = 256
-CALIBRATION_DIR = "calibration"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -34,12 +33,12 @@ def _images(folder: Path) -> list[Path]:
 
 def validation_images(mv: ModelVersion) -> list[Path]:
     """Image files of the version's validation set (sorted; empty when there is none)."""
-    return _images(mv.directory / mv.config.accuracy_guard.validation_dir)
+    return _images(mv.folder(mv.config.accuracy_guard.validation_dir))
 
 
 def calibration_images(mv: ModelVersion) -> list[Path]:
     """Image files of the version's INT8 calibration set (sorted; empty when there is none)."""
-    return _images(mv.directory / CALIBRATION_DIR)
+    return _images(mv.folder(CALIBRATION_DIR))
 
 
 def _batches(mv: ModelVersion, files: list[Path]) -> list[np.ndarray]:

@@ -1,7 +1,8 @@
 """The user's own ``gcloud`` against the local stack, with the settings ``triggerfish env`` prints.
 
 An upload with ``gcloud storage cp`` and a request with ``gcloud pubsub topics publish`` each
-give a result that ``gcloud storage cat`` reads back.
+give a result that ``gcloud storage cat`` reads back; a model version published as the docs
+show appears with its ``config.yaml`` last.
 """
 
 from __future__ import annotations
@@ -84,3 +85,27 @@ def test_gcloud_pubsub_topics_publish_a_request_gives_a_result(gcloud, stack: St
     result = _cat(gcloud, result_uri, lambda r: r.get("request_id") == "gcloud-publish")
     assert result["status"] == "ok" and result["entry_path"] == "pubsub", result
     assert result["labels"][0]["label"] == "espresso"
+
+
+def test_publishing_a_version_as_documented_lists_it_only_once_every_file_is_there(
+    gcloud, stack: StackState, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """docs/models-and-engines.md: the version's files with ``rsync --exclude``, then ``config.yaml``."""
+    version = tmp_path / "3"
+    for name in ("model.onnx", "labels.txt", "config.yaml", "validation/a.jpg", "calibration/b.jpg"):
+        (version / name).parent.mkdir(parents=True, exist_ok=True)
+        (version / name).write_bytes(name.encode())
+    bucket = "triggerfish-publish"
+    assert gcloud("storage", "buckets", "create", f"gs://{bucket}").returncode == 0
+    target = f"gs://{bucket}/mobilenet_v2/3"
+
+    synced = gcloud("storage", "rsync", "-r", "--exclude=config\\.yaml$", str(version), target)
+    assert synced.returncode == 0, synced.stderr
+    listed = gcloud("storage", "ls", "-r", f"{target}/**").stdout.split()
+    assert sorted(u.removeprefix(f"{target}/") for u in listed) == [
+        "calibration/b.jpg", "labels.txt", "model.onnx", "validation/a.jpg",
+    ]  # fmt: skip
+
+    copied = gcloud("storage", "cp", str(version / "config.yaml"), f"{target}/config.yaml")
+    assert copied.returncode == 0, copied.stderr
+    assert f"{target}/config.yaml" in gcloud("storage", "ls", "-r", f"{target}/**").stdout.split()

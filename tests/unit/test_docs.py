@@ -36,7 +36,7 @@ PYTHONS = {"python", "python3", ".venv/bin/python", ".venv-bench/bin/python"}
 TOOLS = {"curl", "terraform", "docker", "source", "cd", "pgrep", "apt-get", "pip", "prometheus", ".venv/bin/py-spy"}
 # gcloud command groups run against the emulators (tests/integration/test_gcloud.py) or needed to log in.
 GCLOUD = {
-    ("storage", "cp"), ("storage", "cat"), ("storage", "ls"), ("storage", "objects"), ("storage", "buckets"),
+    ("storage", "cp"), ("storage", "rsync"), ("storage", "cat"), ("storage", "ls"), ("storage", "objects"), ("storage", "buckets"),
     ("pubsub", "topics"), ("pubsub", "subscriptions"), ("auth", "application-default"),
 }  # fmt: skip
 # Commands run for real by this test; each must appear in the docs.

@@ -1,13 +1,22 @@
-"""``replica_cpus``: thread-pool size from the replica's share of the node, not the node."""
+"""``replica_cpus``: thread-pool size from the replica's share of the node; background work at a lower priority."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
 import serve.cpus as cpus
-from serve.cpus import THREADS_ENV, replica_cpus
+from serve.cpus import (
+    BACKGROUND_NICE_STEP,
+    MAX_NICE,
+    THREADS_ENV,
+    in_background,
+    lower_thread_priority,
+    replica_cpus,
+)
 from shared.errors import ConfigError
 
 CGROUP_V2 = "/sys/fs/cgroup/cpu.max"
@@ -106,3 +115,62 @@ def test_outside_a_ray_worker_there_is_no_ray_assignment() -> None:
 
     assert not ray.is_initialized()
     assert cpus._ray_cpus() is None
+
+
+# --- background priority ------------------------------------------------------------------------
+
+
+def _niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def _on_a_thread(work):  # noqa: ANN001, ANN202 - returns what work returns
+    box = []
+    thread = threading.Thread(target=lambda: box.append(work()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+
+@pytest.mark.parametrize("start", [0, 5, 15, 12])
+def test_a_background_thread_is_made_nicer_than_it_was_never_less_nice(start: int) -> None:
+    """Relative to the thread's niceness: Ray starts workers at 15, where an absolute 10 is a promotion."""
+    def probe() -> tuple[bool, int]:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), start)
+        return lower_thread_priority(), _niceness()
+
+    lowered, after = _on_a_thread(probe)
+
+    assert (lowered, after) == (True, min(MAX_NICE, start + BACKGROUND_NICE_STEP))
+
+
+def test_a_thread_at_the_largest_niceness_keeps_it_and_says_so() -> None:
+    def probe() -> tuple[bool, int]:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MAX_NICE)
+        return lower_thread_priority(), _niceness()
+
+    assert _on_a_thread(probe) == (False, MAX_NICE)
+
+
+def test_in_background_runs_the_work_nicer_and_leaves_the_caller_as_it_was() -> None:
+    caller = _niceness()
+    inner: list[int] = []
+
+    def work() -> int:
+        # A thread the work starts (an engine build's thread pool) inherits its priority.
+        child = threading.Thread(target=lambda: inner.append(_niceness()))
+        child.start()
+        child.join()
+        return _niceness()
+
+    assert in_background(work) == min(MAX_NICE, caller + BACKGROUND_NICE_STEP)
+    assert inner == [min(MAX_NICE, caller + BACKGROUND_NICE_STEP)]
+    assert _niceness() == caller
+
+
+def test_in_background_raises_the_works_exception() -> None:
+    def work() -> None:
+        raise ValueError("bad engine plan")
+
+    with pytest.raises(ValueError, match="bad engine plan"):
+        in_background(work)

@@ -244,6 +244,37 @@ def test_validation_verdict_is_stored_with_the_entry(tmp_path) -> None:
     assert hit.report.info["validation"] == {"agreement": 0.99, "passed": True}
 
 
+def _niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_the_build_runs_at_a_lower_priority_and_the_engine_opens_at_the_callers(tmp_path) -> None:
+    """An engine's worker threads start when it is opened: they must not inherit a build's priority."""
+    seen: dict[str, int] = {}
+    caller = _niceness()
+
+    def build() -> bytes:
+        seen["build"] = _niceness()
+        return b"plan"
+
+    def load(data: bytes) -> Loaded:
+        seen["load"] = _niceness()
+        return Loaded(data)
+
+    _disk(tmp_path).get_or_build(KEY, build=build, load=load)
+
+    assert seen == {"build": min(19, caller + 10), "load": caller}
+    assert _niceness() == caller
+
+
+def test_a_build_failure_reaches_the_caller_as_it_is(tmp_path) -> None:
+    def build() -> bytes:
+        raise MemoryError("out of device memory while building")
+
+    with pytest.raises(MemoryError, match="while building"):
+        _disk(tmp_path).get_or_build(KEY, build=build, load=Loaded)
+
+
 def test_empty_build_is_an_error(tmp_path) -> None:
     with pytest.raises(EngineBuildError, match="no bytes"):
         _disk(tmp_path).get_or_build(KEY, build=lambda: b"", load=Loaded)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import shutil
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +23,6 @@ from serve.model.batch import BatchItem, ItemOutcome, LoadedVersion
 from serve.model.chaos import CHAOS_DIR_ENV, FAIL_LOAD_ENV
 from serve.model.model_server import (
     LOAD_BACKOFF_S,
-    LOADER_NICE,
     RUNTIME_FAULT_LIMIT,
     ModelServer,
     Rejection,
@@ -509,24 +506,6 @@ def test_callers_waiting_on_a_load_see_its_quarantine_without_loading_again(
 
     assert all(isinstance(a, Rejection) and a.reason is ErrorReason.UNKNOWN_VERSION for a in answers), answers
     assert resolved == ["2"]  # one load; the others re-checked the quarantine under the lock
-
-
-def test_the_loader_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own() -> None:
-    seen: dict[str, int] = {}
-
-    def probe() -> None:
-        tid = threading.get_native_id()
-        model_server._lower_priority()
-        seen["loader"] = os.getpriority(os.PRIO_PROCESS, tid)
-
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    worker = threading.Thread(target=probe)
-    worker.start()
-    worker.join()
-
-    # setpriority sets an absolute niceness; a process already nicer than that stays as nice.
-    assert seen["loader"] == max(LOADER_NICE, before)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_each_item_is_dropped_at_its_own_callers_deadline_in_a_merged_call(repo: Path, loads: list[str]) -> None:

@@ -238,3 +238,55 @@ def test_a_failed_download_is_transient_and_leaves_nothing_behind(gcs: FakeStora
 
     folder = tmp_path / "cache" / "models" / "models" / "repo" / "mobilenet_v2"
     assert list(folder.iterdir()) == []
+
+
+def test_data_folders_are_copied_on_first_use_and_only_once(gcs: FakeStorage, tmp_path: Path) -> None:
+    for i in range(3):
+        gcs.put(f"repo/mobilenet_v2/1/validation/{i}.jpg", b"v%d" % i)
+        gcs.put(f"repo/mobilenet_v2/1/calibration/{i}.jpg", b"c%d" % i)
+    gcs.put("repo/mobilenet_v2/1/weights/extra.bin", b"external weights")
+    repo = ModelRepository("gs://models/repo", tmp_path / "cache")
+
+    mv = repo.resolve("mobilenet_v2", "1")
+
+    # What every load reads is there; the images are not fetched yet.
+    assert (mv.directory / "weights" / "extra.bin").read_bytes() == b"external weights"
+    assert not [d for d in gcs.downloads if "/validation/" in d or "/calibration/" in d]
+    assert not (mv.directory / "validation").exists()
+
+    validation = mv.folder("validation")
+    assert sorted(p.name for p in validation.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert (validation / "2.jpg").read_bytes() == b"v2"
+    fetched = len(gcs.downloads)
+    assert mv.folder("validation") == validation and len(gcs.downloads) == fetched  # copied once
+    assert not [d for d in gcs.downloads if "/calibration/" in d]
+    # Another replica on the node finds the copy.
+    other = ModelRepository("gs://models/repo", tmp_path / "cache").resolve("mobilenet_v2", "1")
+    assert other.folder("validation") == validation
+    assert sorted(p.name for p in mv.folder("calibration").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert not mv.folder("missing").exists()
+
+
+def test_the_validation_folder_named_by_the_config_is_the_one_deferred(gcs: FakeStorage, tmp_path: Path) -> None:
+    config = (SHIPPED / "config.yaml").read_text() + "\naccuracy_guard:\n  validation_dir: holdout\n"
+    gcs.put("repo/mobilenet_v2/1/config.yaml", config.encode())
+    gcs.put("repo/mobilenet_v2/1/holdout/a.jpg", b"a")
+    repo = ModelRepository("gs://models/repo", tmp_path / "cache")
+
+    mv = repo.resolve("mobilenet_v2", "1")
+
+    assert mv.config.accuracy_guard.validation_dir == "holdout"
+    assert not [d for d in gcs.downloads if "/holdout/" in d]
+    assert (mv.folder("holdout") / "a.jpg").read_bytes() == b"a"
+
+
+def test_a_failed_folder_copy_is_transient_and_leaves_nothing_behind(gcs: FakeStorage, tmp_path: Path) -> None:
+    gcs.put("repo/mobilenet_v2/1/validation/0.jpg", b"v0")
+    mv = ModelRepository("gs://models/repo", tmp_path / "cache").resolve("mobilenet_v2", "1")
+    gcs.failing = True
+
+    with pytest.raises(TransientError, match="copying mobilenet_v2/1/validation .*Input/output error"):
+        mv.folder("validation")
+
+    assert sorted(p.name for p in mv.directory.iterdir()) == ["config.yaml", "labels.txt", "model.onnx"]
+    assert [p.name for p in mv.directory.parent.iterdir()] == [mv.directory.name]
