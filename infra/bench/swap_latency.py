@@ -2,7 +2,9 @@
 
 ``CLIENTS`` closed-loop HTTP clients post one image each to ``POST /v1/infer``
 (raw body) for ``--duration-s`` seconds; at ``--publish-at-s`` a new version of the
-model (a copy of version 1 under the next number) is published to the repository.
+model (a copy of version 1 under the next number) is published to the repository:
+its ``config.yaml``, the file that makes it listed, uploaded last as publishing
+requires (the other files go up before the clients start).
 Each replica's watcher (polling every ``--poll-s``) loads, warms and promotes it
 while the clients keep going. The report compares the latency of the requests that
 *started* in the swap window (``--window-s`` from the publish) with the steady state
@@ -40,6 +42,7 @@ from infra.cli.stack import default_data_plane
 from infra.local.emulators import upload_tree
 from infra.local.ray_cluster import DATA_PLANES
 from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
+from serve.model.repository import CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "infra" / "samples" / "cat.jpg"
@@ -115,10 +118,24 @@ def _client(url: str, body: bytes, started: float, stop: threading.Event, out: l
             out.append(Sample(t0 - started, (time.monotonic() - t0) * 1000, status))
 
 
-def _publish_copy(state: StackState, version: str, work: Path) -> None:
-    directory = work / MODEL / version
-    shutil.copytree(DEFAULT_MODEL_REPOSITORY / MODEL / "1", directory)
-    upload_tree(state.client_env(), work, state.models_bucket)
+def _stage_copy(state: StackState, version: str, work: Path) -> Path:
+    """Upload a copy of version 1 as ``version``, all but its ``config.yaml``: not listed yet.
+
+    Publishing puts the config last (docs/models-and-engines.md), so the replicas see the
+    version only once its config lands; uploading the rest beforehand keeps the uploader's
+    own work (this process, beside the clients) out of the swap window.
+    Returns the folder holding the config, for :func:`_publish`.
+    """
+    files, config = work / "files", work / "config"
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / MODEL / "1", files / MODEL / version)
+    (config / MODEL / version).mkdir(parents=True)
+    (files / MODEL / version / CONFIG_FILE).rename(config / MODEL / version / CONFIG_FILE)
+    upload_tree(state.client_env(), files, state.models_bucket)
+    return config
+
+
+def _publish(state: StackState, config: Path) -> None:
+    upload_tree(state.client_env(), config, state.models_bucket)
 
 
 def _default_version(state: StackState) -> str | None:
@@ -150,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             httpx.post(url, content=body, headers={"content-type": "image/jpeg"}, timeout=120)
         before = _default_version(state)
         new_version = str(int(before or "1") + 1)
+        config = _stage_copy(state, new_version, work / "repository")
         samples: list[Sample] = []
         stop = threading.Event()
         started = time.monotonic()
@@ -162,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress(f"{args.clients} clients for {args.duration_s:.0f}s; version {new_version} at {args.publish_at_s:.0f}s")
         time.sleep(args.publish_at_s)
         published_s = time.monotonic() - started
-        _publish_copy(state, new_version, work / "repository")
+        _publish(state, config)
         promoted_s = None
         while time.monotonic() - started < args.duration_s:
             if promoted_s is None and _promoted_everywhere(state, new_version):
