@@ -81,6 +81,13 @@ class NodePorts:
     metrics_export: int = 0
 
 
+#: Ray starts its workers at niceness 15 (``RAY_worker_niceness``), below its own daemons.
+#: On the local stack the replicas share the machine's cores with the emulators and the
+#: functions, stand-ins for services that have cores of their own in the cloud: at 15,
+#: every one of them would run ahead of Serve. Locally the replicas run at their niceness.
+LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
+
+
 def direct_data_plane_env(ports: NodePorts) -> dict[str, str]:
     """Environment for Ray (set before a node starts) that selects the direct data plane.
 

@@ -41,6 +41,7 @@ from typing import Any
 from infra.local.processes import free_port, free_port_block
 from infra.local.ray_cluster import (
     DATA_PLANES,
+    LOCAL_WORKER_ENV,
     RAY_FIXED_PORTS,
     NodePorts,
     ingress_port_span,
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray's temp dir (default /tmp/ray); worker raylets inherit it")  # fmt: skip
     args = parser.parse_args(argv)
     configure_json_logging()
-    apply_env(LOG_DEDUP_ENV)  # before Ray is imported: it reads these at import
+    apply_env({**LOG_DEDUP_ENV, **LOCAL_WORKER_ENV})  # before Ray is imported: it reads these at import
     app = app_args(args.replicas, args.nodes, args.scale_to_zero, args.idle_delay_s)
     ports, proxy_port = head_ports(args) if args.data_plane != "proxy" else (None, args.port)
     if ports is not None:

@@ -44,6 +44,7 @@ from infra.local.processes import (
 )
 from infra.local.ray_cluster import (
     DATA_PLANES,
+    LOCAL_WORKER_ENV,
     RAY_FIXED_PORTS,
     ClusterSnapshot,
     NodePorts,
@@ -383,6 +384,7 @@ class LocalStack:
             node_dir = self._private_dir("hap") if opts.data_plane == "haproxy" else opts.state_dir
             worker_env = {
                 **env,
+                **LOCAL_WORKER_ENV,
                 **node_env(opts.data_plane, ports, head=False, runtime_dir=node_dir),
                 # Each node is a machine of its own, with its own local engine cache (as each
                 # GKE node has its own disk); the shared cache stays the models' GCS bucket.

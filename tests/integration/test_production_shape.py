@@ -96,3 +96,14 @@ def test_a_message_and_an_http_call_complete(shaped: tuple[Path, StackState]) ->
     assert client.wait_result(str(uri), 180, request_id=request_id)["status"] == "ok"
     answers = [client.infer(SAMPLES / "coffee.jpg")["results"][0]["status"] for _ in range(6)]
     assert answers == ["ok"] * 6
+
+
+def test_replicas_on_every_node_run_at_the_stacks_priority(shaped: tuple[Path, StackState]) -> None:
+    """Ray would start them at niceness 15, behind the emulators and functions sharing the cores."""
+    _, state = shaped
+    niceness = {
+        (name, deployment): sorted({os.getpriority(os.PRIO_PROCESS, pid) for pid in replica_processes([sid], deployment)})
+        for name, sid in state.ray_sessions().items()
+        for deployment in DEPLOYMENTS
+    }
+    assert set(map(tuple, niceness.values())) == {(0,)}, niceness
