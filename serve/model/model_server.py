@@ -27,8 +27,9 @@ New versions are loaded in the background by one loader thread (an engine build
 at a lower OS priority, :func:`serve.cpus.in_background`; the engine opened at the
 replica's own, so that its worker threads serve at that priority), warmed up at a
 pace, and only then become the default, so a version change neither puts a cold
-engine in front of traffic nor starves the batches being served. Items that name a version newer than this replica's
-default (another replica promoted it first) wake the watcher. Meanwhile an item
+engine in front of traffic nor starves the batches being served. Items that name
+a version newer than this replica's default (another replica promoted it first)
+wake the watcher. Meanwhile an item
 whose caller asked for the default is served by this replica's default (when that
 version takes the item as prepared), and one whose caller named the version is
 answered with :class:`Retry`: never with a permanent ``unknown_version``.

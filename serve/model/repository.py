@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.model_config import ModelConfig, load_model_config
+from serve.model_config import AccuracyGuardSpec, ModelConfig, load_model_config
 from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 from shared.results import version_sort_key
 from shared.storage import get_storage_client
@@ -247,7 +247,7 @@ class ModelRepository:
 def _data_folders(config: Path | object | None) -> set[str]:
     """The version's folders copied on first use: calibration, and validation as its
     config (a local file, or its blob) names it."""
-    folders = {CALIBRATION_DIR, "validation"}
+    folders = {CALIBRATION_DIR, AccuracyGuardSpec().validation_dir}
     if config is None:
         return folders
     try:
