@@ -84,7 +84,7 @@ class NodePorts:
 #: Ray starts its workers at niceness 15 (``RAY_worker_niceness``), below its own daemons.
 #: On the local stack the replicas share the machine's cores with the emulators and the
 #: functions, stand-ins for services that have cores of their own in the cloud: at 15,
-#: every one of them would run ahead of Serve. Locally the replicas run at their niceness.
+#: every one of them would run ahead of Serve. Locally the replicas run at 0, as those do.
 LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
 
 

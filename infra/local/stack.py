@@ -383,8 +383,8 @@ class LocalStack:
             )
             node_dir = self._private_dir("hap") if opts.data_plane == "haproxy" else opts.state_dir
             worker_env = {
+                **LOCAL_WORKER_ENV,  # unless the operator set it (as serve_host does for the head)
                 **env,
-                **LOCAL_WORKER_ENV,
                 **node_env(opts.data_plane, ports, head=False, runtime_dir=node_dir),
                 # Each node is a machine of its own, with its own local engine cache (as each
                 # GKE node has its own disk); the shared cache stays the models' GCS bucket.
