@@ -46,6 +46,7 @@ import httpx
 from PIL import Image
 
 from infra.local.client import StackClient
+from infra.local.emulators import publish_order
 from infra.local.ray_cluster import replica_processes
 from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
 
@@ -282,14 +283,15 @@ class VersionsReport:
 
 
 def publish_version(client: StackClient, version: str, broken: str | None = None) -> None:
-    """Version 1's files as ``version``.
+    """Version 1's files as ``version``, its ``config.yaml`` last, as publishing requires
+    (:func:`infra.local.emulators.publish_order`).
 
     ``broken="model"`` cuts its model.onnx in half (a half upload); ``broken="config"``
     misspells the task in its config.yaml (a typo).
     """
     source = DEFAULT_MODEL_REPOSITORY / MODEL / "1"
     bucket = client.storage.bucket(client.state.models_bucket)
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+    for path in publish_order(source):
         data = path.read_bytes()
         if broken == "model" and path.name == "model.onnx":
             data = data[: len(data) // 2]
