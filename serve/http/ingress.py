@@ -48,7 +48,13 @@ from serve.http.deadline import (
 from serve.http.metered import MeteredPipeline
 from serve.http.model_client import HandleModelClient, ModelStarting, waiting_for_model
 from serve.http.oip_service import HandleOipClient, OipService
-from serve.http.pipeline import InferencePipeline, Processed, ShedError, unwrap
+from serve.http.pipeline import (
+    BULK_PREPARES_PER_THREAD,
+    InferencePipeline,
+    Processed,
+    ShedError,
+    unwrap,
+)
 from shared.auth import (
     AUDIENCE_ENV,
     AUTH_ENV,
@@ -173,9 +179,10 @@ class Ingress:
         self._client = HandleModelClient(models)
         # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has, per
         # traffic class; bulk threads run at a lower OS priority, so live decodes come first.
-        self._decode = ThreadPoolExecutor(max_workers=replica_cpus(), thread_name_prefix="decode")
+        threads = replica_cpus()
+        self._decode = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._bulk_decode = ThreadPoolExecutor(
-            max_workers=replica_cpus(),
+            max_workers=threads,
             thread_name_prefix="decode-bulk",
             initializer=lower_thread_priority,
         )
@@ -186,6 +193,7 @@ class Ingress:
             self._gcs,
             self._decode,
             bulk_decode_executor=self._bulk_decode,
+            bulk_prepares=BULK_PREPARES_PER_THREAD * threads,
         )
         self._pipeline = MeteredPipeline(pipeline, self._settings.default_model, models)
         s = self._settings

@@ -17,6 +17,7 @@ formed them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,10 @@ from shared.messages import EntryPath, InferenceRequest, Priority
 from shared.result_store import RecentWrites, StoredResult, store_result
 from shared.results import InferenceResult, ModelRef, SourceRef, Status, Timings
 from shared.uris import GcsUri, check_allowed, parse_gcs_uri
+
+#: Bulk inputs one ingress replica fetches and decodes at once, per decode thread.
+BULK_PREPARES_PER_THREAD = 8
+DEFAULT_BULK_PREPARES = BULK_PREPARES_PER_THREAD
 
 
 class ModelClient(Protocol):
@@ -135,7 +140,10 @@ class InferencePipeline:
         decode_executor: Executor,
         prepare: Callable[..., PreparedImage] | None = None,
         bulk_decode_executor: Executor | None = None,
+        bulk_prepares: int = DEFAULT_BULK_PREPARES,
     ) -> None:
+        if bulk_prepares < 1:
+            raise ValueError(f"bulk_prepares must be >= 1, got {bulk_prepares}")
         self._settings = settings
         self._models = models
         self._gcs = gcs
@@ -145,6 +153,11 @@ class InferencePipeline:
             Priority.LIVE: decode_executor,
             Priority.BULK: bulk_decode_executor or decode_executor,
         }
+        # A bulk call's inputs would otherwise all be fetched the moment it is admitted
+        # (hundreds in a backfill), each holding a pooled connection and a place in the
+        # storage service's queue that a live upload's fetch then waits behind. Bulk inputs
+        # are fetched and decoded ``bulk_prepares`` at a time; live inputs never wait for a slot.
+        self._bulk_slots = asyncio.Semaphore(bulk_prepares)
         # prepare_image, or a stand-in with its contract (tests).
         self._prepare_image = prepare or prepare_image
         # Redeliveries and repeated images rewrite a result in one request.
@@ -225,11 +238,12 @@ class InferencePipeline:
             check_allowed(source, self._settings.allowed_buckets)
             info = await self._describe(model, request.version)
             version = info.version
-            t_fetch = time.monotonic()
-            data, generation = await self._gcs.read(source, request.generation, self._settings.max_image_bytes)
-            request = request.model_copy(update={"generation": generation or request.generation})
-            fetch_ms = (time.monotonic() - t_fetch) * 1000
-            return await self._decode_one(index, request, source, model, info, data, started, fetch_ms)
+            async with self._preparation_slot(request.priority):
+                t_fetch = time.monotonic()
+                data, generation = await self._gcs.read(source, request.generation, self._settings.max_image_bytes)
+                request = request.model_copy(update={"generation": generation or request.generation})
+                fetch_ms = (time.monotonic() - t_fetch) * 1000
+                return await self._decode_one(index, request, source, model, info, data, started, fetch_ms)
         except SupersededError:
             return Processed(request.request_id, None, None, superseded=True)
         except PermanentError as err:
@@ -238,6 +252,9 @@ class InferencePipeline:
                 # existed) must not rank the error above later uploads' results.
                 request = request.model_copy(update={"generation": None})
             return await self._record_failure(request, model, version, err, source)
+
+    def _preparation_slot(self, priority: Priority) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._bulk_slots if priority is Priority.BULK else contextlib.nullcontext()
 
     async def _decode_one(
         self, index: int, request: InferenceRequest, source: GcsUri | None, model: str,

@@ -20,7 +20,7 @@ from serve.model.model_server import Rejection, Retry, VersionInfo
 from serve.model_config import InputSpec, PreprocessSpec, preparation_key
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, TransientError
-from shared.messages import EntryPath, InferenceRequest
+from shared.messages import EntryPath, InferenceRequest, Priority
 from shared.result_store import GENERATION_METADATA_KEY, result_metadata
 from shared.results import (
     InferenceResult,
@@ -756,3 +756,58 @@ def test_a_cpu_model_still_gets_pixels_decoded_here(gcs: InMemoryGcs, executor: 
 
 def _no_decoding_here(*args: Any) -> Any:
     raise AssertionError("the ingress decoded an image for a model that decodes on its GPU")
+
+
+class GatedReads(InMemoryGcs):
+    """Reads wait at a gate; counts how many bulk reads are in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.in_flight: dict[str, int] = {"bulk": 0, "live": 0}
+        self.most_bulk = 0
+
+    async def read(self, uri: Any, generation: str | None, max_bytes: int) -> tuple[bytes, str]:
+        kind = "live" if uri.name.startswith("live") else "bulk"
+        self.in_flight[kind] += 1
+        self.most_bulk = max(self.most_bulk, self.in_flight["bulk"])
+        try:
+            if kind == "bulk":
+                await self.gate.wait()
+            return await super().read(uri, generation, max_bytes)
+        finally:
+            self.in_flight[kind] -= 1
+
+
+def test_bulk_inputs_are_fetched_a_few_at_a_time_and_a_live_fetch_never_waits_for_them(
+    executor: ThreadPoolExecutor,
+) -> None:
+    gcs = GatedReads()
+    for i in range(20):
+        gcs.put(IMAGES, f"bulk-{i:02d}.jpg", CAT_BYTES)
+    gcs.put(IMAGES, "live.jpg", CAT_BYTES)
+    pipeline = InferencePipeline(SETTINGS, FakeModels(), gcs, executor, bulk_prepares=3)  # type: ignore[arg-type]
+    bulk = [
+        _request(f"gs://{IMAGES}/bulk-{i:02d}.jpg", request_id=f"b-{i}", priority=Priority.BULK) for i in range(20)
+    ]
+
+    async def scenario() -> tuple[list[Processed | BaseException], list[Processed | BaseException]]:
+        backfill = asyncio.ensure_future(pipeline.process_many(bulk))
+        while gcs.in_flight["bulk"] < 3:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # room for a fourth bulk read, if anything let one start
+        # Three bulk reads hold every slot and are stuck: the live input is read and done anyway.
+        live = await asyncio.wait_for(pipeline.process_many([_request(f"gs://{IMAGES}/live.jpg")]), 10)
+        gcs.gate.set()
+        return live, await backfill
+
+    live, done = asyncio.run(scenario())
+
+    assert gcs.most_bulk == 3
+    assert all(isinstance(a, Processed) and a.result and a.result.status is Status.OK for a in live + done)
+    assert len(done) == 20
+
+
+def test_bulk_preparation_slots_must_be_positive(gcs: InMemoryGcs, executor: ThreadPoolExecutor) -> None:
+    with pytest.raises(ValueError, match="bulk_prepares must be >= 1, got 0"):
+        InferencePipeline(SETTINGS, FakeModels(), gcs, executor, bulk_prepares=0)  # type: ignore[arg-type]
