@@ -29,7 +29,8 @@ replica's own, so that its worker threads serve at that priority), warmed up at 
 pace, and only then become the default, so a version change neither puts a cold
 engine in front of traffic nor starves the batches being served. Items that name
 a version newer than this replica's default (another replica promoted it first)
-wake the watcher. Meanwhile an item
+wake the watcher (coalesced: one repository check per :data:`WAKE_CHECK_GAP_S`).
+Meanwhile an item
 whose caller asked for the default is served by this replica's default (when that
 version takes the item as prepared), and one whose caller named the version is
 answered with :class:`Retry`: never with a permanent ``unknown_version``.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections import Counter, OrderedDict
@@ -84,6 +86,8 @@ DEFAULT_QUEUE_CAPACITY = 512
 LOAD_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 #: Blank-probe engine failures of one version before it is quarantined as a runtime fault.
 RUNTIME_FAULT_LIMIT = 3
+#: Seconds between two repository checks that calls asked for (they never wait for the poll).
+WAKE_CHECK_GAP_S = 0.5
 #: A background warm-up sleeps this many times each warm-up batch's duration after it.
 WARM_UP_PAUSE = 1.0
 
@@ -463,6 +467,7 @@ class ModelServer:
     async def _watch(self, interval: float) -> None:
         """Poll the repository; sooner when a load is due for a retry or a call asks."""
         assert self._wake is not None
+        last_check = -math.inf
         while True:
             due = [b.due - self._clock() for b in self._backoff.values()]
             # asyncio.wait, not wait_for: wait_for can swallow a cancellation (Python < 3.12).
@@ -471,7 +476,13 @@ class ModelServer:
                 await asyncio.wait([waiter], timeout=max(0.05, min([interval, *due])))
             finally:
                 waiter.cancel()
+            # While this replica lags a rollout, every item it serves on its old default wakes
+            # the watcher, and each check lists the whole repository: wakes are coalesced.
+            gap = last_check + WAKE_CHECK_GAP_S - time.monotonic()
+            if gap > 0:
+                await asyncio.sleep(gap)
             self._wake.clear()
+            last_check = time.monotonic()
             try:
                 await self.check_versions()
             except Exception:  # noqa: BLE001 - keep serving the current version

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import shutil
 import time
 from collections.abc import Mapping
@@ -536,3 +537,34 @@ def test_stats_show_where_each_engine_came_from_and_why_a_backend_was_refused(
     assert stats["engine_sources"] == {"1": "gcs"} and stats["decode"] == {"1": "cpu"}
     assert stats["fallback_reasons"] == {"1": "tensorrt: accuracy guard: top1_confident 0.91 (below 0.99)"}
     assert isinstance(outcome, ItemOutcome) and outcome.engine_source == "gcs" and outcome.decode == "cpu"
+
+
+def test_items_that_wake_the_watcher_are_coalesced_into_few_repository_checks(
+    repo: Path, loads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(repo, "1")
+    s = server()  # polls hourly: only the items' wakes make it check
+    listings: list[float] = []
+    refresh = s._repo.refresh
+
+    def counted() -> dict[str, list[str]]:
+        listings.append(time.monotonic())
+        return refresh()
+
+    monkeypatch.setattr(s._repo, "refresh", counted)
+
+    async def scenario() -> list[ItemOutcome | Rejection | Retry]:
+        # Another replica serves version 2, not yet visible here; each item served on this
+        # replica's default wakes the watcher.
+        answers = []
+        for _ in range(40):
+            answers += await s.infer_many([_asking_default(s, "2")])
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        return answers
+
+    answers = run(scenario())
+
+    assert all(isinstance(a, ItemOutcome) and a.version == "1" for a in answers)
+    assert 1 <= len(listings) <= 4, listings  # 40 wakes in about half a second
+    assert all(b - a >= model_server.WAKE_CHECK_GAP_S * 0.9 for a, b in itertools.pairwise(listings))
