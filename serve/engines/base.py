@@ -7,7 +7,7 @@ heavy step that happens once per replica.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -26,6 +26,7 @@ __all__ = [
     "HardwareCompatibility",
     "engine_healthy",
     "load_engine",
+    "warm_up_batch_sizes",
 ]
 
 
@@ -123,6 +124,16 @@ def engine_healthy(engine: object) -> bool:
     Engines without a ``healthy`` property (CPU backends) are always healthy.
     """
     return bool(getattr(engine, "healthy", True))
+
+
+def warm_up_batch_sizes(engine: object, sizes: Sequence[int]) -> tuple[int, ...]:
+    """The batch sizes a warm-up of ``engine`` runs, out of the version's ``sizes``.
+
+    Every size, unless the engine says fewer are enough (``warm_up_sizes``): its first
+    run at each size is what a warm-up takes off the request path.
+    """
+    chooser = getattr(engine, "warm_up_sizes", None)
+    return tuple(chooser(sizes)) if chooser is not None else tuple(sizes)
 
 
 def load_engine(spec: EngineSpec, backend: Backend, **options: object) -> Engine:

@@ -13,7 +13,13 @@ import numpy as np
 from PIL import Image
 
 from serve.engines.accuracy_guard import AccuracyGuardError
-from serve.engines.base import Engine, EngineCompatibility, EngineSpec, HardwareCompatibility
+from serve.engines.base import (
+    Engine,
+    EngineCompatibility,
+    EngineSpec,
+    HardwareCompatibility,
+    warm_up_batch_sizes,
+)
 from serve.engines.build import load_cached_engine
 from serve.engines.cache import EngineCache
 from serve.engines.errors import load_error_is_permanent
@@ -190,7 +196,8 @@ def load_version(
 
 
 def warm_up(loaded: LoadedVersion, pause: float = 0.0) -> None:
-    """Run each engine batch size once so the first real request pays no lazy init.
+    """Run each engine batch size once (or the ones the engine says are enough,
+    :func:`~serve.engines.base.warm_up_batch_sizes`) so the first real request pays no lazy init.
 
     Also records the engine's output dtypes and shapes (``loaded.output_specs``).
     ``pause`` > 0 sleeps that many times each batch's duration after it: a version
@@ -198,7 +205,7 @@ def warm_up(loaded: LoadedVersion, pause: float = 0.0) -> None:
     for part of the time instead of taking them all in one burst.
     """
     cfg = loaded.config
-    for size in cfg.batching.engine_batch_sizes:
+    for size in warm_up_batch_sizes(loaded.engine, cfg.batching.engine_batch_sizes):
         pixels = np.zeros((size, cfg.input.height, cfg.input.width, cfg.input.channels), np.uint8)
         started = time.monotonic()
         outputs = loaded.engine.infer(to_model_input(pixels, cfg.input, cfg.preprocess))

@@ -82,3 +82,28 @@ def test_bad_thread_or_chunk_settings_say_which_and_what(raw: str) -> None:
         cpu_parallelism("CPUExecutionProvider", env={"TRIGGERFISH_ORT_CHUNK": raw})
     with pytest.raises(ConfigError, match=f"TRIGGERFISH_ORT_THREADS must be a positive integer, got '{raw}'"):
         cpu_parallelism("CPUExecutionProvider", env={"TRIGGERFISH_ORT_THREADS": raw})
+
+
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [("CPUExecutionProvider", (16,)), ("CUDAExecutionProvider", (1, 4, 8, 16))],
+)
+def test_a_cpu_session_warms_up_at_its_largest_batch_only(spec, provider: str, expected: tuple[int, ...]) -> None:  # noqa: ANN001
+    engine = OnnxRuntimeEngine(spec, _RecordingSession(), provider)
+
+    assert engine.warm_up_sizes((1, 4, 8, 16)) == expected
+    engine.close()
+
+
+def test_warming_a_real_cpu_session_at_its_largest_batch_serves_every_smaller_one(onnx_path, spec) -> None:  # noqa: ANN001
+    from serve.engines.base import warm_up_batch_sizes
+
+    engine = OnnxRuntimeEngine.load(spec, ["CPUExecutionProvider"])
+    try:
+        [largest] = warm_up_batch_sizes(engine, (1, 3, 5))
+        engine.infer(images(largest))
+        for size in (1, 3):
+            [out] = engine.infer(images(size)).values()
+            assert out.shape[0] == size
+    finally:
+        engine.close()

@@ -345,3 +345,18 @@ def test_a_paced_warm_up_sleeps_after_each_batch_in_proportion_to_it(monkeypatch
 
     assert slept == [1.0, 2.0, 4.0]
     assert len(engine.shapes) == 3
+
+
+class _LargestIsEnough(FakeEngine):
+    def warm_up_sizes(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        return (max(sizes),)
+
+
+def test_warm_up_runs_only_the_sizes_the_engine_asks_for() -> None:
+    engine = _LargestIsEnough("fake")
+    loaded = LoadedVersion("tiny", "2", CONFIG, engine, TopKClassifier(CONFIG.postprocess), ())  # type: ignore[arg-type]
+
+    warm_up(loaded)
+
+    assert engine.shapes == [(4, 4, 6, 3)]
+    assert loaded.output_specs  # still recorded from that one run
