@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,12 @@ class LiveBulkBench:
             with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
                 list(pool.map(lambda b: b.delete(), blobs))
 
-    def live_latencies(self, uploads: LiveUploads, since: float, until: float) -> tuple[list[float], list[float]]:
-        """End to end (s) of the uploads created in [since, until], from the emulator's own stamps,
-        and the part of each spent in Serve (the result's ``timings.end_to_end_ms``)."""
+    def live_latencies(self, uploads: LiveUploads, since: float, until: float) -> dict[str, list[float]]:
+        """Seconds per upload created in [since, until]: ``end_to_end`` from the emulator's own
+        stamps (the object's creation to its result's); ``in_serve``, the result's
+        ``timings.end_to_end_ms`` (fetch to result); ``before_serve`` (the notification, the push
+        and the function: the rest up to the result's ``created_at``); ``write`` (``created_at``
+        to the stored result's stamp)."""
         prefix = f"{MODEL}/{self.state.images_bucket}/{uploads.prefix}/"
         deadline = time.monotonic() + 120
         wanted = {n for n, t in uploads.created.items() if since <= t <= until}
@@ -137,8 +141,16 @@ class LiveBulkBench:
         with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
             bodies = list(pool.map(lambda n: json.loads(results[n].download_as_bytes()), names))
         self.timings = [b.get("timings") or {} for b in bodies]
-        in_serve = [t.get("end_to_end_ms", 0.0) / 1000 for t in self.timings]
-        return [results[n].updated.timestamp() - uploads.created[n] for n in names], in_serve
+        split: dict[str, list[float]] = {"end_to_end": [], "in_serve": [], "before_serve": [], "write": []}
+        for name, body, timings in zip(names, bodies, self.timings, strict=True):
+            stored, created = results[name].updated.timestamp(), uploads.created[name]
+            made = datetime.fromisoformat(body["created_at"]).timestamp()
+            in_serve = timings.get("end_to_end_ms", 0.0) / 1000
+            split["end_to_end"].append(stored - created)
+            split["in_serve"].append(in_serve)
+            split["before_serve"].append(made - in_serve - created)
+            split["write"].append(stored - made)
+        return split
 
     def admission(self) -> dict[str, Any]:
         return httpx.get(f"{self.state.serve_url}/v1/admission", timeout=30).json()["classes"]
@@ -168,7 +180,8 @@ class LiveBulkBench:
             if bulk is None:
                 time.sleep(seconds or 0)
             ended = time.time()
-        latencies, in_serve = self.live_latencies(uploads, started, ended)
+        split = self.live_latencies(uploads, started, ended)
+        latencies, in_serve = split["end_to_end"], split["in_serve"]
         phase: dict[str, Any] = {
             "live_uploads": len(latencies),
             "live_p50_s": round(_percentile(latencies, 0.5) or 0, 3),
@@ -178,6 +191,8 @@ class LiveBulkBench:
             # notification, the push, the function and the write's own return.
             "live_in_serve_p50_s": round(_percentile(in_serve, 0.5) or 0, 3),
             "live_in_serve_p95_s": round(_percentile(in_serve, 0.95) or 0, 3),
+            "live_before_serve_p95_s": round(_percentile(split["before_serve"], 0.95) or 0, 3),
+            "live_write_p95_s": round(_percentile(split["write"], 0.95) or 0, 3),
             "live_stage_p95_ms": {
                 stage: round(_percentile([t[stage] for t in self.timings if t.get(stage) is not None], 0.95) or 0, 1)
                 for stage in ("fetch_ms", "decode_ms", "queue_wait_ms", "inference_ms", "batch_size")
@@ -256,6 +271,15 @@ def format_report(report: dict[str, Any]) -> str:
             f"{bulk['images_per_s'] if bulk else '-':>15} "
             f"{str(shed.get('live', '-')) + '/' + str(shed.get('bulk', '-')) if bulk else '-':>15}"
         )
+    lines += ["", f"{'live p95 by part, s':34} {'before Serve':>13} {'in Serve':>9} {'write':>7}"]
+    for key, label in (("live_alone", "live alone"), ("live_beside_bulk", "live beside a bulk backfill"),
+                       ("live_beside_live_backfill", "live beside a live backfill")):  # fmt: skip
+        phase = report.get(key)
+        if phase is not None:
+            lines.append(
+                f"{label:34} {phase['live_before_serve_p95_s']:>13} {phase['live_in_serve_p95_s']:>9} "
+                f"{phase['live_write_p95_s']:>7}"
+            )
     lines.append("")
     for name, value in report["ratios"].items():
         lines.append(f"{name}: {value}")
