@@ -156,8 +156,11 @@ class InferencePipeline:
         # A bulk call's inputs would otherwise all be fetched the moment it is admitted
         # (hundreds in a backfill), each holding a pooled connection and a place in the
         # storage service's queue that a live upload's fetch then waits behind. Bulk inputs
-        # are fetched and decoded ``bulk_prepares`` at a time; live inputs never wait for a slot.
+        # are fetched and decoded ``bulk_prepares`` at a time, and their results written as
+        # many at a time (a finished batch would write all of its results at once); live
+        # inputs never wait for a slot.
         self._bulk_slots = asyncio.Semaphore(bulk_prepares)
+        self._bulk_writes = asyncio.Semaphore(bulk_prepares)
         # prepare_image, or a stand-in with its contract (tests).
         self._prepare_image = prepare or prepare_image
         # Redeliveries and repeated images rewrite a result in one request.
@@ -238,7 +241,7 @@ class InferencePipeline:
             check_allowed(source, self._settings.allowed_buckets)
             info = await self._describe(model, request.version)
             version = info.version
-            async with self._preparation_slot(request.priority):
+            async with _bulk_only(self._bulk_slots, request.priority):
                 t_fetch = time.monotonic()
                 data, generation = await self._gcs.read(source, request.generation, self._settings.max_image_bytes)
                 request = request.model_copy(update={"generation": generation or request.generation})
@@ -252,9 +255,6 @@ class InferencePipeline:
                 # existed) must not rank the error above later uploads' results.
                 request = request.model_copy(update={"generation": None})
             return await self._record_failure(request, model, version, err, source)
-
-    def _preparation_slot(self, priority: Priority) -> contextlib.AbstractAsyncContextManager[Any]:
-        return self._bulk_slots if priority is Priority.BULK else contextlib.nullcontext()
 
     async def _decode_one(
         self, index: int, request: InferenceRequest, source: GcsUri | None, model: str,
@@ -313,7 +313,7 @@ class InferencePipeline:
                     return await self._record_failure(
                         p.request, model, None if unresolved else p.info.version, outcome.to_error(), p.source
                     )
-                return await self._store(_result(p, outcome), p.source)
+                return await self._store(_result(p, outcome), p.source, p.request.priority)
             except BaseException as err:  # noqa: BLE001 - kept per input
                 return err
 
@@ -325,16 +325,22 @@ class InferencePipeline:
         source: GcsUri | None,
     ) -> Processed:  # fmt: skip
         result = InferenceResult.failure(request, err.reason, err.message, model=model, version=version)
-        return await self._store(result, source)
+        return await self._store(result, source, request.priority)
 
-    async def _store(self, result: InferenceResult, source: GcsUri | None) -> Processed:
-        stored: StoredResult = await store_result(
-            self._gcs, self._settings.results_bucket, result, source, self._recent
-        )
+    async def _store(self, result: InferenceResult, source: GcsUri | None, priority: Priority) -> Processed:
+        async with _bulk_only(self._bulk_writes, priority):
+            stored: StoredResult = await store_result(
+                self._gcs, self._settings.results_bucket, result, source, self._recent
+            )
         return Processed(
             result.request_id, result, stored.uri, superseded=stored.superseded,
             error_record_uri=stored.error_record_uri,
         )  # fmt: skip
+
+
+def _bulk_only(slots: asyncio.Semaphore, priority: Priority) -> contextlib.AbstractAsyncContextManager[Any]:
+    """One of ``slots`` for bulk work; nothing to wait for on live work."""
+    return slots if priority is Priority.BULK else contextlib.nullcontext()
 
 
 def _result(p: _Prepared, outcome: ItemOutcome) -> InferenceResult:

@@ -758,31 +758,41 @@ def _no_decoding_here(*args: Any) -> Any:
     raise AssertionError("the ingress decoded an image for a model that decodes on its GPU")
 
 
-class GatedReads(InMemoryGcs):
-    """Reads wait at a gate; counts how many bulk reads are in flight at once."""
+class GatedStorage(InMemoryGcs):
+    """Bulk reads (or writes) wait at a gate; counts the bulk ones in flight at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, gated: str) -> None:
         super().__init__()
+        self.gated = gated  # "read" or "write"
         self.gate = asyncio.Event()
-        self.in_flight: dict[str, int] = {"bulk": 0, "live": 0}
-        self.most_bulk = 0
+        self.in_flight = 0
+        self.most = 0
+
+    async def _gated(self, bulk: bool, call: Any) -> Any:
+        if not bulk:
+            return await call
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.gate.wait()
+            return await call
+        finally:
+            self.in_flight -= 1
 
     async def read(self, uri: Any, generation: str | None, max_bytes: int) -> tuple[bytes, str]:
-        kind = "live" if uri.name.startswith("live") else "bulk"
-        self.in_flight[kind] += 1
-        self.most_bulk = max(self.most_bulk, self.in_flight["bulk"])
-        try:
-            if kind == "bulk":
-                await self.gate.wait()
-            return await super().read(uri, generation, max_bytes)
-        finally:
-            self.in_flight[kind] -= 1
+        bulk = self.gated == "read" and uri.name.startswith("bulk")
+        return await self._gated(bulk, super().read(uri, generation, max_bytes))
+
+    async def write(self, bucket: str, name: str, payload: bytes, **kwargs: Any) -> Any:
+        bulk = self.gated == "write" and "/bulk-" in name
+        return await self._gated(bulk, super().write(bucket, name, payload, **kwargs))
 
 
-def test_bulk_inputs_are_fetched_a_few_at_a_time_and_a_live_fetch_never_waits_for_them(
-    executor: ThreadPoolExecutor,
+@pytest.mark.parametrize("gated", ["read", "write"])
+def test_bulk_inputs_are_fetched_and_stored_a_few_at_a_time_and_live_work_never_waits_for_them(
+    executor: ThreadPoolExecutor, gated: str
 ) -> None:
-    gcs = GatedReads()
+    gcs = GatedStorage(gated)
     for i in range(20):
         gcs.put(IMAGES, f"bulk-{i:02d}.jpg", CAT_BYTES)
     gcs.put(IMAGES, "live.jpg", CAT_BYTES)
@@ -793,19 +803,19 @@ def test_bulk_inputs_are_fetched_a_few_at_a_time_and_a_live_fetch_never_waits_fo
 
     async def scenario() -> tuple[list[Processed | BaseException], list[Processed | BaseException]]:
         backfill = asyncio.ensure_future(pipeline.process_many(bulk))
-        while gcs.in_flight["bulk"] < 3:
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.05)  # room for a fourth bulk read, if anything let one start
-        # Three bulk reads hold every slot and are stuck: the live input is read and done anyway.
+        while gcs.in_flight < 3:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # room for a fourth, if anything let one start
+        # Three bulk reads (or writes) hold every slot and are stuck: the live input is done anyway.
         live = await asyncio.wait_for(pipeline.process_many([_request(f"gs://{IMAGES}/live.jpg")]), 10)
         gcs.gate.set()
         return live, await backfill
 
     live, done = asyncio.run(scenario())
 
-    assert gcs.most_bulk == 3
+    assert gcs.most == 3
     assert all(isinstance(a, Processed) and a.result and a.result.status is Status.OK for a in live + done)
-    assert len(done) == 20
+    assert len(done) == 20 and len(gcs.names(RESULTS)) == 21
 
 
 def test_bulk_preparation_slots_must_be_positive(gcs: InMemoryGcs, executor: ThreadPoolExecutor) -> None:
