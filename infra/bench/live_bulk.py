@@ -13,9 +13,10 @@ On one local stack started for the run, in one process, side by side:
    backfill sent as live work (``submit --priority live``), which is how every backfill
    ran before the classes existed.
 
-It reports live p50/p95 per phase, the backfill's rate per phase, the ratios the issue
-states (live p95 beside bulk / alone, backfill rate beside live / alone) and what Serve
-shed per class. Every phase meets emptied buckets.
+It reports live p50/p95 per phase, where the live p95 goes (before Serve, in Serve, the
+result's write), the backfill's rate per phase, the ratios the targets are stated in (live
+p95 beside bulk / alone, backfill rate beside live / alone) and what Serve shed per class.
+Every phase meets emptied buckets.
 
     python -m infra.bench.live_bulk --objects 3000 --out /tmp/live-bulk.json
 """
