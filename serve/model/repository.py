@@ -17,6 +17,7 @@ and a replica that loads a cached engine, or runs ONNX Runtime, never does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -206,11 +207,23 @@ class ModelRepository:
         parent = self._cache_dir / "models" / bucket / prefix / model
         target = parent / f"{version}@{fingerprint[:16]}"
         cached = (target / CONFIG_FILE).is_file() and (target / MODEL_FILE).is_file()
-        deferred = _data_folders(target / CONFIG_FILE if cached else next(
-            (blob for name, _, blob in files if name == CONFIG_FILE), None
-        ))  # fmt: skip
-        now = [(name, blob) for name, _, blob in files if name.split("/", 1)[0] not in deferred]
-        later = [(name, blob) for name, _, blob in files if name.split("/", 1)[0] in deferred]
+        with tempfile.TemporaryDirectory() as tmp:
+            config: Path | None = target / CONFIG_FILE
+            if not cached:
+                # Read once: for the folders it names, then copied in as it is.
+                config_blob = next((blob for name, _, blob in files if name == CONFIG_FILE), None)
+                config = Path(tmp) / CONFIG_FILE if config_blob is not None else None
+                if config_blob is not None:
+                    config_blob.download_to_filename(str(config))  # type: ignore[attr-defined]
+            deferred = _data_folders(config)
+            later = [(name, blob) for name, _, blob in files if name.split("/", 1)[0] in deferred]
+            if not cached:
+                now = [
+                    (name, config if name == CONFIG_FILE else blob)
+                    for name, _, blob in files
+                    if name.split("/", 1)[0] not in deferred
+                ]
+                _copy_into(target, now, f"{model}/{version}")
 
         def fetch_folder(folder: str) -> Path:
             dest = target / folder
@@ -226,8 +239,6 @@ class ModelRepository:
                     ) from err
             return dest
 
-        if not cached:
-            _copy_into(target, now, f"{model}/{version}")
         return target, fetch_folder
 
     def _load(self, model: str, version: str) -> ModelVersion:
@@ -244,20 +255,15 @@ class ModelRepository:
         return ModelVersion(model, version, config, directory, labels, fetch_folder)
 
 
-def _data_folders(config: Path | object | None) -> set[str]:
+def _data_folders(config: Path | None) -> set[str]:
     """The version's folders copied on first use: calibration, and validation as its
-    config (a local file, or its blob) names it."""
+    config names it."""
     folders = {CALIBRATION_DIR, AccuracyGuardSpec().validation_dir}
     if config is None:
         return folders
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = config if isinstance(config, Path) else Path(tmp) / CONFIG_FILE
-            if not isinstance(config, Path):
-                config.download_to_filename(str(path))  # type: ignore[attr-defined]
-            folders.add(load_model_config(path).accuracy_guard.validation_dir.strip("/").split("/", 1)[0])
-    except Exception:  # noqa: BLE001 - the load reads the config again and reports what is wrong with it
-        pass
+    # A config that does not load is reported by the load, which reads it again.
+    with contextlib.suppress(Exception):
+        folders.add(load_model_config(config).accuracy_guard.validation_dir.strip("/").split("/", 1)[0])
     return folders
 
 
@@ -273,7 +279,10 @@ def _copy_into(target: Path, files: list[tuple[str, object]], what: str) -> None
         for name, blob in files:
             dest = staging / name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(dest))  # type: ignore[attr-defined]
+            if isinstance(blob, Path):  # already read (the config)
+                shutil.copyfile(blob, dest)
+            else:
+                blob.download_to_filename(str(dest))  # type: ignore[attr-defined]
         logger.info("fetched %d files of %s", len(files), what)
         try:
             os.rename(staging, target)  # atomic; fails when the target exists

@@ -237,7 +237,7 @@ def test_a_failed_download_is_transient_and_leaves_nothing_behind(gcs: FakeStora
         repo.resolve("mobilenet_v2", "1")
 
     folder = tmp_path / "cache" / "models" / "models" / "repo" / "mobilenet_v2"
-    assert list(folder.iterdir()) == []
+    assert not folder.exists() or list(folder.iterdir()) == []
 
 
 def test_data_folders_are_copied_on_first_use_and_only_once(gcs: FakeStorage, tmp_path: Path) -> None:
@@ -290,3 +290,14 @@ def test_a_failed_folder_copy_is_transient_and_leaves_nothing_behind(gcs: FakeSt
 
     assert sorted(p.name for p in mv.directory.iterdir()) == ["config.yaml", "labels.txt", "model.onnx"]
     assert [p.name for p in mv.directory.parent.iterdir()] == [mv.directory.name]
+
+
+def test_a_new_version_reads_each_file_once_its_config_included(gcs: FakeStorage, tmp_path: Path) -> None:
+    gcs.put("repo/mobilenet_v2/1/validation/0.jpg", b"v0")
+
+    mv = ModelRepository("gs://models/repo", tmp_path / "cache").resolve("mobilenet_v2", "1")
+
+    assert sorted(gcs.downloads) == [
+        "repo/mobilenet_v2/1/config.yaml", "repo/mobilenet_v2/1/labels.txt", "repo/mobilenet_v2/1/model.onnx",
+    ]  # fmt: skip
+    assert (mv.directory / "config.yaml").read_bytes() == (SHIPPED / "config.yaml").read_bytes()
