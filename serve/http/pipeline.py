@@ -3,7 +3,8 @@
 Plain asyncio code over a :class:`ModelClient`, so it runs in tests without a
 Ray cluster; :mod:`serve.http.ingress` plugs in the Serve deployment handles.
 
-A call's inputs are fetched concurrently on the event loop (async Cloud Storage),
+A call's inputs are fetched concurrently on the event loop (async Cloud Storage; a bulk
+call's a few at a time, so that live inputs never queue behind a backfill's),
 decoded in a thread pool sized to the replica's CPUs, sent to each model
 deployment as *one* call carrying all of that model's items, and recorded with
 conditional writes (:mod:`shared.result_store`).
@@ -38,7 +39,8 @@ from shared.result_store import RecentWrites, StoredResult, store_result
 from shared.results import InferenceResult, ModelRef, SourceRef, Status, Timings
 from shared.uris import GcsUri, check_allowed, parse_gcs_uri
 
-#: Bulk inputs one ingress replica fetches and decodes at once, per decode thread.
+#: Per decode thread: bulk inputs one ingress replica fetches and decodes at once, and bulk
+#: results it writes at once.
 BULK_PREPARES_PER_THREAD = 8
 DEFAULT_BULK_PREPARES = BULK_PREPARES_PER_THREAD
 
