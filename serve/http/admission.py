@@ -1,20 +1,30 @@
-"""Admission of calls to an ingress replica, by inputs and by bytes, first come first served.
+"""Admission of calls to an ingress replica, by inputs and by bytes, in fair turns.
 
 A call states its cost (inputs, bytes) *before* its body is read, decompressed or
 parsed: a raw image or an Open Inference Protocol body by its declared
 ``Content-Length`` (the route's limit when it declares none), so no large body is
 held before it is admitted. A call that fits runs at once. One that does not fit
-waits in line, at most ``max_wait_s`` and within its deadline, and later calls queue
-behind it even when they would fit: a 100-input call is never starved by a stream of
-one-input calls that each slip in below the bound (the head of the line reserves the
-capacity that frees up). A call larger than the whole budget runs when nothing else
-does. More than ``max_waiting`` calls in line, or a wait that runs out, is shed
-(:class:`Shed`, HTTP 429 with ``Retry-After``).
+waits in line, at most ``max_wait_s`` and within its deadline.
+
+The line is served by fair share, not by arrival: every waiting call is owed an
+equal part of the capacity that frees up, and calls are admitted in the order in
+which what they are owed would cover their cost (the order of their *finish* in
+fair queueing's virtual time, a call's size being its larger share of the budget,
+inputs or bytes). So a one-image call that arrives behind hundreds of 16-image calls
+is admitted next, while a 100-input call is passed only until its turn comes due:
+from then on it heads the line and reserves the capacity that frees up, and no call
+slips in below the bound ahead of it. A call larger than the whole budget runs when
+nothing else does. More than ``max_waiting`` calls in line, or a wait that runs out,
+is shed (:class:`Shed`, HTTP 429 with ``Retry-After``).
+
+The ingress has an admitted live call give back its hold input by input
+(:meth:`Ticket.adjust`) as its answers are settled, so the line moves with every
+finished input, not with every finished call.
 
 Two traffic classes (:class:`~shared.messages.Priority`) share the budget. Bulk calls
 may hold the budget only up to ``live_headroom`` short of the limit, so live calls
 find room at once; a live call that waits goes ahead of every waiting bulk call, and
-when the line is full a live call pushes out the newest waiting bulk call (shed).
+when the line is full a live call pushes out the bulk call due last (shed).
 Bulk keeps a minimum share (``bulk_min_share`` of the budget): while bulk holds less,
 live calls leave that much free for it, so a flood of live work slows a backfill but
 never stops it.
@@ -23,10 +33,11 @@ never stops it.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from shared.messages import Priority
@@ -66,9 +77,48 @@ class Shed(Exception):
 class _Waiter:
     cost: Cost
     priority: Priority
+    # When the call's fair share covers its cost (virtual time), and the arrival order for ties.
+    finish: tuple[float, int] = (0.0, 0)
     admitted: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+class _Line:
+    """One class's waiting calls, in the order of their fair-share finish."""
+
+    def __init__(self) -> None:
+        self._waiters: list[_Waiter] = []
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def __iter__(self) -> Iterator[_Waiter]:
+        return iter(self._waiters)
+
+    def __contains__(self, waiter: object) -> bool:
+        return waiter in self._waiters
+
+    @property
+    def head(self) -> _Waiter:
+        return self._waiters[0]
+
+    def ahead_of(self, finish: tuple[float, int]) -> bool:
+        """Whether a call in line is due before ``finish``."""
+        return bool(self._waiters) and self._waiters[0].finish < finish
+
+    def add(self, waiter: _Waiter) -> None:
+        bisect.insort(self._waiters, waiter, key=lambda w: w.finish)
+
+    def pop_head(self) -> _Waiter:
+        return self._waiters.pop(0)
+
+    def pop_last(self) -> _Waiter:
+        """The call due last."""
+        return self._waiters.pop()
+
+    def remove(self, waiter: _Waiter) -> None:
+        self._waiters.remove(waiter)
 
 
 class Ticket:
@@ -136,7 +186,11 @@ class AdmissionGate:
         # The most inputs and the most bytes held at once since the replica started.
         self.peak = Cost(0, 0)
         self._running = 0
-        self._lines: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
+        self._lines: dict[Priority, _Line] = {p: _Line() for p in Priority}
+        # Fair queueing's virtual time per class: advanced, at every admission, by the
+        # admitted call's share divided among the calls that were waiting for it.
+        self._virtual: dict[Priority, float] = {p: 0.0 for p in Priority}
+        self._arrivals = itertools.count()
         # Per class since the replica started: inputs admitted, inputs shed.
         self.admitted: dict[Priority, int] = {p: 0 for p in Priority}
         self.shed: dict[Priority, int] = {p: 0 for p in Priority}
@@ -144,6 +198,16 @@ class AdmissionGate:
     @property
     def waiting(self) -> int:
         return sum(len(line) for line in self._lines.values())
+
+    def _anyone_ahead(self, finish: tuple[float, int], priority: Priority) -> bool:
+        """A call of this class due sooner is in line (for bulk: or any live call)."""
+        if priority is Priority.BULK and self._lines[Priority.LIVE]:
+            return True
+        return self._lines[priority].ahead_of(finish)
+
+    def _share(self, cost: Cost) -> float:
+        """A call's size: the larger of its shares of the input and the byte budget."""
+        return max(cost.inputs / self.limit.inputs, cost.bytes / self.limit.bytes)
 
     def _fits(self, cost: Cost, priority: Priority) -> bool:
         if self._running == 0:
@@ -185,9 +249,8 @@ class AdmissionGate:
         """
         if cost.inputs < 0 or cost.bytes < 0:
             raise ValueError(f"a call's cost cannot be negative, got {cost}")
-        # Nobody of this class (or, for bulk, of any class) is ahead in line.
-        ahead = self._lines[Priority.LIVE] if priority is Priority.LIVE else self.waiting
-        if not ahead and self._fits(cost, priority):
+        finish = (self._virtual[priority] + self._share(cost), next(self._arrivals))
+        if not self._anyone_ahead(finish, priority) and self._fits(cost, priority):
             return self._take(cost, priority)
         wait = self._max_wait_s if wait_s is None else max(0.0, min(wait_s, self._max_wait_s))
         if wait <= 0:
@@ -196,7 +259,7 @@ class AdmissionGate:
             bulk_line = self._lines[Priority.BULK]
             if priority is Priority.BULK or not bulk_line:
                 raise self._refuse(self._describe(), cost, priority)
-            pushed_out = bulk_line.pop()  # the newest bulk call makes room for live work
+            pushed_out = bulk_line.pop_last()  # the bulk call due last makes room for live work
             pushed_out.admitted.set_exception(
                 self._refuse(
                     f"pushed out of the line by live work; {self._describe()}",
@@ -204,8 +267,8 @@ class AdmissionGate:
                     Priority.BULK,
                 )
             )
-        waiter = _Waiter(cost, priority)
-        self._lines[priority].append(waiter)
+        waiter = _Waiter(cost, priority, finish)
+        self._lines[priority].add(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.admitted), wait)
         except TimeoutError:
@@ -234,12 +297,14 @@ class AdmissionGate:
         return Ticket(self, cost, priority)
 
     def _take(self, cost: Cost, priority: Priority) -> Ticket:
-        self._hold(cost, priority)
+        self._hold(cost, priority, sharing=len(self._lines[priority]) + 1)
         return Ticket(self, cost, priority)
 
-    def _hold(self, cost: Cost, priority: Priority) -> None:
-        """Count an admitted call of ``cost`` (adding never wakes anyone)."""
+    def _hold(self, cost: Cost, priority: Priority, sharing: int) -> None:
+        """Count an admitted call of ``cost``, which ``sharing`` waiting calls (itself included)
+        had a part in (adding never wakes anyone)."""
         self.admitted[priority] += cost.inputs
+        self._virtual[priority] += self._share(cost) / sharing
         self._change(cost, priority, running=1)
 
     def _change(self, delta: Cost, priority: Priority, running: int = 0) -> None:
@@ -251,18 +316,20 @@ class AdmissionGate:
             self._wake()
 
     def _wake(self) -> None:
-        """Admit waiting calls while they fit: the live line's head first, then the bulk line's."""
+        """Admit waiting calls while they fit: the live line's head first, then the bulk line's
+        (a head that does not fit holds what frees up: nobody behind it passes)."""
         for priority in (Priority.LIVE, Priority.BULK):
             line = self._lines[priority]
             while line and (priority is Priority.LIVE or not self._lines[Priority.LIVE]):
-                waiter = line[0]
+                waiter = line.head
                 if waiter.admitted.done():  # pushed out meanwhile
-                    line.popleft()
+                    line.pop_head()
                     continue
                 if not self._fits(waiter.cost, priority):
                     break
-                line.popleft()
-                self._hold(waiter.cost, priority)
+                sharing = len(line)
+                line.pop_head()
+                self._hold(waiter.cost, priority, sharing)
                 waiter.admitted.set_result(None)
 
     def _note_peak(self) -> None:

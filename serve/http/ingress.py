@@ -26,6 +26,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +38,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve import metrics
 from serve.cpus import lower_thread_priority, replica_cpus
-from serve.http.admission import AdmissionGate, Cost, Shed
+from serve.http.admission import AdmissionGate, Cost, Shed, Ticket
+from serve.http.call_pool import CallPool
 from serve.http.deadline import (
     HANDLE_GRACE_S,
     BadDeadline,
@@ -50,6 +52,7 @@ from serve.http.model_client import HandleModelClient, ModelStarting, waiting_fo
 from serve.http.oip_service import HandleOipClient, OipService
 from serve.http.pipeline import (
     BULK_PREPARES_PER_THREAD,
+    LIVE_STORAGE_PER_THREAD,
     InferencePipeline,
     Processed,
     ShedError,
@@ -87,6 +90,7 @@ MAX_JSON_BODY_BYTES = 1 << 20
 # are well below) and its model-size tensor. The JSON route is admitted by count and
 # by this per input.
 URI_INPUT_BYTES = 1 << 20
+URI_INPUT_COST = Cost(1, URI_INPUT_BYTES)
 # An HTTP caller may ask to wait for a model that is starting (scale to zero) until
 # its deadline, with this header or the query parameter ``wait`` (``1``/``true``);
 # otherwise it gets 503 with Retry-After after COLD_START_GRACE_S. The functions'
@@ -180,7 +184,9 @@ class Ingress:
         # Decoding releases the GIL inside libjpeg: one thread per CPU this replica has, per
         # traffic class; bulk threads run at a lower OS priority, so live decodes come first.
         threads = replica_cpus()
-        self._decode = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        # Concurrent live calls' decodes are taken in turn (a one-image call is not queued
+        # behind every image of a larger one); a backfill's go first come first served.
+        self._decode = CallPool(threads, thread_name_prefix="decode")
         self._bulk_decode = ThreadPoolExecutor(
             max_workers=threads,
             thread_name_prefix="decode-bulk",
@@ -194,6 +200,7 @@ class Ingress:
             self._decode,
             bulk_decode_executor=self._bulk_decode,
             bulk_prepares=BULK_PREPARES_PER_THREAD * threads,
+            live_storage=LIVE_STORAGE_PER_THREAD * threads,
         )
         self._pipeline = MeteredPipeline(pipeline, self._settings.default_model, models)
         s = self._settings
@@ -252,15 +259,28 @@ class Ingress:
             if refused is not None:
                 return refused
         # The JSON body (at most 1 MiB) is read before admission: only then is the count known.
-        cost = Cost(len(requests), len(raw) + len(requests) * URI_INPUT_BYTES)
+        cost = Cost(0, len(raw)) + Cost(len(requests), len(requests) * URI_INPUT_BYTES)
         # A call is bulk only when all of it is: live work never waits in the bulk line.
         bulk = all(r.priority is Priority.BULK for r in requests)
         priority = Priority.BULK if bulk else Priority.LIVE
         with waiting_for_model(self._model_wait(request, deadline, internal)):
-            return await self._admitted(cost, deadline, self._process(requests, deadline), priority)
+            return await self._admitted(
+                cost, deadline, lambda ticket: self._process(requests, deadline, ticket), priority
+            )
 
-    async def _process(self, requests: list[InferenceRequest], deadline: CallDeadline) -> JSONResponse:
-        outcomes = await self._pipeline.process_many(requests, deadline.work)
+    async def _process(self, requests: list[InferenceRequest], deadline: CallDeadline, ticket: Ticket) -> JSONResponse:
+        released: set[int] = set()
+
+        def settled(i: int) -> None:  # input i's answer is known: its hold goes back to the line
+            if i not in released:
+                released.add(i)
+                ticket.adjust(ticket.cost - URI_INPUT_COST)
+
+        # A live call gives its hold back input by input, so the line of live calls moves with
+        # every finished input. A bulk call keeps it to the end: a backfill's work in flight
+        # stays bounded by whole calls, which leaves the ingress to live work.
+        live = ticket.priority is Priority.LIVE
+        outcomes = await self._pipeline.process_many(requests, deadline.work, settled if live else None)
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, BaseException) and isinstance(unwrap(outcome), ShedError):
                 self._gate.shed[request.priority] += 1  # a model queue shed it: counted as admission's are
@@ -270,18 +290,17 @@ class Ingress:
         self,
         cost: Cost,
         deadline: CallDeadline,
-        work,
-        priority: Priority = Priority.LIVE,  # noqa: ANN001 - a coroutine
+        work: Callable[[Ticket], Coroutine[Any, Any, JSONResponse]],
+        priority: Priority = Priority.LIVE,
     ) -> JSONResponse:
-        """Run ``work`` once admitted (429 if shed), and answer by the work deadline (503 after)."""
+        """Run ``work(ticket)`` once admitted (429 if shed), and answer by the work deadline (503 after)."""
         try:
             ticket = await self._gate.admit(cost, deadline.remaining(), priority)
         except Shed as err:
-            work.close()
             metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs, priority)
             return _error("overloaded", err.message, 429, retry_after=err.retry_after_s)
         async with ticket:
-            return await self._bounded(work, deadline)
+            return await self._bounded(work(ticket), deadline)
 
     async def _bounded(self, work, deadline: CallDeadline) -> JSONResponse:  # noqa: ANN001 - a coroutine
         # The caller stops reading at its deadline: answer before, so it gets a retryable answer.
@@ -311,9 +330,11 @@ class Ingress:
             return _error("image_too_large", f"body is {declared} bytes, over the limit of {limit} bytes", 413)
         # Admitted by its real cost before it is read: its declared length (the limit when undeclared).
         cost = Cost(1, limit if declared is None else declared)
-        work = self._read_and_infer(request, model, version, deadline, limit, priority)
         with waiting_for_model(self._model_wait(request, deadline, internal=False)):
-            return await self._admitted(cost, deadline, work, priority)
+            return await self._admitted(
+                cost, deadline, lambda _: self._read_and_infer(request, model, version, deadline, limit, priority),
+                priority,
+            )  # fmt: skip
 
     async def _read_and_infer(
         self, request: Request, model: str | None, version: str | None, deadline: CallDeadline, limit: int,

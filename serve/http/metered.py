@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from serve import metrics
 from serve.http.pipeline import InferencePipeline, Processed, ShedError, unwrap
@@ -30,10 +30,13 @@ class MeteredPipeline:
         self._served = frozenset(served)
 
     async def process_many(
-        self, requests: Sequence[InferenceRequest], deadline: float | None = None
+        self,
+        requests: Sequence[InferenceRequest],
+        deadline: float | None = None,
+        settled: Callable[[int], None] | None = None,
     ) -> list[Processed | BaseException]:
         started = time.monotonic()
-        answers = await self._pipeline.process_many(requests, deadline)
+        answers = await self._pipeline.process_many(requests, deadline, settled)
         elapsed = time.monotonic() - started
         for request, answer in zip(requests, answers, strict=True):
             self._record(

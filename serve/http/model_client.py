@@ -52,6 +52,13 @@ MAX_CALLS_IN_FLIGHT = 2
 # gRPC's 256 MiB message limit between deployments (serve_host.GRPC_MAX_MESSAGE_BYTES)
 # whatever the model's input size; larger merged calls are split.
 MAX_CALL_BYTES = 64 * 1024 * 1024
+# ... and at most this many items. A live call carries at most one batch of the model's
+# (its default version's max_batch_size, once described): a call is answered when its
+# last item is, so a call of many batches would hold every answer merged into it (and
+# the next callers' items, waiting for a call slot) until the model had worked through
+# all of them, and its pickled tensors would sit in both processes meanwhile. Bulk calls
+# stay large: a backfill waits for nobody's answer in particular, and fewer calls leave
+# the ingress's event loop to live work.
 MAX_CALL_ITEMS = 256
 # Per item beyond its pixels: geometry, version, pickling.
 ITEM_OVERHEAD_BYTES = 512
@@ -138,6 +145,8 @@ class HandleModelClient:
         ] = {}
         self._lookups: SingleFlight[tuple[str, str, str | None], Any] = SingleFlight()
         self._clock = clock
+        # Items per merged live call, per model: one batch of its default version.
+        self._live_call_items: dict[str, int] = {}
 
     def models(self) -> list[str]:
         return list(self._handles)
@@ -166,6 +175,11 @@ class HandleModelClient:
         self._described[(model, answer.version)] = answer
         if version is None:
             self._defaults[model] = (self._clock(), answer)
+            if answer.max_batch_size:
+                self._live_call_items[model] = min(answer.max_batch_size, MAX_CALL_ITEMS)
+                live = self._coalescers.get((model, Priority.LIVE))
+                if live is not None:
+                    live.max_items = self._live_call_items[model]
         return answer
 
     async def infer_many(
@@ -199,11 +213,14 @@ class HandleModelClient:
             self._coalescers[key] = CallCoalescer(
                 lambda merged, latest, model=model: self._send(model, merged, latest),
                 MAX_CALLS_IN_FLIGHT,
-                max_items=MAX_CALL_ITEMS,
+                max_items=self._live_call_items.get(model, MAX_CALL_ITEMS) if priority is Priority.LIVE else MAX_CALL_ITEMS,
                 max_bytes=MAX_CALL_BYTES,
                 size_of=_item_bytes,
                 on_error=_retry_for,
                 stamp=_with_deadline,
+                # Live callers wait on their own answers: their items go in turn. A backfill's
+                # calls go whole, one after another, so each finishes (and frees its hold) sooner.
+                in_turn=priority is Priority.LIVE,
             )
         return self._coalescers[key]
 

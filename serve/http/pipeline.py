@@ -3,11 +3,18 @@
 Plain asyncio code over a :class:`ModelClient`, so it runs in tests without a
 Ray cluster; :mod:`serve.http.ingress` plugs in the Serve deployment handles.
 
-A call's inputs are fetched concurrently on the event loop (async Cloud Storage; a bulk
-call's a few at a time, so that live inputs never queue behind a backfill's),
-decoded in a thread pool sized to the replica's CPUs, sent to each model
-deployment as *one* call carrying all of that model's items, and recorded with
-conditional writes (:mod:`shared.result_store`).
+A call's inputs are fetched concurrently on the event loop (async Cloud Storage), decoded
+in a thread pool sized to the replica's CPUs, sent to each model deployment in calls that
+carry all of that model's items, and recorded with conditional writes
+(:mod:`shared.result_store`).
+
+Concurrent live calls share each stage in turn, one input per call at a time, so a
+one-image call is not queued behind every image of a larger call that came first: live
+reads and writes take a bounded number of slots (:class:`~serve.http.fair_slots.FairSlots`),
+decodes a :class:`~serve.http.call_pool.CallPool`, and the calls to a model carry their
+items in turn (:mod:`serve.model.coalescer`), one batch per call. A bulk call's inputs
+are fetched and written a few at a time, on slots of their own, so live inputs never
+queue behind a backfill's; within the bulk class calls go first come first served.
 
 A model version whose replicas decode on their GPU (``VersionInfo.decode`` is not
 ``cpu``) gets the fetched bytes instead (:class:`~serve.model.batch.EncodedItem`):
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -27,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serve.engines.errors import is_out_of_memory
+from serve.http.call_pool import CallPool
+from serve.http.fair_slots import FairSlots
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
 from serve.model.batch import AnyItem, BatchItem, EncodedItem, ItemOutcome
 from serve.model.model_server import Rejection, Retry, VersionInfo
@@ -43,6 +53,9 @@ from shared.uris import GcsUri, check_allowed, parse_gcs_uri
 #: results it writes at once.
 BULK_PREPARES_PER_THREAD = 8
 DEFAULT_BULK_PREPARES = BULK_PREPARES_PER_THREAD
+#: Per decode thread: live storage requests (reads and writes) one ingress replica has in flight.
+LIVE_STORAGE_PER_THREAD = 16
+DEFAULT_LIVE_STORAGE = LIVE_STORAGE_PER_THREAD
 
 
 class ModelClient(Protocol):
@@ -110,6 +123,7 @@ class _Prepared:
     fetch_ms: float
     decode_ms: float | None
     data: bytes | None = None
+    call: int | None = None  # the ingress call it came with: storage and decode take calls in turn
 
     def item(self) -> AnyItem:
         priority = self.request.priority
@@ -124,6 +138,11 @@ class _Prepared:
             self.image.pixels, self.image.geometry, self.info.version, priority=priority,
             default_prepared_as=prepared_as,
         )  # fmt: skip
+
+    def drop_image(self) -> None:
+        """Let go of the pixels and bytes once the input's answer is settled."""
+        self.image = None
+        self.data = None
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -143,6 +162,7 @@ class InferencePipeline:
         prepare: Callable[..., PreparedImage] | None = None,
         bulk_decode_executor: Executor | None = None,
         bulk_prepares: int = DEFAULT_BULK_PREPARES,
+        live_storage: int = DEFAULT_LIVE_STORAGE,
     ) -> None:
         if bulk_prepares < 1:
             raise ValueError(f"bulk_prepares must be >= 1, got {bulk_prepares}")
@@ -163,35 +183,50 @@ class InferencePipeline:
         # inputs never wait for a slot.
         self._bulk_slots = asyncio.Semaphore(bulk_prepares)
         self._bulk_writes = asyncio.Semaphore(bulk_prepares)
+        # Live reads and writes: at most ``live_storage`` at once, slots going to the
+        # waiting calls in turn, so a one-image call's read and write do not queue at the
+        # storage service behind every input of the calls admitted before it.
+        self._live_storage = FairSlots(live_storage)
         # prepare_image, or a stand-in with its contract (tests).
         self._prepare_image = prepare or prepare_image
         # Redeliveries and repeated images rewrite a result in one request.
         self._recent = RecentWrites()
 
     async def process_many(
-        self, requests: Sequence[InferenceRequest], deadline: float | None = None
+        self,
+        requests: Sequence[InferenceRequest],
+        deadline: float | None = None,
+        settled: Callable[[int], None] | None = None,
     ) -> list[Processed | BaseException]:
-        """Run every request; one answer per request, a transient failure as its exception."""
+        """Run every request; one answer per request, a transient failure as its exception.
+
+        ``settled(i)`` is called as soon as request ``i``'s answer is known (the ingress
+        gives back that input's admission hold then, not when the whole call ends).
+        """
         answers: list[Processed | BaseException | None] = [None] * len(requests)
         prepared: list[_Prepared] = []
+        call = random.getrandbits(62)
+        done = settled or (lambda _: None)
 
         async def prepare(i: int, request: InferenceRequest) -> None:
             try:
-                outcome = await self._prepare(i, request)
+                outcome = await self._prepare(i, request, call)
             except BaseException as err:  # noqa: BLE001 - kept per input, mapped by the caller
                 answers[i] = err
+                done(i)
                 return
             if isinstance(outcome, _Prepared):
                 prepared.append(outcome)
             else:
                 answers[i] = outcome
+                done(i)
 
         await asyncio.gather(*(prepare(i, r) for i, r in enumerate(requests)))
         by_model: dict[str, list[_Prepared]] = {}
         for p in sorted(prepared, key=lambda p: p.index):
             by_model.setdefault(p.model, []).append(p)
         stored = await asyncio.gather(
-            *(self._infer_and_store(model, group, deadline) for model, group in by_model.items())
+            *(self._infer_and_store(model, group, deadline, done) for model, group in by_model.items())
         )
         for group_answers in stored:
             for index, answer in group_answers:
@@ -216,22 +251,27 @@ class InferencePipeline:
         )  # fmt: skip
         source = GcsUri(self._settings.results_bucket, f"_http/{digest}")
         model = model or self._settings.default_model
+        call = random.getrandbits(62)
         try:
             if len(data) > self._settings.max_image_bytes:
                 raise PermanentError(
                     ErrorReason.IMAGE_TOO_LARGE, f"body is {len(data)} bytes, limit {self._settings.max_image_bytes}"
                 )
             info = await self._describe(model, version)
-            p = await self._decode_one(0, request, source, model, info, data, started, 0.0)
+            p = await self._decode_one(0, request, source, model, info, data, started, 0.0, call)
         except PermanentError as err:
-            return await self._record_failure(request, model, version, err, source)
+            return await self._record_failure(request, model, version, err, source, call)
         [(_, answer)] = await self._infer_and_store(model, [p], deadline)
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
+    def _live_turn(self, priority: Priority, call: int | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A live storage request's slot, in its call's turn (bulk has slots of its own)."""
+        return self._live_storage.turn(call) if priority is Priority.LIVE else contextlib.nullcontext()
+
     # -- steps -----------------------------------------------------------------------------
-    async def _prepare(self, index: int, request: InferenceRequest) -> _Prepared | Processed:
+    async def _prepare(self, index: int, request: InferenceRequest, call: int) -> _Prepared | Processed:
         started = time.monotonic()
         model = request.model or self._settings.default_model
         source: GcsUri | None = None
@@ -245,10 +285,13 @@ class InferencePipeline:
             version = info.version
             async with _bulk_only(self._bulk_slots, request.priority):
                 t_fetch = time.monotonic()
-                data, generation = await self._gcs.read(source, request.generation, self._settings.max_image_bytes)
+                async with self._live_turn(request.priority, call):
+                    data, generation = await self._gcs.read(
+                        source, request.generation, self._settings.max_image_bytes
+                    )
                 request = request.model_copy(update={"generation": generation or request.generation})
                 fetch_ms = (time.monotonic() - t_fetch) * 1000
-                return await self._decode_one(index, request, source, model, info, data, started, fetch_ms)
+                return await self._decode_one(index, request, source, model, info, data, started, fetch_ms, call)
         except SupersededError:
             return Processed(request.request_id, None, None, superseded=True)
         except PermanentError as err:
@@ -256,24 +299,20 @@ class InferencePipeline:
                 # A generation no read confirmed (a deleted one, or one that never
                 # existed) must not rank the error above later uploads' results.
                 request = request.model_copy(update={"generation": None})
-            return await self._record_failure(request, model, version, err, source)
+            return await self._record_failure(request, model, version, err, source, call)
 
     async def _decode_one(
         self, index: int, request: InferenceRequest, source: GcsUri | None, model: str,
-        info: VersionInfo, data: bytes, started: float, fetch_ms: float,
+        info: VersionInfo, data: bytes, started: float, fetch_ms: float, call: int,
     ) -> _Prepared:  # fmt: skip
         if info.decode != "cpu":  # the model's replicas decode whole batches on their GPU
-            return _Prepared(index, request, source, model, info, None, started, fetch_ms, None, data)
+            return _Prepared(index, request, source, model, info, None, started, fetch_ms, None, data, call)
         t_decode = time.monotonic()
         try:
-            image = await asyncio.get_running_loop().run_in_executor(
-                self._decoders[request.priority],
-                self._prepare_image,
-                data,
-                info.input,
-                info.preprocess,
-                self._settings.max_image_pixels,
-            )
+            image = await _in_turn(
+                self._decoders[request.priority], call, self._prepare_image,
+                data, info.input, info.preprocess, self._settings.max_image_pixels,
+            )  # fmt: skip
         except (PermanentError, TransientError):
             raise
         except Exception as err:  # noqa: BLE001 - pinned on this one input's bytes
@@ -283,7 +322,7 @@ class InferencePipeline:
             # chunks, struct errors in EXIF blocks): any of it condemns only this image.
             raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err!r}"[:500]) from err
         decode_ms = (time.monotonic() - t_decode) * 1000
-        return _Prepared(index, request, source, model, info, image, started, fetch_ms, decode_ms)
+        return _Prepared(index, request, source, model, info, image, started, fetch_ms, decode_ms, call=call)
 
     async def _describe(self, model: str, version: str | None) -> VersionInfo:
         if model not in self._models.models():
@@ -294,15 +333,26 @@ class InferencePipeline:
         return await self._models.describe(model, version)
 
     async def _infer_and_store(
-        self, model: str, group: list[_Prepared], deadline: float | None
-    ) -> list[tuple[int, Processed | BaseException]]:
+        self, model: str, group: list[_Prepared], deadline: float | None,
+        settled: Callable[[int], None] = lambda _: None,
+    ) -> list[tuple[int, Processed | BaseException]]:  # fmt: skip
         items = [p.item() for p in group]
         try:
             outcomes = await self._models.infer_many(model, items, deadline)
         except BaseException as err:  # noqa: BLE001 - the whole call failed: every item retries
+            for p in group:
+                settled(p.index)
             return [(p.index, err) for p in group]
+        del items
 
         async def finish(p: _Prepared, outcome: ItemOutcome | Rejection | Retry) -> Processed | BaseException:
+            try:
+                return await answer(p, outcome)
+            finally:
+                p.drop_image()
+                settled(p.index)
+
+        async def answer(p: _Prepared, outcome: ItemOutcome | Rejection | Retry) -> Processed | BaseException:
             try:
                 if isinstance(outcome, Retry):
                     if outcome.overloaded:
@@ -313,9 +363,10 @@ class InferencePipeline:
                     # about the input: recorded without a version, it never outranks a result.
                     unresolved = outcome.reason in (ErrorReason.UNKNOWN_VERSION, ErrorReason.UNKNOWN_MODEL)
                     return await self._record_failure(
-                        p.request, model, None if unresolved else p.info.version, outcome.to_error(), p.source
-                    )
-                return await self._store(_result(p, outcome), p.source, p.request.priority)
+                        p.request, model, None if unresolved else p.info.version, outcome.to_error(), p.source,
+                        p.call,
+                    )  # fmt: skip
+                return await self._store(_result(p, outcome), p.source, p.request.priority, p.call)
             except BaseException as err:  # noqa: BLE001 - kept per input
                 return err
 
@@ -324,13 +375,15 @@ class InferencePipeline:
 
     async def _record_failure(
         self, request: InferenceRequest, model: str, version: str | None, err: PermanentError,
-        source: GcsUri | None,
+        source: GcsUri | None, call: int | None,
     ) -> Processed:  # fmt: skip
         result = InferenceResult.failure(request, err.reason, err.message, model=model, version=version)
-        return await self._store(result, source, request.priority)
+        return await self._store(result, source, request.priority, call)
 
-    async def _store(self, result: InferenceResult, source: GcsUri | None, priority: Priority) -> Processed:
-        async with _bulk_only(self._bulk_writes, priority):
+    async def _store(
+        self, result: InferenceResult, source: GcsUri | None, priority: Priority, call: int | None
+    ) -> Processed:
+        async with _bulk_only(self._bulk_writes, priority), self._live_turn(priority, call):
             stored: StoredResult = await store_result(
                 self._gcs, self._settings.results_bucket, result, source, self._recent
             )
@@ -338,6 +391,13 @@ class InferencePipeline:
             result.request_id, result, stored.uri, superseded=stored.superseded,
             error_record_uri=stored.error_record_uri,
         )  # fmt: skip
+
+
+async def _in_turn(executor: Executor, call: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on ``executor``, in ``call``'s turn when it serves calls in turn."""
+    if isinstance(executor, CallPool):
+        return await asyncio.wrap_future(executor.submit_for(call, fn, *args))
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def _bulk_only(slots: asyncio.Semaphore, priority: Priority) -> contextlib.AbstractAsyncContextManager[Any]:

@@ -13,6 +13,10 @@ several calls (parts), so that one call never exceeds the transport's message li
 Items are answered one by one: a part that fails answers only its own items (with
 ``on_error``), never every caller merged with it.
 
+Waiting callers' items go into parts in turn, one item per caller at a time: a caller
+of one item is in the next part even behind callers of hundreds (``in_turn``; without
+it, a caller's items go together, callers in arrival order, so each finishes sooner).
+
 Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
 that were not sent yet are dropped; a part carries the latest deadline of the callers
 still in it, so one caller's short deadline never cuts the others' work short. With
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -71,7 +75,7 @@ class CallCoalescer(Generic[T, R]):
         send: One call with many items and the latest deadline among their callers;
             returns one answer per item, in order.
         max_in_flight: Calls allowed at once; more callers wait and are merged.
-        max_items: Most items in one call.
+        max_items: Most items in one call (``max_items`` may be changed later: the next part uses it).
         max_bytes: Most bytes (``size_of`` summed) in one call; one item alone may exceed it.
         size_of: An item's size in bytes (default: every item counts 1).
         on_error: The answer that stands for an item of a failed call; without it,
@@ -79,6 +83,8 @@ class CallCoalescer(Generic[T, R]):
         clock: Wall-clock seconds, the deadlines' clock.
         stamp: ``stamp(item, deadline)``: the item carrying its caller's deadline (for a
             caller that has one), applied as the call joins the queue.
+        in_turn: Whether waiting callers' items go into parts in turn (else each caller's
+            items in arrival order, one caller after another).
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class CallCoalescer(Generic[T, R]):
         on_error: Callable[[Exception], R] | None = None,
         clock: Callable[[], float] = time.time,
         stamp: Callable[[T, float], T] | None = None,
+        in_turn: bool = True,
     ) -> None:
         if max_in_flight < 1 or max_items < 1 or (max_bytes is not None and max_bytes < 1):
             raise ValueError(
@@ -98,13 +105,15 @@ class CallCoalescer(Generic[T, R]):
             )
         self._send = send
         self._max_in_flight = max_in_flight
-        self._max_items = max_items
+        self.max_items = max_items
         self._max_bytes = max_bytes
         self._size_of = size_of or (lambda _item: 1)
         self._on_error = on_error
         self._clock = clock
         self._stamp = stamp
-        self._queue: deque[tuple[_Waiting[T, R], int]] = deque()
+        self._in_turn = in_turn
+        # Waiting callers (by id) with the indices of their items not sent yet, in turn order.
+        self._queue: OrderedDict[int, tuple[_Waiting[T, R], deque[int]]] = OrderedDict()
         self._in_flight = 0
 
     async def call(self, items: list[T], deadline: float | None) -> list[R]:
@@ -120,7 +129,7 @@ class CallCoalescer(Generic[T, R]):
         if deadline is not None and self._stamp is not None:
             items = [self._stamp(item, deadline) for item in items]
         waiting: _Waiting[T, R] = _Waiting(list(items), deadline)
-        self._queue.extend((waiting, i) for i in range(len(items)))
+        self._queue[id(waiting)] = (waiting, deque(range(len(items))))
         self._pump()
         if deadline is None:
             return await waiting.future
@@ -134,20 +143,26 @@ class CallCoalescer(Generic[T, R]):
         part: list[tuple[_Waiting[T, R], int]] = []
         size, now = 0, self._clock()
         while self._queue:
-            waiting, index = self._queue[0]
+            key, (waiting, indices) = next(iter(self._queue.items()))
             if waiting.future.done() or (waiting.deadline is not None and waiting.deadline <= now):
-                self._queue.popleft()  # its caller has stopped waiting: drop the work
+                del self._queue[key]  # its caller has stopped waiting: drop the work
                 waiting.fail(CallerDeadlinePassed("deadline passed before the items were sent"))
                 continue
+            index = indices[0]
             item_size = self._size_of(waiting.items[index])
             if part and (
-                len(part) >= self._max_items
+                len(part) >= self.max_items
                 or (self._max_bytes is not None and size + item_size > self._max_bytes)
             ):
                 break
-            self._queue.popleft()
+            indices.popleft()
             part.append((waiting, index))
             size += item_size
+            if indices:
+                if self._in_turn:
+                    self._queue.move_to_end(key)  # the next caller's turn
+            else:
+                del self._queue[key]
         return part
 
     def _pump(self) -> None:

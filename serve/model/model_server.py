@@ -98,6 +98,8 @@ class VersionInfo:
 
     ``decode`` is not ``cpu`` (it is ``nvimgcodec:cuda:N``) when this version's replicas
     decode on their GPU: the ingress then sends the fetched bytes (:class:`EncodedItem`).
+    ``max_batch_size`` is the version's largest batch (0: not told); the ingress sends
+    merged calls of at most that many items.
     """
 
     model: str
@@ -105,6 +107,7 @@ class VersionInfo:
     input: InputSpec
     preprocess: PreprocessSpec
     decode: str = "cpu"
+    max_batch_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,7 +196,10 @@ def decode_on_cpu(item: EncodedItem, config: ModelConfig, max_pixels: int) -> Ba
         if is_out_of_memory(err):
             raise TransientError(f"out of memory decoding an image: {err!r}"[:500]) from err
         raise PermanentError(ErrorReason.NOT_AN_IMAGE, f"cannot decode image: {err!r}"[:500]) from err
-    return BatchItem(image.pixels, image.geometry, item.version, item.enqueued_at, deadline=item.deadline)
+    return BatchItem(
+        image.pixels, image.geometry, item.version, item.enqueued_at, deadline=item.deadline,
+        priority=item.priority,
+    )  # fmt: skip
 
 
 def _run_group(loaded: LoadedVersion, items: list[AnyItem]) -> list[ItemOutcome]:
@@ -571,7 +577,9 @@ class ModelServer:
         except TransientError as err:
             return Retry(str(err))
         cfg = loaded.config
-        return VersionInfo(self._model, loaded.version, cfg.input, cfg.preprocess, loaded.decode)
+        return VersionInfo(
+            self._model, loaded.version, cfg.input, cfg.preprocess, loaded.decode, cfg.batching.max_batch_size
+        )
 
     async def signature(self, version: str | None = None) -> ModelSignature | Rejection | Retry:
         """Tensors, labels and backend of ``version`` (default: the current default), for metadata."""

@@ -1,4 +1,4 @@
-"""Admission by inputs and bytes: first come first served, a bounded wait, no starvation."""
+"""Admission by inputs and bytes: fair turns, a bounded wait, no starvation."""
 
 from __future__ import annotations
 
@@ -51,28 +51,65 @@ def test_a_call_larger_than_the_whole_budget_runs_alone() -> None:
     asyncio.run(run())
 
 
-def test_the_head_of_the_line_is_not_overtaken_by_smaller_calls() -> None:
+def test_a_one_input_call_is_admitted_ahead_of_larger_calls_that_came_first() -> None:
     async def run() -> list[str]:
         gate = AdmissionGate(max_inputs=100, max_bytes=10**9, max_wait_s=10)
         order: list[str] = []
-        first = await gate.admit(Cost(1, 0))
+        full = await gate.admit(Cost(100, 0))
 
         async def call(name: str, inputs: int) -> None:
             ticket = await gate.admit(Cost(inputs, 0))
             order.append(name)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
             ticket.release()
 
-        big = asyncio.ensure_future(call("big", 100))
+        burst = [asyncio.ensure_future(call(f"burst{i}", 16)) for i in range(16)]
         await asyncio.sleep(0)
-        small = [asyncio.ensure_future(call(f"small{i}", 1)) for i in range(3)]
+        one = asyncio.ensure_future(call("one", 1))
         await asyncio.sleep(0.01)
-        assert order == []  # the small ones would fit, but wait behind the big one
-        first.release()
-        await asyncio.gather(big, *small)
+        assert order == []
+        full.adjust(Cost(99, 0))  # one input's worth frees up: it goes to the call due first
+        await asyncio.sleep(0.005)
+        assert order == ["one"]
+        full.release()
+        await asyncio.gather(one, *burst)
         return order
 
-    assert asyncio.run(run()) == ["big", "small0", "small1", "small2"]
+    order = asyncio.run(run())
+    assert sorted(order[1:]) == sorted(f"burst{i}" for i in range(16))
+
+
+def test_a_large_call_is_passed_only_until_its_turn_comes_due_and_then_holds_the_line() -> None:
+    async def run() -> tuple[int, list[str]]:
+        gate = AdmissionGate(max_inputs=100, max_bytes=10**9, max_wait_s=10)
+        held = await gate.admit(Cost(50, 0))
+        order: list[str] = []
+
+        async def call(name: str, inputs: int) -> None:
+            ticket = await gate.admit(Cost(inputs, 0))
+            order.append(name)
+            ticket.release()
+
+        big = asyncio.ensure_future(call("big", 60))
+        await asyncio.sleep(0)
+        passed = 0
+        while True:  # one-input calls, one after another, each fitting below the bound
+            small = asyncio.ensure_future(call("small", 1))
+            await asyncio.sleep(0)
+            if not small.done():
+                break
+            passed += 1
+            order.clear()
+            assert passed < 1000, "the large call's turn never came"
+        assert not big.done()
+        held.release()  # the head of the line is the large call: it gets in first
+        await asyncio.gather(big, small)
+        return passed, order
+
+    passed, order = asyncio.run(run())
+    # Its share is 0.6 of the budget, a small call's 0.01, and they split what frees up.
+    assert 50 <= passed <= 150
+    assert order == ["big", "small"]
 
 
 def test_a_wait_that_runs_out_is_shed_and_lets_the_line_move() -> None:

@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from serve.http.admission import AdmissionGate
+from serve.http.admission import AdmissionGate, Cost
 from serve.http.deadline import ANSWER_MARGIN_S
-from serve.http.ingress import MAX_REQUESTS_PER_CALL, Ingress, parse_infer_body
+from serve.http.ingress import MAX_REQUESTS_PER_CALL, URI_INPUT_BYTES, Ingress, parse_infer_body
 from serve.http.model_client import ModelStarting
 from serve.http.pipeline import Processed, ShedError
 from shared.auth import AuthError, AuthUnavailable
@@ -138,7 +138,7 @@ class _Pipeline:
         self.bytes: list[tuple] = []
 
     async def process_many(
-        self, requests: list[InferenceRequest], deadline: float | None
+        self, requests: list[InferenceRequest], deadline: float | None, settled: Any = None
     ) -> list[Any]:
         self.many.append((list(requests), deadline))
         return (
@@ -380,7 +380,7 @@ def test_inputs_in_flight_count_against_concurrent_calls_until_they_finish() -> 
 
     class Slow(_Pipeline):
         async def process_many(
-            self, requests: list[InferenceRequest], deadline: float | None
+            self, requests: list[InferenceRequest], deadline: float | None, settled: Any = None
         ) -> list[Any]:
             await gate.wait()
             return await super().process_many(requests, deadline)
@@ -401,19 +401,18 @@ def test_inputs_in_flight_count_against_concurrent_calls_until_they_finish() -> 
     assert (during, second, first, after) == (2, 429, 200, 0)
 
 
-def test_a_large_call_waits_in_line_and_later_small_calls_queue_behind_it() -> None:
+def test_a_large_call_is_passed_by_small_calls_only_until_its_turn_comes_due() -> None:
     """A 100-input call is not starved by one-input calls that would each fit."""
-    release = asyncio.Event()
+    hold = asyncio.Event()
     order: list[int] = []
 
     class Slow(_Pipeline):
         async def process_many(
-            self, requests: list[InferenceRequest], deadline: float | None
+            self, requests: list[InferenceRequest], deadline: float | None, settled: Any = None
         ) -> list[Any]:
             order.append(len(requests))
-            if len(requests) == 100:
-                release.set()
-            await release.wait()
+            if len(order) == 1:
+                await hold.wait()  # the first call holds 1 of 100 inputs
             return await super().process_many(requests, deadline)
 
     ingress = _ingress(Slow(), max_inflight=100, wait_s=30)
@@ -421,27 +420,33 @@ def test_a_large_call_waits_in_line_and_later_small_calls_queue_behind_it() -> N
     def call(n: int) -> Any:
         return type(ingress).infer(ingress, _http_request(json.dumps({"uris": [CAT] * n}).encode(), {}))
 
-    async def run() -> list[int]:
-        first = asyncio.ensure_future(call(1))  # holds 1 of 100
+    async def run() -> tuple[int, list[int]]:
+        first = asyncio.ensure_future(call(1))
         await asyncio.sleep(0.01)
-        big = asyncio.ensure_future(call(100))  # does not fit: waits at the head of the line
+        big = asyncio.ensure_future(call(100))  # does not fit while the first runs: waits
         await asyncio.sleep(0.01)
-        small = [asyncio.ensure_future(call(1)) for _ in range(5)]  # would fit, but queue behind
-        await asyncio.sleep(0.01)
-        assert order == [1]
-        release.set()
-        return [(await t).status_code for t in [first, big, *small]]
+        passed = 0
+        while True:  # one-input calls, one after another, each fitting below the bound
+            small = asyncio.ensure_future(call(1))
+            await asyncio.sleep(0.005)
+            if not small.done():
+                break  # queued behind the large call
+            passed += 1
+            assert passed < 1000, "the large call's turn never came"
+        hold.set()
+        statuses = [(await t).status_code for t in [first, big, small]]
+        assert statuses == [200] * 3
+        return passed, order
 
-    statuses = asyncio.run(run())
-
-    assert statuses == [200] * 7
-    assert order[:2] == [1, 100]  # the large call ran before the small ones that came after it
+    passed, order = asyncio.run(run())
+    assert passed > 0  # small calls went ahead while the large one was not due ...
+    assert order[-2:] == [100, 1]  # ... and the one that came once it was due ran after it
 
 
 def test_a_failing_call_releases_its_in_flight_inputs() -> None:
     class Broken(_Pipeline):
         async def process_many(
-            self, requests: list[InferenceRequest], deadline: float | None
+            self, requests: list[InferenceRequest], deadline: float | None, settled: Any = None
         ) -> list[Any]:
             raise RuntimeError("bug")
 
@@ -503,7 +508,9 @@ def test_a_deadline_far_ahead_is_refused_and_one_in_the_past_is_a_retryable_503(
 
 def test_a_call_that_outlives_its_deadline_is_answered_503_before_the_caller_gives_up() -> None:
     class Stuck(_Pipeline):
-        async def process_many(self, requests: list[InferenceRequest], deadline: float | None) -> list[Any]:
+        async def process_many(
+            self, requests: list[InferenceRequest], deadline: float | None, settled: Any = None
+        ) -> list[Any]:
             await asyncio.sleep(60)
             return []
 
@@ -633,3 +640,39 @@ def test_an_ingress_that_requires_auth_without_an_audience_refuses_to_start(monk
     monkeypatch.setenv("TRIGGERFISH_AUTH", "sometimes")
     with pytest.raises(ConfigError, match="TRIGGERFISH_AUTH must be 'required' or 'off', got 'sometimes'"):
         cls.__init__(object.__new__(cls), {})
+
+
+@pytest.mark.parametrize(("priority", "held_after"), [("live", 2), ("bulk", 3)])
+def test_a_live_call_gives_its_hold_back_input_by_input_and_a_bulk_call_at_its_end(
+    priority: str, held_after: int
+) -> None:
+    proceed = asyncio.Event()
+    held: list[tuple[int, int]] = []
+
+    class Settling(_Pipeline):
+        async def process_many(
+            self, requests: list[InferenceRequest], deadline: float | None, settled: Any = None
+        ) -> list[Any]:
+            held.append((ingress._gate.held.inputs, ingress._gate.held.bytes))
+            if settled is not None:
+                settled(0)
+                settled(0)  # twice for one input gives back one input's hold
+            held.append((ingress._gate.held.inputs, ingress._gate.held.bytes))
+            await proceed.wait()
+            return await super().process_many(requests, deadline)
+
+    ingress = _ingress(Settling())
+
+    async def run() -> int:
+        body = json.dumps({"uris": [CAT] * 3, "priority": priority}).encode()
+        call = asyncio.ensure_future(type(ingress).infer(ingress, _http_request(body, {})))
+        while len(held) < 2:
+            await asyncio.sleep(0.001)
+        proceed.set()
+        return (await call).status_code
+
+    assert asyncio.run(run()) == 200
+    (inputs, bytes_), (inputs_after, bytes_after) = held
+    assert (inputs, inputs_after) == (3, held_after)
+    assert bytes_ - bytes_after == (3 - held_after) * URI_INPUT_BYTES
+    assert ingress._gate.held == Cost(0, 0)

@@ -20,7 +20,7 @@ class _Pipeline:
     def __init__(self, answers: list[Any]) -> None:
         self.answers = answers
 
-    async def process_many(self, requests: Any, deadline: Any = None) -> list[Any]:
+    async def process_many(self, requests: Any, deadline: Any = None, settled: Any = None) -> list[Any]:
         return self.answers
 
     async def process_bytes(self, *args: Any) -> Any:

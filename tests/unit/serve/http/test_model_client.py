@@ -219,3 +219,23 @@ def test_a_live_call_does_not_wait_for_bulk_calls_holding_every_slot() -> None:
         return live
 
     assert asyncio.run(run()) == ["done"]
+
+
+@pytest.mark.parametrize(("priority", "most"), [(LIVE, 4), (BULK, 9)], ids=["live", "bulk"])
+def test_merged_live_calls_carry_at_most_one_batch_of_the_default_version(priority: Priority, most: int) -> None:
+    """A merged call is answered when its last item is: one batch keeps live answers prompt;
+    bulk calls stay large (fewer calls)."""
+    handle = _Handle(describe=VersionInfo("mobilenet_v2", "3", InputSpec(height=32, width=32), PreprocessSpec(),
+                                          max_batch_size=4), delay_s=0.01)  # fmt: skip
+    client = HandleModelClient({"mobilenet_v2": handle})  # type: ignore[dict-item]
+
+    async def run() -> list[int]:
+        await client.describe("mobilenet_v2", None)
+        calls = (client.infer_many("mobilenet_v2", _items(3, 8, priority), None) for _ in range(5))
+        answers = await asyncio.gather(*calls)
+        assert all(a == ["done"] * 3 for a in answers)
+        return [len(items) for items, _ in handle.infer_many.calls]
+
+    # Two callers go out alone at once; the other three wait for a call slot and are merged.
+    sizes = asyncio.run(run())
+    assert sum(sizes) == 15 and max(sizes) == most, sizes

@@ -821,3 +821,55 @@ def test_bulk_inputs_are_fetched_and_stored_a_few_at_a_time_and_live_work_never_
 def test_bulk_preparation_slots_must_be_positive(gcs: InMemoryGcs, executor: ThreadPoolExecutor) -> None:
     with pytest.raises(ValueError, match="bulk_prepares must be >= 1, got 0"):
         InferencePipeline(SETTINGS, FakeModels(), gcs, executor, bulk_prepares=0)  # type: ignore[arg-type]
+
+
+def test_each_inputs_answer_is_reported_settled_once_as_soon_as_it_is_known(
+    gcs: InMemoryGcs, executor: ThreadPoolExecutor
+) -> None:
+    settled: list[int] = []
+    requests = [_request(CAT, request_id="a"), _request("gs://elsewhere/x.jpg", request_id="b"), _request(CAT, request_id="c")]
+
+    async def run() -> list[Processed | BaseException]:
+        return await _pipeline(executor, gcs).process_many(requests, None, settled.append)
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, Processed) for a in answers)
+    assert settled[0] == 1  # the refused bucket is recorded before the others reach the model
+    assert sorted(settled) == [0, 1, 2]
+
+
+class StartOrder(InMemoryGcs):
+    """Records the order in which reads start; they finish when the gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.started: list[str] = []
+
+    async def read(self, uri: Any, generation: str | None, max_bytes: int) -> tuple[bytes, str]:
+        self.started.append(uri.name)
+        await self.gate.wait()
+        return await super().read(uri, generation, max_bytes)
+
+
+def test_live_reads_are_bounded_and_the_free_slots_go_to_the_calls_in_turn(executor: ThreadPoolExecutor) -> None:
+    gcs = StartOrder()
+    for name in [*(f"many-{i}.jpg" for i in range(6)), "one.jpg"]:
+        gcs.put(IMAGES, name, CAT_BYTES)
+    pipeline = InferencePipeline(SETTINGS, FakeModels(), gcs, executor, live_storage=2)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        many = asyncio.ensure_future(
+            pipeline.process_many([_request(f"gs://{IMAGES}/many-{i}.jpg", request_id=f"m{i}") for i in range(6)])
+        )
+        while len(gcs.started) < 2:
+            await asyncio.sleep(0.001)
+        one = asyncio.ensure_future(pipeline.process_many([_request(f"gs://{IMAGES}/one.jpg", request_id="one")]))
+        await asyncio.sleep(0.01)
+        assert gcs.started == ["many-0.jpg", "many-1.jpg"]  # two at a time
+        gcs.gate.set()
+        await asyncio.gather(many, one)
+
+    asyncio.run(run())
+    # The one-image call's read starts after one more of the call that came first, not after all of them.
+    assert gcs.started.index("one.jpg") == 3, gcs.started

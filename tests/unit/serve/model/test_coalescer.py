@@ -56,9 +56,10 @@ def test_callers_beyond_the_in_flight_limit_are_merged_and_answered_in_order() -
         rec.release.set()
         assert await first == [10]
         assert [await r for r in rest] == [[20, 30], [40, 50], [60, 70]]
-        # One call for the first caller, one merged call for the three that waited,
-        # carrying the latest of their deadlines: no caller's deadline cuts the others short.
-        assert rec.calls == [([1], 1.0), ([2, 3, 4, 5, 6, 7], 6.0)]
+        # One call for the first caller, one merged call for the three that waited (their
+        # items in turn), carrying the latest of their deadlines: no caller's deadline cuts
+        # the others short.
+        assert rec.calls == [([1], 1.0), ([2, 4, 6, 3, 5, 7], 6.0)]
 
     asyncio.run(run())
 
@@ -71,8 +72,43 @@ def test_a_merged_call_respects_max_items_splitting_a_caller_if_needed() -> None
         await asyncio.sleep(0)
         rec.release.set()
         assert [await c for c in calls] == [[n * 10, n * 10] for n in range(4)]
-        # The first caller goes out alone at once; the others follow in parts of at most three.
-        assert [items for items, _ in rec.calls] == [[0, 0], [1, 1, 2], [2, 3, 3]]
+        # The first caller goes out alone at once; the others follow in parts of at most
+        # three, one item of each caller in turn.
+        assert [items for items, _ in rec.calls] == [[0, 0], [1, 2, 3], [1, 2, 3]]
+
+    asyncio.run(run())
+
+
+def test_a_caller_of_one_item_is_in_the_next_part_behind_a_caller_of_many() -> None:
+    async def run() -> None:
+        rec = Recorder()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=4, clock=Clock())
+        blocker = asyncio.ensure_future(coalescer.call([0], None))
+        await asyncio.sleep(0)
+        many = asyncio.ensure_future(coalescer.call(list(range(100, 120)), None))
+        one = asyncio.ensure_future(coalescer.call([7], None))
+        await asyncio.sleep(0)
+        rec.release.set()
+        assert await one == [70]
+        assert len(await many) == 20
+        await blocker
+        assert rec.calls[1][0] == [100, 7, 101, 102]
+
+    asyncio.run(run())
+
+
+def test_without_turns_a_callers_items_go_together_in_arrival_order() -> None:
+    async def run() -> None:
+        rec = Recorder()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=4, clock=Clock(), in_turn=False)
+        blocker = asyncio.ensure_future(coalescer.call([0], None))
+        await asyncio.sleep(0)
+        many = asyncio.ensure_future(coalescer.call(list(range(100, 106)), None))
+        one = asyncio.ensure_future(coalescer.call([7], None))
+        await asyncio.sleep(0)
+        rec.release.set()
+        await asyncio.gather(blocker, many, one)
+        assert [items for items, _ in rec.calls[1:]] == [[100, 101, 102, 103], [104, 105, 7]]
 
     asyncio.run(run())
 
@@ -141,13 +177,14 @@ def test_a_failed_part_answers_only_its_own_items() -> None:
         )
         first = asyncio.ensure_future(coalescer.call([0], None))
         await asyncio.sleep(0)
-        # Merged behind the first call, in parts of two: [1, 2], [3, 4], [5].
+        # Merged behind the first call, in parts of two, in turn: [1, 3], [2, 4], [5].
         a = asyncio.ensure_future(coalescer.call([1, 2], None))
         b = asyncio.ensure_future(coalescer.call([3, 4, 5], None))
         assert await first == [0]
-        assert await a == [10, 20]  # in a part that did not fail
-        assert await b == [-1, -1, 50]  # only the failed part's items get the error's answer
-        assert sent == [[0], [1, 2], [3, 4], [5]]
+        # Only the failed part's items get the error's answer.
+        assert await a == [10, -1]
+        assert await b == [30, -1, 50]
+        assert sent == [[0], [1, 3], [2, 4], [5]]
 
     asyncio.run(run())
 

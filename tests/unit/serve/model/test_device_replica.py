@@ -20,10 +20,11 @@ from PIL import Image
 from serve.http.pipeline import InferencePipeline, Processed
 from serve.model import device_decode
 from serve.model.batch import AnyItem, EncodedItem, ItemOutcome
-from serve.model.model_server import ModelServer, Rejection, Retry, VersionInfo
+from serve.model.model_server import ModelServer, Rejection, Retry, VersionInfo, decode_on_cpu
+from serve.model_config import load_model_config
 from shared.config import Settings
 from shared.errors import ErrorReason
-from shared.messages import EntryPath, InferenceRequest
+from shared.messages import EntryPath, InferenceRequest, Priority
 from shared.results import Status
 from tests.fakes import fake_cupy
 from tests.fakes.device_imaging import install_fake_device_imaging
@@ -190,3 +191,10 @@ def test_device_out_of_memory_is_transient_and_records_nothing(replica_env: pyte
 
     assert answers and all(isinstance(a, Retry) and "out of memory" in a.message for a in answers)
 
+
+
+def test_bytes_decoded_on_a_cpu_replica_keep_their_class() -> None:
+    config = load_model_config(ROOT / "build" / "model-repository" / "mobilenet_v2" / "1" / "config.yaml")
+    item = EncodedItem(SAMPLES[0].read_bytes(), "1", priority=Priority.BULK)
+    decoded = decode_on_cpu(item, config, 60_000_000)
+    assert (decoded.priority, decoded.version) == (Priority.BULK, "1")
