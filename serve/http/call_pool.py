@@ -9,6 +9,7 @@ task of every other call. Tasks of one call keep their order.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
@@ -118,4 +119,11 @@ class CallPool(Executor):
                 thread.join()
 
 
-__all__ = ["CallPool"]
+async def run_in_turn(executor: Executor, call: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on ``executor``, in ``call``'s turn when it is a :class:`CallPool`."""
+    if isinstance(executor, CallPool):
+        return await asyncio.wrap_future(executor.submit_for(call, fn, *args))
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+__all__ = ["CallPool", "run_in_turn"]

@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from serve import metrics
 from serve.cpus import lower_thread_priority, replica_cpus
 from serve.http.admission import AdmissionGate, Cost, Shed, Ticket
+from serve.http.body_window import bound_body_buffering
 from serve.http.call_pool import CallPool
 from serve.http.deadline import (
     HANDLE_GRACE_S,
@@ -167,6 +168,8 @@ class Ingress:
 
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
         configure_json_logging()
+        # A body is read as the call reads it, after admission, not queued whole on arrival.
+        bound_body_buffering()
         self._settings = load_settings()
         try:
             self._auth = AuthConfig.from_env(os.environ)

@@ -94,12 +94,22 @@ class _RequestJson(_Strict):
 
 @dataclass(frozen=True, slots=True)
 class InputTensor:
-    """One request input; ``value`` has ``shape``, an object array of ``bytes`` for ``BYTES``."""
+    """One request input; ``value`` has ``shape``, an object array of ``bytes`` for ``BYTES``.
+
+    From :func:`parse_infer_header`, an input whose data is binary has no ``value`` yet:
+    its ``binary_size`` bytes follow the header, in input order.
+    """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
-    value: np.ndarray
+    value: np.ndarray | None
+    binary_size: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Its number of elements."""
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,34 +209,57 @@ def parse_infer_request(body: bytes | bytearray, header_length: str | None) -> I
     """
     binary: bytes | memoryview = b""
     if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            length = -1
-        if not 0 < length <= len(body):
-            raise ProtocolError(
-                f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes"
-            )
+        length = header_length_of(header_length, len(body))
         # The tensor data stays where it was read: a view, not a copy of up to 128 MiB.
         view = memoryview(body)
         body, binary = bytes(view[:length]), view[length:]
-    try:
-        raw = parse_json_bounded(body)
-        request = _RequestJson.model_validate(raw)
-    except ValueError as err:  # pydantic's ValidationError is one
-        raise ProtocolError(f"not an inference request: {_first_line(err)}") from err
+    request = parse_infer_header(body)
     offset = 0
     inputs = []
     for tensor in request.inputs:
-        value, offset = _input_value(tensor, binary, offset)
-        inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), value))
+        if tensor.binary_size is not None:
+            if offset + tensor.binary_size > len(binary):
+                raise ProtocolError(
+                    f"input {tensor.name!r}: binary_data_size {tensor.binary_size} does not fit the binary data"
+                )
+            chunk = binary[offset : offset + tensor.binary_size]
+            tensor = InputTensor(tensor.name, tensor.datatype, tensor.shape, _from_binary(tensor, chunk))
+            offset += len(chunk)
+        inputs.append(tensor)
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return InferRequest(request.id, tuple(inputs), request.outputs, request.binary_output)
+
+
+def header_length_of(header_length: str, body_length: int | None) -> int:
+    """``Inference-Header-Content-Length`` as a number that fits the body (of unknown length: any > 0)."""
+    try:
+        length = int(header_length)
+    except ValueError:
+        length = -1
+    if length <= 0 or (body_length is not None and length > body_length):
+        fits = "any body" if body_length is None else f"a body of {body_length} bytes"
+        raise ProtocolError(f"{HEADER_LENGTH} {header_length!r} does not fit {fits}")
+    return length
+
+
+def parse_infer_header(header: bytes | bytearray) -> InferRequest:
+    """The request that a JSON header describes; inputs with binary data get no value yet.
+
+    Raises:
+        ProtocolError: 400 naming what is wrong.
+    """
+    try:
+        raw = parse_json_bounded(header)
+        request = _RequestJson.model_validate(raw)
+    except ValueError as err:  # pydantic's ValidationError is one
+        raise ProtocolError(f"not an inference request: {_first_line(err)}") from err
+    inputs = tuple(_input(tensor) for tensor in request.inputs)
     binary_output = bool((request.parameters or {}).get("binary_data_output", False))
     outputs = None
     if request.outputs is not None:
         outputs = tuple(_requested(o, binary_output) for o in request.outputs)
-    return InferRequest(request.id, tuple(inputs), outputs, binary_output)
+    return InferRequest(request.id, inputs, outputs, binary_output)
 
 
 def _first_line(err: Exception) -> str:
@@ -250,42 +283,42 @@ def _requested(output: _OutputJson, binary_default: bool) -> RequestedOutput:
     return RequestedOutput(output.name, binary, k)
 
 
-def _input_value(tensor: _TensorJson, binary: bytes | memoryview, offset: int) -> tuple[np.ndarray, int]:
+def _input(tensor: _TensorJson) -> InputTensor:
     name, shape = tensor.name, tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise ProtocolError(f"input {name!r}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
-        if (
-            isinstance(size, bool)
-            or not isinstance(size, int)
-            or size < 0
-            or offset + size > len(binary)
-        ):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ProtocolError(
                 f"input {name!r}: binary_data_size {size!r} does not fit the binary data"
             )
         if tensor.data is not None:
             raise ProtocolError(f"input {name!r}: give either data or binary_data_size, not both")
-        chunk = binary[offset : offset + size]
-        return _from_binary(tensor, chunk, count), offset + size
+        needed = None if tensor.datatype == BYTES else count * _dtype(name, tensor.datatype).itemsize
+        if needed is not None and size != needed:
+            raise ProtocolError(
+                f"input {name!r}: {tensor.datatype}{list(shape)} needs {needed} bytes, binary data has {size}"
+            )
+        return InputTensor(name, tensor.datatype, shape, None, size)
     if tensor.data is None:
         raise ProtocolError(f"input {name!r} has no data")
-    return _from_json(tensor, count), offset
+    return InputTensor(name, tensor.datatype, shape, _from_json(tensor, count))
 
 
-def _from_binary(tensor: _TensorJson, chunk: bytes | memoryview, count: int) -> np.ndarray:
-    shape = tuple(tensor.shape)
+def _from_binary(tensor: InputTensor, chunk: bytes | memoryview) -> np.ndarray:
     if tensor.datatype == BYTES:
-        values = deserialize_bytes(chunk, count, tensor.name)
-        return _object_array(values, shape)
-    dtype = _dtype(tensor)
-    if len(chunk) != count * dtype.itemsize:
-        raise ProtocolError(
-            f"input {tensor.name!r}: {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} bytes, "
-            f"binary data has {len(chunk)}"
-        )
+        values = deserialize_bytes(chunk, tensor.count, tensor.name)
+        return _object_array(values, tensor.shape)
+    return from_little_endian(chunk, tensor.name, tensor.datatype, tensor.shape)
+
+
+def from_little_endian(
+    chunk: bytes | memoryview, name: str, datatype: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """A numeric tensor from its binary data (sizes checked by the caller)."""
+    dtype = _dtype(name, datatype)
     # No copy on a little-endian host: the array views the body's buffer.
     return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
@@ -309,7 +342,7 @@ def _from_json(tensor: _TensorJson, count: int) -> np.ndarray:
                     f"input {tensor.name!r}: BYTES element {i} is not base64: {err}"
                 ) from err
         return _object_array(values, shape)
-    dtype = _dtype(tensor)
+    dtype = _dtype(tensor.name, tensor.datatype)
     if any(isinstance(v, (str, list, dict)) or v is None for v in flat):
         raise ProtocolError(f"input {tensor.name!r}: {tensor.datatype} data must be numbers")
     try:
@@ -335,14 +368,12 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _dtype(tensor: _TensorJson) -> np.dtype:
+def _dtype(name: str, datatype: str) -> np.dtype:
     try:
-        return DATATYPES[tensor.datatype]
+        return DATATYPES[datatype]
     except KeyError as err:
         known = ", ".join([*DATATYPES, BYTES])
-        raise ProtocolError(
-            f"input {tensor.name!r}: unknown datatype {tensor.datatype!r} ({known})"
-        ) from err
+        raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r} ({known})") from err
 
 
 def _object_array(values: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
@@ -435,6 +466,9 @@ __all__ = [
     "decompress",
     "deserialize_bytes",
     "encode_infer_response",
+    "from_little_endian",
+    "header_length_of",
+    "parse_infer_header",
     "parse_infer_request",
     "serialize_bytes",
     "tensor_metadata",

@@ -88,7 +88,7 @@ def check_outputs(sig: ModelSignature, request: oip.InferRequest) -> None:
 def outputs(
     sig: ModelSignature, request: oip.InferRequest, outcomes: list[ItemOutcome | Rejection | Retry]
 ) -> list[oip.OutputTensor]:
-    done = _checked(outcomes)
+    done = check_outcomes(outcomes)
     wanted = request.outputs or tuple(oip.RequestedOutput(t.name, False) for t in outputs_of(sig))
     if sig.task is Task.DETECTION:
         tensors = _detection_tensors(done)
@@ -114,9 +114,9 @@ def outputs(
     return out
 
 
-def _checked(outcomes: list[ItemOutcome | Rejection | Retry]) -> list[ItemOutcome]:
-    """Every item's outcome, or the error that answers the whole call."""
-    for i, outcome in enumerate(outcomes):
+def check_outcomes(outcomes: list[ItemOutcome | Rejection | Retry], first: int = 0) -> list[ItemOutcome]:
+    """Every item's outcome, or the error that answers the whole call (elements numbered from ``first``)."""
+    for i, outcome in enumerate(outcomes, first):
         if isinstance(outcome, Retry):
             status = 429 if outcome.overloaded else 503
             raise Unavailable(outcome.message, str(max(1, round(outcome.retry_after_s))), status)
@@ -151,9 +151,7 @@ def _detection_tensors(done: list[ItemOutcome]) -> dict[str, np.ndarray]:
     }
 
 
-
-
 __all__ = [
     "DETECTION_OUTPUTS", "IMAGE_INPUT", "MAX_IMAGES_PER_CALL", "Unavailable",
-    "check_inputs", "check_outputs", "outputs", "outputs_of",
+    "check_inputs", "check_outcomes", "check_outputs", "outputs", "outputs_of",
 ]  # fmt: skip

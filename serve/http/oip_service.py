@@ -20,6 +20,7 @@ the results bucket: the caller gets the answer and keeps it.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -30,10 +31,13 @@ from typing import Any, Protocol
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from serve import metrics
 from serve.http import oip
 from serve.http.admission import AdmissionGate, Cost, Shed, Ticket
+from serve.http.body_stream import BodyStream
+from serve.http.call_pool import run_in_turn
 from serve.http.deadline import HANDLE_GRACE_S, CallDeadline
 from serve.http.model_client import ModelStarting
 from serve.http.oip_checks import (
@@ -44,6 +48,7 @@ from serve.http.oip_checks import (
     outputs_of,
 )
 from serve.http.oip_checks import outputs as output_tensors
+from serve.http.oip_stream import item_bytes, run_streamed, streamed_hold
 from serve.http.pipeline import unwrap
 from serve.imaging.cpu_decode import prepare_image
 from serve.model.batch import BatchItem, ItemOutcome, model_input_shape
@@ -114,13 +119,18 @@ class HandleOipClient:
 
 @dataclass(frozen=True, slots=True)
 class InferCall:
-    """An inference call that was admitted, parsed and fits its model; ``ticket`` holds its admission."""
+    """An inference call that was admitted, parsed and fits its model; ``ticket`` holds its admission.
+
+    ``body`` is set when the input's binary data is still to be read from it (streamed).
+    """
 
     signature: ModelSignature
     request: oip.InferRequest
     images: int
     started: float
     ticket: Ticket | None = None
+    body: BodyStream | None = None
+    call: int = 0
 
 
 def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -173,19 +183,35 @@ def admission_cost(request: Request) -> Cost:
 
 
 def _parse_call(
-    sig: ModelSignature, body: bytes | bytearray, encoding: str | None, header_length: str | None
+    sig: ModelSignature, body: bytes | bytearray, encoding: str | None
 ) -> tuple[oip.InferRequest, int, int]:
-    """Decompress, parse and check a call (CPU work, run off the event loop): request, images, payload bytes."""
+    """Decompress, parse and check a JSON call (CPU work, run off the event loop): request, images, payload bytes."""
     payload = oip.decompress(body, encoding, MAX_BODY_BYTES)
-    request = oip.parse_infer_request(payload, header_length)
+    request = oip.parse_infer_request(payload, None)
     images = check_inputs(sig, request)
     check_outputs(sig, request)
     return request, images, len(payload)
 
 
+def _parse_header(sig: ModelSignature, header: bytes) -> tuple[oip.InferRequest, int]:
+    """Parse and check a streamed call's JSON header (off the event loop): request, images."""
+    request = oip.parse_infer_header(header)
+    images = check_inputs(sig, request)
+    check_outputs(sig, request)
+    return request, images
+
+
 def _error_of(err: oip.ProtocolError) -> JSONResponse:
     headers = {"Retry-After": err.retry_after} if isinstance(err, Unavailable) else None
     return error(err.message, err.status, headers)
+
+
+def _streamed_header(http: Request) -> int | None:
+    """The JSON header's length when the call carries binary tensor data (streamed), else ``None``."""
+    header_length = http.headers.get(oip.HEADER_LENGTH)
+    if header_length is None:
+        return None
+    return oip.header_length_of(header_length, declared_length(http))
 
 
 def _prepare_element(data: bytes | memoryview, *args: Any) -> Any:
@@ -311,17 +337,25 @@ class OipService:
             declared = declared_length(http)
             if declared is not None and declared > MAX_BODY_BYTES:
                 raise oip.ProtocolError(f"body is {declared} bytes, limit {MAX_BODY_BYTES}", 413, "too_large")
+            header = _streamed_header(http)
+            if header is not None:
+                # Binary tensor data is run as it arrives: the call holds its header and a
+                # bounded window of its images, whatever the size of its body.
+                hold = header + streamed_hold(sig, self._settings.max_image_bytes)
+                ticket = await self._admit(Cost(1, hold), deadline)
+                call = await self._open_stream(sig, http, header, started, ticket)
+                if ticket is not None:
+                    ticket.adjust(Cost(call.images, hold + (0 if call.body else call.images * item_bytes(sig))))
+                return call
             ticket = await self._admit(admission_cost(http), deadline)
             body = await read_body(http, MAX_BODY_BYTES)
             request, images, payload_bytes = await asyncio.get_running_loop().run_in_executor(
-                self._parse, _parse_call, sig, body, http.headers.get("content-encoding"),
-                http.headers.get(oip.HEADER_LENGTH),
-            )  # fmt: skip
+                self._parse, _parse_call, sig, body, http.headers.get("content-encoding")
+            )
             if ticket is not None:
                 # Now the real cost is known: the body, its inflated form, and a tensor per image.
-                item = int(np.prod(model_input_shape(sig.input))) * np.dtype(sig.input.dtype).itemsize
                 extra = payload_bytes if payload_bytes != len(body) else 0
-                ticket.adjust(Cost(images, len(body) + extra + images * item))
+                ticket.adjust(Cost(images, len(body) + extra + images * item_bytes(sig)))
         except oip.ProtocolError as err:
             if ticket is not None:
                 ticket.release()
@@ -339,7 +373,27 @@ class OipService:
             if ticket is not None:
                 ticket.release()
             raise
-        return InferCall(sig, request, images, started, ticket)
+        return InferCall(sig, request, images, started, ticket, call=random.getrandbits(62))
+
+    async def _open_stream(
+        self, sig: ModelSignature, http: Request, header: int, started: float, ticket: Ticket | None
+    ) -> InferCall:
+        """Read and check the JSON header; the input's binary data stays in the body, unread."""
+        body = BodyStream(
+            http.stream(), declared=declared_length(http),
+            encoding=http.headers.get("content-encoding"), limit=MAX_BODY_BYTES,
+        )  # fmt: skip
+        text = await body.read(header)
+        request, images = await asyncio.get_running_loop().run_in_executor(
+            self._parse, _parse_header, sig, text
+        )
+        [tensor] = request.inputs
+        if tensor.binary_size is None:
+            await body.expect_end(f"the {header}-byte header, binary data that belongs to no input")
+        return InferCall(
+            sig, request, images, started, ticket,
+            body=body if tensor.binary_size is not None else None, call=random.getrandbits(62),
+        )  # fmt: skip
 
     async def _admit(self, cost: Cost, deadline: CallDeadline | None) -> Ticket | None:
         if self._gate is None:
@@ -354,9 +408,18 @@ class OipService:
         """Run an admitted call through the model's batch queue and encode the answer."""
         sig = call.signature
         try:
-            items = await self._items(call)
-            outcomes = await self._models.infer_many(sig.model, items, deadline)
+            if call.body is not None:
+                outcomes = await run_streamed(
+                    call.body, call.request.inputs[0], sig, self._settings.max_image_bytes,
+                    lambda i, data: self._item(call, i, data),
+                    lambda items: self._models.infer_many(sig.model, items, deadline),
+                )  # fmt: skip
+            else:
+                items = await self._items(call)
+                outcomes = await self._models.infer_many(sig.model, items, deadline)
             outputs = output_tensors(sig, call.request, outcomes)
+        except ClientDisconnect:
+            raise
         except oip.ProtocolError as err:
             metrics.record_answer(
                 sig.model, sig.version, ENTRY_PATH, time.monotonic() - call.started, err.reason
@@ -400,54 +463,47 @@ class OipService:
             raise Unavailable(f"model {model} unavailable: {unwrap(err)}", "5") from err
 
     async def _items(self, call: InferCall) -> list[BatchItem]:
+        """The call's images as batch items (a call read whole)."""
+        [tensor] = call.request.inputs
+        assert tensor.value is not None
+        images = tensor.value.ravel() if tensor.datatype == oip.BYTES else tensor.value
+        return list(await asyncio.gather(*(self._item(call, i, v) for i, v in enumerate(images))))
+
+    async def _item(self, call: InferCall, i: int, data: Any) -> BatchItem:
+        """Image ``i`` of the call: an encoded element decoded and resized, or a tensor row
+        (an array, or its bytes from a streamed body) as it is."""
         sig, [tensor] = call.signature, call.request.inputs
         raw = sig.task is Task.CLASSIFICATION
         if tensor.datatype != oip.BYTES:
             h, w = sig.input.height, sig.input.width
-            identity = ImageGeometry(h, w, h, w, 1.0, 1.0)
-            return [
-                BatchItem(
-                    np.ascontiguousarray(tensor.value[i]),
-                    identity,
-                    sig.version,
-                    preprocessed=True,
-                    raw=raw,
-                )
-                for i in range(call.images)
-            ]
-        loop = asyncio.get_running_loop()
-
-        async def decode(i: int, data: bytes | memoryview) -> BatchItem:
-            if len(data) > self._settings.max_image_bytes:
-                raise oip.ProtocolError(
-                    f"input {IMAGE_INPUT!r} element {i}: {len(data)} bytes, limit {self._settings.max_image_bytes}",
-                    400, ErrorReason.IMAGE_TOO_LARGE.value,
-                )  # fmt: skip
-            t = time.monotonic()
-            try:
-                image = await loop.run_in_executor(
-                    self._decode,
-                    _prepare_element,
-                    data,
-                    sig.input,
-                    sig.preprocess,
-                    self._settings.max_image_pixels,
-                )
-            except PermanentError as err:
-                raise oip.ProtocolError(
-                    f"input {IMAGE_INPUT!r} element {i}: {err.message}", 400, err.reason.value
-                ) from err
-            except Exception as err:  # noqa: BLE001 - a decoder failing on these bytes condemns this input
-                raise oip.ProtocolError(
-                    f"input {IMAGE_INPUT!r} element {i}: cannot decode image: {err!r}"[:500], 400,
-                    ErrorReason.NOT_AN_IMAGE.value,
-                ) from err  # fmt: skip
-            metrics.record_decode(sig.model, time.monotonic() - t)
-            return BatchItem(image.pixels, image.geometry, sig.version, raw=raw)
-
-        return list(
-            await asyncio.gather(*(decode(i, d) for i, d in enumerate(tensor.value.ravel())))
-        )
+            if not isinstance(data, np.ndarray):
+                data = oip.from_little_endian(data, tensor.name, tensor.datatype, tensor.shape[1:])
+            return BatchItem(
+                np.ascontiguousarray(data), ImageGeometry(h, w, h, w, 1.0, 1.0), sig.version,
+                preprocessed=True, raw=raw,
+            )  # fmt: skip
+        if len(data) > self._settings.max_image_bytes:
+            raise oip.ProtocolError(
+                f"input {IMAGE_INPUT!r} element {i}: {len(data)} bytes, limit {self._settings.max_image_bytes}",
+                400, ErrorReason.IMAGE_TOO_LARGE.value,
+            )  # fmt: skip
+        t = time.monotonic()
+        try:
+            image = await run_in_turn(
+                self._decode, call.call, _prepare_element, data, sig.input, sig.preprocess,
+                self._settings.max_image_pixels,
+            )  # fmt: skip
+        except PermanentError as err:
+            raise oip.ProtocolError(
+                f"input {IMAGE_INPUT!r} element {i}: {err.message}", 400, err.reason.value
+            ) from err
+        except Exception as err:  # noqa: BLE001 - a decoder failing on these bytes condemns this input
+            raise oip.ProtocolError(
+                f"input {IMAGE_INPUT!r} element {i}: cannot decode image: {err!r}"[:500], 400,
+                ErrorReason.NOT_AN_IMAGE.value,
+            ) from err  # fmt: skip
+        metrics.record_decode(sig.model, time.monotonic() - t)
+        return BatchItem(image.pixels, image.geometry, sig.version, raw=raw)
 
 
 def _unknown_model(model: str, known: list[str]) -> str:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serve.engines.errors import is_out_of_memory
-from serve.http.call_pool import CallPool
+from serve.http.call_pool import run_in_turn
 from serve.http.fair_slots import FairSlots
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
 from serve.model.batch import AnyItem, BatchItem, EncodedItem, ItemOutcome
@@ -309,7 +309,7 @@ class InferencePipeline:
             return _Prepared(index, request, source, model, info, None, started, fetch_ms, None, data, call)
         t_decode = time.monotonic()
         try:
-            image = await _in_turn(
+            image = await run_in_turn(
                 self._decoders[request.priority], call, self._prepare_image,
                 data, info.input, info.preprocess, self._settings.max_image_pixels,
             )  # fmt: skip
@@ -391,13 +391,6 @@ class InferencePipeline:
             result.request_id, result, stored.uri, superseded=stored.superseded,
             error_record_uri=stored.error_record_uri,
         )  # fmt: skip
-
-
-async def _in_turn(executor: Executor, call: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on ``executor``, in ``call``'s turn when it serves calls in turn."""
-    if isinstance(executor, CallPool):
-        return await asyncio.wrap_future(executor.submit_for(call, fn, *args))
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def _bulk_only(slots: asyncio.Semaphore, priority: Priority) -> contextlib.AbstractAsyncContextManager[Any]:

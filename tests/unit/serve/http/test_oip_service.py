@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import time
@@ -27,6 +28,7 @@ from serve.http.deadline import ANSWER_MARGIN_S, parse_deadline
 from serve.http.model_client import ModelStarting
 from serve.http.oip_checks import MAX_IMAGES_PER_CALL
 from serve.http.oip_service import MAX_BODY_BYTES, InferCall, OipService
+from serve.http.oip_stream import PARTS_IN_FLIGHT, streamed_hold
 from serve.model.batch import BatchItem, ItemOutcome, LoadedVersion, run_batch, validate_item
 from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature, signature_of
@@ -466,4 +468,162 @@ def test_a_call_that_outlives_its_deadline_is_answered_503_and_releases_its_hold
     response = asyncio.run(_gated(Stuck(), gate).infer("cls", None, _http(_jpeg_call(1)), deadline))
 
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert gate.held == Cost(0, 0)
+
+
+# --- binary tensor data, run as it arrives ------------------------------------------------------
+
+
+def _binary_call(elements: list[bytes], outputs: list[dict[str, Any]] | None = None) -> tuple[bytes, dict[str, str]]:
+    data = oip.serialize_bytes(elements)
+    header: dict[str, Any] = {
+        "inputs": [{"name": "image", "shape": [len(elements)], "datatype": "BYTES", "parameters": {"binary_data_size": len(data)}}]
+    }
+    if outputs is not None:
+        header["outputs"] = outputs
+    text = json.dumps(header).encode()
+    return text + data, {oip.HEADER_LENGTH: str(len(text)), "content-length": str(len(text) + len(data))}
+
+
+def _chunked(body: bytes, headers: dict[str, str], size: int, pulled: list[int] | None = None) -> Request:
+    """A request whose body arrives in chunks of ``size`` bytes; ``pulled`` counts the chunks read."""
+    parts = [body[i : i + size] for i in range(0, len(body), size)]
+
+    async def receive() -> dict[str, Any]:
+        if not parts:
+            return {"type": "http.disconnect"}
+        if pulled is not None:
+            pulled.append(1)
+        return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": "POST", "headers": raw_headers, "path": "/"}, receive)
+
+
+class Counting(FakeModels):
+    """Models that note how many parts of a call they hold at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_once = 0
+        self.most_at_once = 0
+
+    async def infer_many(self, model: str, items: list[BatchItem], deadline: float | None) -> list[Any]:
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().infer_many(model, items, deadline)
+        finally:
+            self.at_once -= 1
+
+
+def _run(service: OipService, request: Request, model: str = "cls") -> Any:
+    async def call() -> Any:
+        prepared = await service.prepare(model, None, request)
+        if not isinstance(prepared, InferCall):
+            return prepared
+        return await service.run(prepared, None)
+
+    return asyncio.run(call())
+
+
+def test_binary_images_are_sent_to_the_model_in_parts_as_they_arrive() -> None:
+    models = Counting()
+    values = [10 + 20 * (i % 12) for i in range(30)]
+    body, headers = _binary_call([_jpeg(v) for v in values], [{"name": "logits", "parameters": {"classification": 1}}])
+
+    response = _run(_service(models), _chunked(body, headers, 997))
+
+    assert response.status_code == 200
+    [output] = json.loads(response.body)["outputs"]
+    assert output["shape"] == [30, 1]
+    assert [int(s.split(":")[1]) for s in output["data"]] == [min(9, int(v / 255 * 10)) for v in values]
+    assert [len(items) for items in models.calls] == [4] * 7 + [2]  # parts of one batch of the model
+    assert models.most_at_once == PARTS_IN_FLIGHT
+
+
+def test_a_bad_element_answers_the_call_and_the_rest_of_the_body_is_not_read() -> None:
+    models = FakeModels()
+    elements = [_jpeg(9)] * 5 + [b"not an image"] + [_jpeg(9)] * 60
+    body, headers = _binary_call(elements)
+    pulled: list[int] = []
+
+    response = _run(_service(models), _chunked(body, headers, 1000, pulled))
+
+    assert response.status_code == 400
+    assert "input 'image' element 5: cannot decode image" in json.loads(response.body)["error"]
+    assert len(pulled) < len(body) // 1000 / 2
+
+
+def test_an_element_over_the_image_limit_is_refused_before_its_bytes_are_read() -> None:
+    body, headers = _binary_call([_jpeg(9), b"\xff" * 100_001])
+    pulled: list[int] = []
+
+    response = _run(_service(FakeModels()), _chunked(body, headers, 1000, pulled))
+
+    assert response.status_code == 400
+    answer = json.loads(response.body)["error"]
+    assert "element 1: 100001 bytes, limit 100000" in answer
+    assert len(pulled) < 5
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda body: body + b"\0", "bytes after input 'image'"),
+        (lambda body: body[:-3], "body ended after"),
+    ],
+    ids=["trailing-bytes", "short-body"],
+)
+def test_binary_data_that_does_not_match_its_header_is_a_400(mangle: Any, message: str) -> None:
+    body, headers = _binary_call([_jpeg(9), _jpeg(200)])
+    body = mangle(body)
+    headers["content-length"] = str(len(body))
+
+    response = _run(_service(FakeModels()), _chunked(body, headers, 100))
+
+    assert response.status_code == 400 and message in json.loads(response.body)["error"]
+
+
+def test_a_binary_fp32_tensor_is_streamed_row_by_row_and_a_gzip_body_inflated() -> None:
+    models = FakeModels()
+    pixels = np.zeros((6, 3, 8, 8), np.float32)
+    pixels[2] += 0.55
+    pixels[5] += 0.95
+    header = json.dumps(
+        {
+            "inputs": [{"name": "input", "shape": [6, 3, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": pixels.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    body = gzip.compress(header + pixels.tobytes())
+    headers = {oip.HEADER_LENGTH: str(len(header)), "content-encoding": "gzip", "content-length": str(len(body))}
+
+    response = _run(_service(models), _chunked(body, headers, 500))
+
+    assert response.status_code == 200
+    assert list(oip_result(response).as_numpy("logits").argmax(axis=1)) == [0, 0, 5, 0, 0, 9]
+    assert [len(items) for items in models.calls] == [4, 2]
+    assert all(item.preprocessed and item.pixels.shape == (3, 8, 8) for item in models.calls[0])
+
+
+def test_a_streamed_call_is_admitted_by_what_it_holds_not_by_its_body() -> None:
+    models = FakeModels()
+    sig = asyncio.run(models.signature("cls", None))
+    body, headers = _binary_call([_jpeg(9)] * 40)
+    header = int(headers[oip.HEADER_LENGTH])
+    hold = header + streamed_hold(sig, 100_000)
+    gate = AdmissionGate(max_inputs=100, max_bytes=hold, max_wait_s=0)
+    held: list[Cost] = []
+
+    class Watching(FakeModels):
+        async def infer_many(self, model: str, items: list[BatchItem], deadline: float | None) -> list[Any]:
+            held.append(gate.held)
+            return await super().infer_many(model, items, deadline)
+
+    response = asyncio.run(_gated(Watching(), gate).infer("cls", None, _chunked(body, headers, 4096), parse_deadline(None, 60)))
+
+    assert response.status_code == 200
+    assert held and all(h == Cost(40, hold) for h in held)
     assert gate.held == Cost(0, 0)
