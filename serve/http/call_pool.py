@@ -2,20 +2,22 @@
 
 A :class:`~concurrent.futures.ThreadPoolExecutor` runs tasks first come first served:
 a call of one image submitted behind twelve calls of sixteen waits for all of their
-decodes. :class:`CallPool` keeps a queue per call and gives each free thread the next
-task of the call whose turn it is, so a small call's task starts after at most one
-task of every other call. Tasks of one call keep their order.
+decodes. :class:`CallPool` keeps a queue per call (:class:`~serve.turns.Turns`) and
+gives each free thread the next task of the call whose turn it is, so a call with no
+task queued has its task started next, and busy calls take turns. Tasks of one call
+keep their order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
+
+from serve.turns import Turns
 
 
 @dataclass(slots=True)
@@ -45,7 +47,7 @@ class CallPool(Executor):
         self._prefix = thread_name_prefix
         self._initializer = initializer
         self._ready = threading.Condition()
-        self._calls: OrderedDict[Hashable, deque[_Task]] = OrderedDict()
+        self._calls: Turns[Hashable, _Task] = Turns()
         self._threads: list[threading.Thread] = []
         self._shutdown = False
 
@@ -58,10 +60,7 @@ class CallPool(Executor):
         with self._ready:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a CallPool that was shut down")
-            queue = self._calls.get(call)
-            if queue is None:
-                queue = self._calls[call] = deque()
-            queue.append(_Task(future, fn, args, kwargs))
+            self._calls.push(call, _Task(future, fn, args, kwargs))
             if len(self._threads) < self._max_workers:
                 thread = threading.Thread(
                     target=self._work, name=f"{self._prefix}_{len(self._threads)}", daemon=True
@@ -78,13 +77,7 @@ class CallPool(Executor):
             if self._shutdown:
                 return None
             self._ready.wait()
-        call, queue = next(iter(self._calls.items()))
-        task = queue.popleft()
-        if queue:
-            self._calls.move_to_end(call)
-        else:
-            del self._calls[call]
-        return task
+        return self._calls.pop()[1]
 
     def _work(self) -> None:
         if self._initializer is not None:
@@ -108,9 +101,8 @@ class CallPool(Executor):
         with self._ready:
             self._shutdown = True
             if cancel_futures:
-                for queue in self._calls.values():
-                    for task in queue:
-                        task.future.cancel()
+                for task in self._calls.values():
+                    task.future.cancel()
                 self._calls.clear()
             self._ready.notify_all()
             threads = list(self._threads)

@@ -5,15 +5,17 @@ back: hundreds of requests at once in a burst. Sent all at once they queue at th
 storage service (or its emulator) in arrival order, and the one read of a one-image
 call waits behind every read of the calls admitted before it. :class:`FairSlots`
 keeps at most ``limit`` of them in flight and hands each slot that frees up to the
-next call in turn, one request per call at a time.
+next call in turn (:class:`~serve.turns.Turns`: a call with nothing waiting first,
+then one request per busy call at a time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Hashable
+
+from serve.turns import Turns
 
 
 class FairSlots:
@@ -24,11 +26,11 @@ class FairSlots:
             raise ValueError(f"limit must be >= 1, got {limit!r}")
         self.limit = limit
         self.held = 0
-        self._waiting: OrderedDict[Hashable, deque[asyncio.Future[None]]] = OrderedDict()
+        self._waiting: Turns[Hashable, asyncio.Future[None]] = Turns()
 
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._waiting.values())
+        return len(self._waiting)
 
     @contextlib.asynccontextmanager
     async def turn(self, call: Hashable) -> AsyncIterator[None]:
@@ -44,29 +46,20 @@ class FairSlots:
             self.held += 1
             return
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(call, deque()).append(granted)
+        self._waiting.push(call, granted)
         try:
             await granted
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
                 self._release()  # granted as the caller went away: pass the slot on
             else:
-                queue = self._waiting.get(call)
-                if queue is not None and granted in queue:
-                    queue.remove(granted)
-                    if not queue:
-                        del self._waiting[call]
+                self._waiting.remove(call, granted)
             raise
 
     def _release(self) -> None:
         self.held -= 1
         while self.held < self.limit and self._waiting:
-            call, queue = next(iter(self._waiting.items()))
-            granted = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(call)  # the next call's turn
-            else:
-                del self._waiting[call]
+            _, granted = self._waiting.pop()
             granted.set_result(None)
             self.held += 1
 

@@ -13,9 +13,11 @@ several calls (parts), so that one call never exceeds the transport's message li
 Items are answered one by one: a part that fails answers only its own items (with
 ``on_error``), never every caller merged with it.
 
-Waiting callers' items go into parts in turn, one item per caller at a time: a caller
-of one item is in the next part even behind callers of hundreds (``in_turn``; without
-it, a caller's items go together, callers in arrival order, so each finishes sooner).
+Waiting callers' items go into parts in turn (:class:`~serve.turns.Turns`): a caller
+that had nothing waiting first, then one item per caller at a time, so a caller of one
+item is at the head of the next part even behind callers of hundreds (``in_turn``;
+without it, a caller's items go together, callers in arrival order, so each finishes
+sooner).
 
 Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
 that were not sent yet are dropped; a part carries the latest deadline of the callers
@@ -28,11 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from serve.turns import Turns
 from shared.errors import TransientError
 
 T = TypeVar("T")
@@ -111,9 +113,9 @@ class CallCoalescer(Generic[T, R]):
         self._on_error = on_error
         self._clock = clock
         self._stamp = stamp
-        self._in_turn = in_turn
-        # Waiting callers (by id) with the indices of their items not sent yet, in turn order.
-        self._queue: OrderedDict[int, tuple[_Waiting[T, R], deque[int]]] = OrderedDict()
+        # The indices of waiting callers' items not sent yet, per caller (by id).
+        self._queue: Turns[int, int] = Turns(in_turn=in_turn)
+        self._callers: dict[int, _Waiting[T, R]] = {}
         self._in_flight = 0
 
     async def call(self, items: list[T], deadline: float | None) -> list[R]:
@@ -129,7 +131,9 @@ class CallCoalescer(Generic[T, R]):
         if deadline is not None and self._stamp is not None:
             items = [self._stamp(item, deadline) for item in items]
         waiting: _Waiting[T, R] = _Waiting(list(items), deadline)
-        self._queue[id(waiting)] = (waiting, deque(range(len(items))))
+        self._callers[id(waiting)] = waiting
+        for index in range(len(items)):
+            self._queue.push(id(waiting), index)
         self._pump()
         if deadline is None:
             return await waiting.future
@@ -143,26 +147,24 @@ class CallCoalescer(Generic[T, R]):
         part: list[tuple[_Waiting[T, R], int]] = []
         size, now = 0, self._clock()
         while self._queue:
-            key, (waiting, indices) = next(iter(self._queue.items()))
+            key, index = self._queue.peek()
+            waiting = self._callers[key]
             if waiting.future.done() or (waiting.deadline is not None and waiting.deadline <= now):
-                del self._queue[key]  # its caller has stopped waiting: drop the work
+                self._queue.drop(key)  # its caller has stopped waiting: drop the work
+                del self._callers[key]
                 waiting.fail(CallerDeadlinePassed("deadline passed before the items were sent"))
                 continue
-            index = indices[0]
             item_size = self._size_of(waiting.items[index])
             if part and (
                 len(part) >= self.max_items
                 or (self._max_bytes is not None and size + item_size > self._max_bytes)
             ):
                 break
-            indices.popleft()
+            self._queue.pop()
+            if index == len(waiting.items) - 1:
+                del self._callers[key]  # its last item: nothing of it is waiting any more
             part.append((waiting, index))
             size += item_size
-            if indices:
-                if self._in_turn:
-                    self._queue.move_to_end(key)  # the next caller's turn
-            else:
-                del self._queue[key]
         return part
 
     def _pump(self) -> None:

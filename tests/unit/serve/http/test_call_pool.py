@@ -24,6 +24,30 @@ def test_a_call_of_one_task_runs_after_at_most_one_task_of_a_call_that_came_firs
     assert order == ["many0", "one", "many1", "many2", "many3", "many4"]
 
 
+def test_a_call_with_nothing_queued_runs_next_ahead_of_busy_calls_taking_turns() -> None:
+    pool = CallPool(1)
+    first_gate, a_gate, a_started = threading.Event(), threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def a0() -> None:
+        a_started.set()
+        a_gate.wait()
+
+    futures = [pool.submit_for("x", first_gate.wait)]  # the only thread waits meanwhile
+    futures += [pool.submit_for("a", a0)] + [pool.submit_for("a", order.append, f"a{i}") for i in range(1, 4)]
+    first_gate.set()
+    a_started.wait(5)  # a0 runs with a1..a3 queued: a is taking turns
+    futures += [pool.submit_for("b", order.append, f"b{i}") for i in range(1, 3)]
+    futures.append(pool.submit_for("one", order.append, "one"))
+    a_gate.set()
+    for future in futures:
+        future.result(timeout=5)
+    pool.shutdown()
+    # b and "one" had nothing queued: their first tasks go ahead of a's turn, in arrival
+    # order (round robin alone: a1, b1, one, a2, b2, a3); then a and b take turns.
+    assert order == ["b1", "one", "a1", "b2", "a2", "a3"]
+
+
 def test_a_task_that_raises_fails_only_its_own_future() -> None:
     with CallPool(2) as pool:
         bad = pool.submit_for("a", int, "not a number")

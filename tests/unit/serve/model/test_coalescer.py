@@ -251,3 +251,37 @@ def test_stamp_gives_each_item_its_own_callers_deadline_in_a_merged_call() -> No
         assert seen[1] == ([(2, 2.0), (3, 9.0), (4, 9.0)], 9.0)
 
     asyncio.run(run())
+
+
+def test_a_caller_that_arrives_while_others_take_turns_goes_ahead_of_the_round() -> None:
+    async def run() -> None:
+        calls: list[list[int]] = []
+        gates = [asyncio.Event() for _ in range(8)]
+
+        async def send(items: list[int], deadline: float | None) -> list[int]:
+            calls.append(list(items))
+            await gates[len(calls) - 1].wait()
+            return [i * 10 for i in items]
+
+        async def until(count: int) -> None:
+            while len(calls) < count:
+                await asyncio.sleep(0)
+
+        coalescer = CallCoalescer(send, max_in_flight=1, max_items=2, clock=Clock())
+        blocker = asyncio.ensure_future(coalescer.call([0], None))
+        await until(1)
+        busy = [asyncio.ensure_future(coalescer.call(list(range(n, n + 3)), None)) for n in (100, 200, 300)]
+        await asyncio.sleep(0)
+        gates[0].set()
+        await until(2)  # [100, 200] in flight; 300 has not had its first turn yet
+        one = asyncio.ensure_future(coalescer.call([7], None))
+        await asyncio.sleep(0)
+        for gate in gates:
+            gate.set()
+        assert await one == [70]
+        await asyncio.gather(blocker, *busy)
+        # 7 goes right after 300 (new callers in arrival order), ahead of 101 and 201
+        # that are taking turns; round robin alone would have sent [300, 101], then [201, 7].
+        assert calls[1:4] == [[100, 200], [300, 7], [101, 201]]
+
+    asyncio.run(run())
