@@ -15,6 +15,10 @@ image; to the input tensor for preprocessed inputs), ``detection_scores``
 ``[N, D]``, ``detection_classes`` ``[N, D]`` and ``num_detections`` ``[N]``,
 padded with zeros to the most detections ``D`` of any image. Nothing is written to
 the results bucket: the caller gets the answer and keeps it.
+
+A call with binary tensor data is run as its body arrives
+(:mod:`serve.http.oip_stream`), admitted by the window it runs in; a plain-JSON call
+is read whole, admitted by its declared body.
 """
 
 from __future__ import annotations
@@ -174,8 +178,8 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
 
 
 def admission_cost(request: Request) -> Cost:
-    """What an inference call holds from before its body is read: the declared body, and
-    when it is compressed, the most it may inflate to. (Its images are added once parsed.)"""
+    """What a plain-JSON inference call holds from before its body is read: the declared body,
+    and when it is compressed, the most it may inflate to. (Its images are added once parsed.)"""
     declared = declared_length(request)
     body = MAX_BODY_BYTES if declared is None else min(declared, MAX_BODY_BYTES)
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
