@@ -182,6 +182,11 @@ class StackOptions:
             raise ValueError(f"idle_delay_s must be >= 0, got {self.idle_delay_s!r}")
 
 
+# What a process logs when a port it was given is bound by another (Linux, Java, Go, HAProxy).
+PORT_TAKEN = "Address already in use"
+START_ATTEMPTS = 3
+
+
 class LocalStack:
     """Starts and stops the local stack's processes."""
 
@@ -197,12 +202,25 @@ class LocalStack:
         self._worker_specs: dict[int, tuple[list[str], dict[str, str]]] = {}
 
     def start(self, progress=lambda msg: None) -> StackState:  # noqa: ANN001
-        """Start every part; on any failure stop what was started and re-raise."""
-        try:
-            return self._start(progress)
-        except BaseException:
-            self.stop()
-            raise
+        """Start every part; on any failure stop what was started and re-raise.
+
+        The stack picks its ports up front and its processes bind them seconds later
+        (Ray, HAProxy, the emulators), so another process on the machine may take one
+        meanwhile: when a part fails with :data:`PORT_TAKEN`, the stack starts again
+        on other ports, up to :data:`START_ATTEMPTS` times in all.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start(progress)
+            except Exception as err:
+                self.stop()
+                if attempt == START_ATTEMPTS or PORT_TAKEN not in str(err):
+                    raise
+                progress(f"a port was taken while the stack started; starting again on other ports ({attempt + 1}/{START_ATTEMPTS})")
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _start(self, progress) -> StackState:  # noqa: ANN001
         fp, opts = self.footprint, self.options
