@@ -209,18 +209,19 @@ class LocalStack:
         meanwhile: when a part fails with :data:`PORT_TAKEN`, the stack starts again
         on other ports, up to :data:`START_ATTEMPTS` times in all.
         """
-        for attempt in range(1, START_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return self._start(progress)
             except Exception as err:
                 self.stop()
                 if attempt == START_ATTEMPTS or PORT_TAKEN not in str(err):
                     raise
-                progress(f"a port was taken while the stack started; starting again on other ports ({attempt + 1}/{START_ATTEMPTS})")
+                attempt += 1
+                progress(f"a port was taken while the stack started; starting again on other ports ({attempt}/{START_ATTEMPTS})")
             except BaseException:
                 self.stop()
                 raise
-        raise AssertionError("unreachable")
 
     def _start(self, progress) -> StackState:  # noqa: ANN001
         fp, opts = self.footprint, self.options

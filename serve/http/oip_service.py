@@ -210,12 +210,12 @@ def _error_of(err: oip.ProtocolError) -> JSONResponse:
     return error(err.message, err.status, headers)
 
 
-def _streamed_header(http: Request) -> int | None:
+def _streamed_header(http: Request, declared: int | None) -> int | None:
     """The JSON header's length when the call carries binary tensor data (streamed), else ``None``."""
     header_length = http.headers.get(oip.HEADER_LENGTH)
     if header_length is None:
         return None
-    return oip.header_length_of(header_length, declared_length(http))
+    return oip.header_length_of(header_length, declared)
 
 
 def _prepare_element(data: bytes | memoryview, *args: Any) -> Any:
@@ -341,13 +341,13 @@ class OipService:
             declared = declared_length(http)
             if declared is not None and declared > MAX_BODY_BYTES:
                 raise oip.ProtocolError(f"body is {declared} bytes, limit {MAX_BODY_BYTES}", 413, "too_large")
-            header = _streamed_header(http)
+            header = _streamed_header(http, declared)
             if header is not None:
                 # Binary tensor data is run as it arrives: the call holds its header and a
                 # bounded window of its images, whatever the size of its body.
                 hold = header + streamed_hold(sig, self._settings.max_image_bytes)
                 ticket = await self._admit(Cost(1, hold), deadline)
-                call = await self._open_stream(sig, http, header, started, ticket)
+                call = await self._open_stream(sig, http, declared, header, started, ticket)
                 if ticket is not None:
                     ticket.adjust(Cost(call.images, hold + (0 if call.body else call.images * item_bytes(sig))))
                 return call
@@ -380,11 +380,12 @@ class OipService:
         return InferCall(sig, request, images, started, ticket, call=random.getrandbits(62))
 
     async def _open_stream(
-        self, sig: ModelSignature, http: Request, header: int, started: float, ticket: Ticket | None
-    ) -> InferCall:
+        self, sig: ModelSignature, http: Request, declared: int | None, header: int, started: float,
+        ticket: Ticket | None,
+    ) -> InferCall:  # fmt: skip
         """Read and check the JSON header; the input's binary data stays in the body, unread."""
         body = BodyStream(
-            http.stream(), declared=declared_length(http),
+            http.stream(), declared=declared,
             encoding=http.headers.get("content-encoding"), limit=MAX_BODY_BYTES,
         )  # fmt: skip
         text = await body.read(header)
