@@ -43,6 +43,11 @@ class Turns(Generic[K, V]):
         """Pieces queued, of every caller."""
         return self._count
 
+    @property
+    def has_new(self) -> bool:
+        """Whether a caller that had nothing queued is waiting for its first piece."""
+        return bool(self._new)
+
     def push(self, key: K, value: V) -> None:
         """Queue ``value`` after ``key``'s earlier pieces."""
         queue = self._queue_of(key)

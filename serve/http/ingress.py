@@ -296,14 +296,25 @@ class Ingress:
         work: Callable[[Ticket], Coroutine[Any, Any, JSONResponse]],
         priority: Priority = Priority.LIVE,
     ) -> JSONResponse:
-        """Run ``work(ticket)`` once admitted (429 if shed), and answer by the work deadline (503 after)."""
+        """Run ``work(ticket)`` once admitted (429 if shed), and answer by the work deadline (503 after).
+
+        The answer's ``Server-Timing`` header says how long the call waited for admission
+        and how long its work took (``admission``, ``work``, in milliseconds), and after
+        :meth:`_respond`, its longest result write (``store``).
+        """
+        arrived = time.monotonic()
         try:
             ticket = await self._gate.admit(cost, deadline.remaining(), priority)
         except Shed as err:
             metrics.record_shed(metrics.UNATTRIBUTED, "ingress", cost.inputs, priority)
             return _error("overloaded", err.message, 429, retry_after=err.retry_after_s)
+        admitted = time.monotonic()
         async with ticket:
-            return await self._bounded(work(ticket), deadline)
+            response = await self._bounded(work(ticket), deadline)
+        timing = f"admission;dur={(admitted - arrived) * 1000:.1f}, work;dur={(time.monotonic() - admitted) * 1000:.1f}"
+        earlier = response.headers.get("server-timing")
+        response.headers["server-timing"] = f"{earlier}, {timing}" if earlier else timing
+        return response
 
     async def _bounded(self, work, deadline: CallDeadline) -> JSONResponse:  # noqa: ANN001 - a coroutine
         # The caller stops reading at its deadline: answer before, so it gets a retryable answer.
@@ -381,13 +392,16 @@ class Ingress:
                     logger.error("transient failure: %r", cause, exc_info=exc_info)
             transient.append(str(cause) or repr(cause))
             results.append({"status": "retry", "error": {"message": str(cause) or repr(cause)}})
+        # The longest result write of the call, its wait for a storage slot included.
+        stored = [o.store_ms for o in outcomes if isinstance(o, Processed) and o.store_ms is not None]
+        timing = f"store;dur={max(stored):.1f}" if stored else ""
         if transient:
             return JSONResponse(
                 {"error": "overloaded" if shed else "transient", "message": transient[0], "results": results},
                 status_code=429 if shed else 503,
                 headers={"Retry-After": str(max(1, round(shed_after if shed else unavailable_after)))},
             )
-        return JSONResponse({"results": results})
+        return JSONResponse({"results": results}, headers={"server-timing": timing} if timing else None)
 
     # -- health and introspection --------------------------------------------------------------
     @api.get("/healthz")

@@ -221,15 +221,22 @@ class HandleModelClient:
                 # Live callers wait on their own answers: their items go in turn. A backfill's
                 # calls go whole, one after another, so each finishes (and frees its hold) sooner.
                 in_turn=priority is Priority.LIVE,
+                # A live caller's first item goes at once when both call slots are taken, and
+                # the model runs it ahead of the merged calls' items.
+                express=(
+                    (lambda merged, latest, model=model: self._send(model, merged, latest, express=True))
+                    if priority is Priority.LIVE
+                    else None
+                ),
             )
         return self._coalescers[key]
 
     async def _send(
-        self, model: str, items: list[AnyItem], deadline: float | None
+        self, model: str, items: list[AnyItem], deadline: float | None, express: bool = False
     ) -> list[ItemOutcome | Rejection | Retry]:
         # The model drops queued items at the deadline; its answer may take a moment more.
         timeout = HANDLE_TIMEOUT_S if deadline is None else max(0.1, deadline - time.time() + HANDLE_GRACE_S)
-        return await asyncio.wait_for(self._handles[model].infer_many.remote(items, deadline), timeout)
+        return await asyncio.wait_for(self._handles[model].infer_many.remote(items, deadline, express), timeout)
 
     async def stats(self) -> dict[str, Any]:
         return {m: await h.stats.remote() for m, h in self._handles.items()}

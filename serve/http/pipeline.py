@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serve.engines.errors import is_out_of_memory
@@ -94,6 +94,8 @@ class Processed:
     result_uri: str | None
     superseded: bool = False
     error_record_uri: str | None = None
+    # How long storing the result took (its wait for a storage slot included), in milliseconds.
+    store_ms: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         if self.result is None:
@@ -383,13 +385,14 @@ class InferencePipeline:
     async def _store(
         self, result: InferenceResult, source: GcsUri | None, priority: Priority, call: int | None
     ) -> Processed:
+        asked = time.monotonic()
         async with _bulk_only(self._bulk_writes, priority), self._live_turn(priority, call):
             stored: StoredResult = await store_result(
                 self._gcs, self._settings.results_bucket, result, source, self._recent
             )
         return Processed(
             result.request_id, result, stored.uri, superseded=stored.superseded,
-            error_record_uri=stored.error_record_uri,
+            error_record_uri=stored.error_record_uri, store_ms=round((time.monotonic() - asked) * 1000, 1),
         )  # fmt: skip
 
 

@@ -27,6 +27,12 @@ batch sizes are its latency. While live work arrives (an item in the last
 ``max_batch_size`` bulk items, and a batch that holds live items is not topped up
 past that either; an idle engine does not wait to fill a batch a live item is in.
 With no live work, bulk batches are full size: a backfill alone runs at full speed.
+
+*Express* live items (a caller's first item, sent ahead by the ingress's
+:class:`~serve.model.coalescer.CallCoalescer`) go ahead of the queued live items
+and run in a batch of their own, joined only by the bulk items owed their share:
+a one-image call behind a burst waits for the batch in flight, then runs in a
+batch of its size, not in the next full batch of other callers' items.
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ class BatchQueue(Generic[T, R]):
         self._last_live = float("-inf")  # monotonic time of the latest live arrival
         self.configure(max_batch_size, max_wait_s, capacity)
         self._queues: dict[Priority, deque[_Pending[T, R]]] = {p: deque() for p in Priority}
+        self._express: deque[_Pending[T, R]] = deque()  # live items that run in a batch of their own
         self._bulk_credit = 0.0  # bulk slots owed by the minimum share
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -134,11 +141,11 @@ class BatchQueue(Generic[T, R]):
     @property
     def depth(self) -> int:
         """Items waiting for a batch."""
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(q) for q in self._queues.values()) + len(self._express)
 
     def depth_of(self, priority: Priority) -> int:
         """Items of one class waiting for a batch."""
-        return len(self._queues[priority])
+        return len(self._queues[priority]) + (len(self._express) if priority is Priority.LIVE else 0)
 
     @property
     def bulk_capacity(self) -> int:
@@ -146,9 +153,13 @@ class BatchQueue(Generic[T, R]):
         return max(1, self.capacity - math.ceil(self.capacity * self.live_headroom))
 
     async def submit(
-        self, item: T, deadline: float | None = None, priority: Priority = Priority.LIVE
+        self, item: T, deadline: float | None = None, priority: Priority = Priority.LIVE, express: bool = False
     ) -> R:
         """Queue ``item`` in its class and wait for its result.
+
+        An ``express`` live item goes ahead of the other live items, in a batch of the
+        express items alone (and the bulk items owed their share); ``express`` bulk
+        items are queued as any bulk item.
 
         Raises:
             Overloaded: the queue holds ``capacity`` items already (for bulk: its
@@ -165,7 +176,8 @@ class BatchQueue(Generic[T, R]):
             self._gap_s = gap if self._gap_s == float("inf") else (1 - _EWMA_ALPHA) * self._gap_s + _EWMA_ALPHA * gap
         self._last_arrival = now
         pending: _Pending[T, R] = _Pending(item, deadline, priority)
-        self._queues[priority].append(pending)
+        express = express and priority is Priority.LIVE
+        (self._express if express else self._queues[priority]).append(pending)
         assert self._arrived is not None
         self._arrived.set()
         return await pending.future
@@ -217,6 +229,10 @@ class BatchQueue(Generic[T, R]):
                         DeadlineExceeded("the model replica is shutting down")
                     )
             queue.clear()
+        for pending in self._express:
+            if not pending.future.done():
+                pending.future.set_exception(DeadlineExceeded("the model replica is shutting down"))
+        self._express.clear()
 
     async def _serve(self) -> None:
         assert self._arrived is not None
@@ -233,7 +249,7 @@ class BatchQueue(Generic[T, R]):
         """Wait for a fuller batch only when arrivals are dense enough to deliver one soon."""
         assert self._arrived is not None
         missing = self.max_batch_size - self.depth
-        if missing <= 0 or self._gap_s >= self.max_wait_s or self._queues[Priority.LIVE]:
+        if missing <= 0 or self._gap_s >= self.max_wait_s or self._queues[Priority.LIVE] or self._express:
             return
         wait_until = time.monotonic() + min(self.max_wait_s, self._gap_s * missing)
         while self.depth < self.max_batch_size:
@@ -249,16 +265,22 @@ class BatchQueue(Generic[T, R]):
     def _take(self) -> list[_Pending[T, R]]:
         """Up to ``max_batch_size`` items, live first, bulk its owed share and then the rest.
 
+        Express items, when any wait, make the batch alone with the bulk items owed.
         Expired or abandoned items are dropped.
         """
         now = time.time()
         live, bulk = self._queues[Priority.LIVE], self._queues[Priority.BULK]
         bulk_waiting = bool(bulk)
         owed = min(int(self._bulk_credit), self.max_batch_size) if bulk_waiting else 0
-        batch = self._pop(live, self.max_batch_size - owed, now)
+        batch = self._pop(self._express, self.max_batch_size - owed, now)
+        express = bool(batch)
+        if not express:
+            batch = self._pop(live, self.max_batch_size - owed, now)
         taken_live = len(batch)
         room = self.max_batch_size - len(batch)
-        if time.monotonic() - self._last_live < LIVE_ACTIVE_S:  # keep batches short while live work arrives
+        if express:  # not topped up: its size is its callers' latency
+            room = min(room, owed)
+        elif time.monotonic() - self._last_live < LIVE_ACTIVE_S:  # keep batches short while live work arrives
             bulk_cap = max(1, math.floor(self.max_batch_size * self.bulk_batch_while_live))
             room = min(room, max(owed, bulk_cap - taken_live))
         batch += self._pop(bulk, room, now)

@@ -19,6 +19,13 @@ item is at the head of the next part even behind callers of hundreds (``in_turn`
 without it, a caller's items go together, callers in arrival order, so each finishes
 sooner).
 
+With ``express``, while merged calls are in flight, the first items of callers that had
+nothing waiting go in calls of their own (at most ``max_express`` in flight; while those
+are taken, first items lead the next merged part as before), which the model runs in a
+batch of their own ahead of its queue (:class:`~serve.model.batcher.BatchQueue`). A one-image caller behind a burst
+then waits for the batch the model is running, not for two merged calls of other
+callers' items and then a full batch of them.
+
 Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
 that were not sent yet are dropped; a part carries the latest deadline of the callers
 still in it, so one caller's short deadline never cuts the others' work short. With
@@ -87,6 +94,10 @@ class CallCoalescer(Generic[T, R]):
             caller that has one), applied as the call joins the queue.
         in_turn: Whether waiting callers' items go into parts in turn (else each caller's
             items in arrival order, one caller after another).
+        express: Sends parts of callers' first items while calls are in flight, beside
+            the ``max_in_flight`` calls (needs ``in_turn``: only then is a caller's first
+            item told apart).
+        max_express: ``express`` calls allowed at once.
     """
 
     def __init__(
@@ -100,12 +111,20 @@ class CallCoalescer(Generic[T, R]):
         clock: Callable[[], float] = time.time,
         stamp: Callable[[T, float], T] | None = None,
         in_turn: bool = True,
+        express: Send[T, R] | None = None,
+        max_express: int = 1,
     ) -> None:
-        if max_in_flight < 1 or max_items < 1 or (max_bytes is not None and max_bytes < 1):
+        if max_in_flight < 1 or max_items < 1 or (max_bytes is not None and max_bytes < 1) or max_express < 1:
             raise ValueError(
-                f"max_in_flight, max_items and max_bytes must be >= 1, got {max_in_flight}, {max_items}, {max_bytes}"
+                "max_in_flight, max_items, max_bytes and max_express must be >= 1, "
+                f"got {max_in_flight}, {max_items}, {max_bytes}, {max_express}"
             )
+        if express is not None and not in_turn:
+            raise ValueError("express needs in_turn: only callers served in turn have a first item told apart")
         self._send = send
+        self._express = express
+        self._max_express = max_express
+        self._express_in_flight = 0
         self._max_in_flight = max_in_flight
         self.max_items = max_items
         self._max_bytes = max_bytes
@@ -143,10 +162,10 @@ class CallCoalescer(Generic[T, R]):
         except TimeoutError as err:
             raise CallerDeadlinePassed(f"deadline passed with {waiting.left} of {len(items)} item(s) unanswered") from err
 
-    def _next_part(self) -> list[tuple[_Waiting[T, R], int]]:
+    def _next_part(self, first_items_only: bool = False) -> list[tuple[_Waiting[T, R], int]]:
         part: list[tuple[_Waiting[T, R], int]] = []
         size, now = 0, self._clock()
-        while self._queue:
+        while self._queue.has_new if first_items_only else self._queue:
             key, index = self._queue.peek()
             waiting = self._callers[key]
             if waiting.future.done() or (waiting.deadline is not None and waiting.deadline <= now):
@@ -168,6 +187,17 @@ class CallCoalescer(Generic[T, R]):
         return part
 
     def _pump(self) -> None:
+        # While calls are in flight, first items go express: in a merged part they would wait
+        # for a batch of others' items. An idle coalescer sends a lone call whole.
+        while (
+            self._express is not None and self._in_flight and self._queue.has_new
+            and self._express_in_flight < self._max_express
+        ):  # fmt: skip
+            part = self._next_part(first_items_only=True)
+            if not part:
+                break
+            self._express_in_flight += 1
+            asyncio.get_running_loop().create_task(self._flush(part, express=True))
         while self._queue and self._in_flight < self._max_in_flight:
             part = self._next_part()
             if not part:
@@ -175,12 +205,13 @@ class CallCoalescer(Generic[T, R]):
             self._in_flight += 1
             asyncio.get_running_loop().create_task(self._flush(part))
 
-    async def _flush(self, part: list[tuple[_Waiting[T, R], int]]) -> None:
+    async def _flush(self, part: list[tuple[_Waiting[T, R], int]], express: bool = False) -> None:
         items = [waiting.items[index] for waiting, index in part]
         deadlines = {waiting.deadline for waiting, _ in part}
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
+        send = self._express if express and self._express is not None else self._send
         try:
-            answers = list(await self._send(items, deadline))
+            answers = list(await send(items, deadline))
             if len(answers) != len(items):
                 raise RuntimeError(f"merged call returned {len(answers)} answers for {len(items)} items")
         except Exception as err:  # noqa: BLE001 - only this part's items get the failure
@@ -198,7 +229,10 @@ class CallCoalescer(Generic[T, R]):
                 if not waiting.future.done():
                     waiting.answer(index, answer)
         finally:
-            self._in_flight -= 1
+            if express:
+                self._express_in_flight -= 1
+            else:
+                self._in_flight -= 1
             self._pump()
 
 

@@ -593,16 +593,21 @@ class ModelServer:
         return signature_of(loaded, versions, ready=self._fault is None)
 
     async def infer_many(
-        self, items: list[AnyItem], deadline: float | None = None
+        self, items: list[AnyItem], deadline: float | None = None, express: bool = False
     ) -> list[ItemOutcome | Rejection | Retry]:
         """Run every item of one request; one answer per item, in order.
 
         A bad item is rejected before it joins a batch, so it never fails its neighbours.
         An item's own ``deadline`` (its caller's, in a merged call) replaces the call's.
+        ``express`` live items (callers' first items) run ahead, in a batch of their own.
         """
-        return list(await asyncio.gather(*(self._infer_one(item, item.deadline or deadline) for item in items)))
+        return list(
+            await asyncio.gather(*(self._infer_one(item, item.deadline or deadline, express) for item in items))
+        )
 
-    async def _infer_one(self, item: AnyItem, deadline: float | None) -> ItemOutcome | Rejection | Retry:
+    async def _infer_one(
+        self, item: AnyItem, deadline: float | None, express: bool = False
+    ) -> ItemOutcome | Rejection | Retry:
         if self._fault is not None:
             return Retry(f"model replica unhealthy: {self._fault}")
         try:
@@ -620,7 +625,7 @@ class ModelServer:
         self._users[key] += 1
         try:
             queued = _Queued(dataclasses.replace(item, enqueued_at=time.monotonic()), loaded)
-            outcome = await self._queue.submit(queued, deadline, item.priority)
+            outcome = await self._queue.submit(queued, deadline, item.priority, express)
             if outcome.retry_message is not None:
                 return Retry(outcome.retry_message)
             return outcome

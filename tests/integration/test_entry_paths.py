@@ -138,6 +138,11 @@ def test_concurrent_requests_form_batches(client: StackClient) -> None:
     stats = httpx.get(f"{client.state.serve_url}/v1/stats", timeout=30).json()
 
     assert all(r.status_code == 200 for r in responses)
+    # Each answer says where its time went: admission wait, work after it, and the result write.
+    for response in responses:
+        timing = dict(entry.strip().split(";dur=") for entry in response.headers["server-timing"].split(","))
+        assert set(timing) == {"store", "admission", "work"}, timing
+        assert 0 < float(timing["store"]) <= float(timing["work"]), timing
     sizes = [r.json()["results"][0]["timings"]["batch_size"] for r in responses]
     assert max(sizes) > 1, sizes
     formed = {int(k) for k in stats["mobilenet_v2"]["batch_sizes"]}

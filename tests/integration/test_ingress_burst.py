@@ -109,10 +109,19 @@ class Watch:
                 response = http.post(f"{self.state.serve_url}/v1/infer", json={"uri": self.probe_uri})
                 self.statuses[response.status_code] += 1
                 if response.status_code == 200:
-                    self.latencies.append(time.monotonic() - started)
+                    took = time.monotonic() - started
+                    self.latencies.append(took)
                     timings = response.json()["results"][0].get("timings") or {}
-                    self.slowest.append((time.monotonic() - started, timings))
-                    for part in ("end_to_end_ms", "fetch_ms", "decode_ms", "queue_wait_ms", "inference_ms"):
+                    server = server_timing(response.headers.get("server-timing", ""))
+                    # Before admission: the connection, the body, the replica's event loop.
+                    timings["admission_ms"] = server["admission"]
+                    timings["store_ms"] = server.get("store")
+                    timings["outside_ms"] = round(took * 1000 - server["admission"] - server["work"], 1)
+                    self.slowest.append((took, timings))
+                    for part in (
+                        "outside_ms", "admission_ms", "store_ms", "end_to_end_ms", "fetch_ms", "decode_ms", "queue_wait_ms",
+                        "inference_ms",
+                    ):  # fmt: skip
                         self.parts.setdefault(part, []).append((timings.get(part) or 0) / 1000)
                 self._stop.wait(0.2)
 
@@ -126,6 +135,14 @@ class Watch:
         self._stop.set()
         for thread in self._threads:
             thread.join()
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: admission;dur=1.0, work;dur=2.0`` as milliseconds by name."""
+    parts = (entry.strip().split(";dur=") for entry in header.split(",") if ";dur=" in entry)
+    timings = {name: float(value) for name, value in parts}
+    assert {"admission", "work"} <= set(timings), header
+    return timings
 
 
 def _batches(state: StackState) -> Counter[int]:

@@ -35,7 +35,9 @@ def test_a_caller_with_nothing_queued_goes_ahead_of_the_round_for_one_piece() ->
 
     assert served == ["a0", "b0", "c0", "a1"]
     # d's first piece next; its second waits its turn at the back of the round.
-    assert _drain(turns) == ["d0", "b1", "c1", "a2", "d1", "b2", "c2"]
+    assert turns.has_new
+    assert turns.pop()[1] == "d0" and not turns.has_new
+    assert _drain(turns) == ["b1", "c1", "a2", "d1", "b2", "c2"]
 
 
 def test_a_busy_caller_cannot_stay_ahead_by_queueing_more() -> None:

@@ -51,7 +51,7 @@ class _Handle:
                 return INFO
             return describe
 
-        async def infer_answer(items: list, deadline: float | None) -> list:
+        async def infer_answer(items: list, deadline: float | None, express: bool = False) -> list:
             await asyncio.sleep(delay_s)
             if fail_if is not None and fail_if(items):
                 raise ConnectionError("message larger than max")
@@ -136,7 +136,8 @@ def test_infer_many_passes_the_deadline_and_stops_waiting_when_it_passes() -> No
     answers = asyncio.run(HandleModelClient({"m": fast}).infer_many("m", items, deadline))  # type: ignore[dict-item]
 
     assert answers == ["done", "done"]
-    [(sent, sent_deadline)] = fast.infer_many.calls
+    [(sent, sent_deadline, express)] = fast.infer_many.calls
+    assert not express  # a lone call takes a call slot
     assert sent_deadline == deadline
     # Each item carries its caller's deadline, so a merged call drops expired items one by one.
     assert [item.deadline for item in sent] == [deadline, deadline]
@@ -199,7 +200,7 @@ def test_a_live_call_does_not_wait_for_bulk_calls_holding_every_slot() -> None:
         def __init__(self) -> None:
             super().__init__()
 
-            async def infer_answer(items: list, deadline: float | None) -> list:
+            async def infer_answer(items: list, deadline: float | None, express: bool = False) -> list:
                 if items[0].priority is BULK:
                     await gate.wait()  # bulk calls stay in flight
                 return ["done"] * len(items)
@@ -234,8 +235,50 @@ def test_merged_live_calls_carry_at_most_one_batch_of_the_default_version(priori
         calls = (client.infer_many("mobilenet_v2", _items(3, 8, priority), None) for _ in range(5))
         answers = await asyncio.gather(*calls)
         assert all(a == ["done"] * 3 for a in answers)
-        return [len(items) for items, _ in handle.infer_many.calls]
+        return [len(call[0]) for call in handle.infer_many.calls]
 
     # Two callers go out alone at once; the other three wait for a call slot and are merged.
     sizes = asyncio.run(run())
     assert sum(sizes) == 15 and max(sizes) == most, sizes
+
+
+def test_a_live_callers_first_item_goes_express_while_calls_are_in_flight() -> None:
+    """A one-image caller behind two callers of many items is sent at once, marked for a batch of its own."""
+    gate = asyncio.Event()
+
+    class Handle(_Handle):
+        def __init__(self) -> None:
+            super().__init__()
+
+            async def infer_answer(items: list, deadline: float | None, express: bool = False) -> list:
+                if not express:
+                    await gate.wait()  # the merged calls stay in flight
+                return ["done"] * len(items)
+
+            self.infer_many = _Method(infer_answer)
+
+    handle = Handle()
+    client = HandleModelClient({"m": handle})  # type: ignore[dict-item]
+
+    async def run() -> list:
+        busy = [asyncio.ensure_future(client.infer_many("m", _items(16, 8), time.time() + 30)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        lone = await asyncio.wait_for(client.infer_many("m", _items(1, 8), time.time() + 30), 1.0)
+        gate.set()
+        await asyncio.gather(*busy)
+        return lone
+
+    assert asyncio.run(run()) == ["done"]
+    express = [call for call in handle.infer_many.calls if call[2]]
+    # The first busy call went whole (nothing was in flight); the other two busy callers'
+    # first items went express too, then the lone item.
+    assert [len(call[0]) for call in express] == [1, 1, 1]
+    assert len(handle.infer_many.calls[0][0]) == 16 and not handle.infer_many.calls[0][2]
+    bulk_handle = _Handle(delay_s=0.01)
+    bulk_client = HandleModelClient({"m": bulk_handle})  # type: ignore[dict-item]
+
+    async def bulk_run() -> None:
+        await asyncio.gather(*(bulk_client.infer_many("m", _items(2, 8, BULK), None) for _ in range(6)))
+
+    asyncio.run(bulk_run())
+    assert not [call for call in bulk_handle.infer_many.calls if call[2]]  # a backfill's calls never go express

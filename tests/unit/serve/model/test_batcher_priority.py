@@ -186,3 +186,92 @@ def test_batches_stay_short_while_live_work_arrives_and_fill_again_without_it(
 def test_shares_outside_zero_to_one_are_refused_by_name(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be between 0 and 1, got 1.5"):
         BatchQueue(Engine(), 2, 0.0, 8, **{field: 1.5})
+
+
+def test_express_items_run_next_in_a_batch_of_their_own() -> None:
+    async def test() -> None:
+        engine = Engine()
+        queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0)
+        first = await _hold_first_batch(queue, engine)
+        calls = [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(6)]
+        calls += [asyncio.ensure_future(queue.submit(f"x{i}", priority=LIVE, express=True)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert queue.depth_of(LIVE) == 8 and queue.depth == 8
+        engine.gate.set()
+        await asyncio.gather(first, *calls)
+        # The express items arrived last and run next, alone: not topped up with the live items.
+        assert engine.batches[1:] == [["x0", "x1"], ["l0", "l1", "l2", "l3"], ["l4", "l5"]]
+
+    _run(test)
+
+
+def test_an_express_batch_still_carries_the_bulk_items_owed() -> None:
+    class Stepped(Engine):
+        """Each batch waits for its own release."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps = asyncio.Semaphore(0)
+
+        async def __call__(self, batch: list[str]) -> Sequence[str]:
+            self.batches.append(list(batch))
+            self.started.set()
+            await self.steps.acquire()
+            return batch
+
+    async def formed(engine: Stepped, count: int) -> None:
+        while len(engine.batches) < count:
+            await asyncio.sleep(0)
+
+    async def test() -> None:
+        engine = Stepped()
+        queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.5)
+        first = await _hold_first_batch(queue, engine)
+        calls = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(4)]
+        calls += [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(8)]
+        await asyncio.sleep(0)
+        engine.steps.release()
+        await formed(engine, 2)  # l0..l3 run; bulk is owed two slots of the next batch
+        calls.append(asyncio.ensure_future(queue.submit("x0", priority=LIVE, express=True)))
+        await asyncio.sleep(0)
+        for _ in range(4):
+            engine.steps.release()
+        await asyncio.gather(first, *calls)
+        # The express item goes ahead of l4..l7, alone but for the bulk items owed: a
+        # flood of express items slows a backfill, never stops it.
+        assert engine.batches[1:] == [
+            ["l0", "l1", "l2", "l3"], ["x0", "b0", "b1"], ["l4", "l5", "l6", "b2"], ["l7", "b3"]
+        ]
+
+    _run(test)
+
+
+def test_an_express_bulk_item_is_queued_as_any_bulk_item() -> None:
+    async def test() -> None:
+        engine = Engine()
+        queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0)
+        first = await _hold_first_batch(queue, engine)
+        calls = [asyncio.ensure_future(queue.submit("b", priority=BULK, express=True))]
+        calls += [asyncio.ensure_future(queue.submit("l", priority=LIVE))]
+        await asyncio.sleep(0)
+        assert queue.depth_of(BULK) == 1
+        engine.gate.set()
+        await asyncio.gather(first, *calls)
+        assert engine.batches[1:] == [["l"], ["b"]]  # after the live item, as before
+
+    _run(test)
+
+
+def test_closing_fails_queued_express_items() -> None:
+    async def test() -> None:
+        engine = Engine()
+        queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=64)
+        first = await _hold_first_batch(queue, engine)
+        express = asyncio.ensure_future(queue.submit("x", priority=LIVE, express=True))
+        await asyncio.sleep(0)
+        await queue.close()
+        with pytest.raises(batcher.DeadlineExceeded, match="shutting down"):
+            await express
+        first.cancel()
+
+    _run(test)

@@ -285,3 +285,51 @@ def test_a_caller_that_arrives_while_others_take_turns_goes_ahead_of_the_round()
         assert calls[1:4] == [[100, 200], [300, 7], [101, 201]]
 
     asyncio.run(run())
+
+
+def test_first_items_go_express_while_calls_are_in_flight() -> None:
+    async def run() -> None:
+        rec, fast = Recorder(), Recorder()
+        fast.release.set()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=Clock(), express=fast.send)
+        busy = asyncio.ensure_future(coalescer.call([1, 2, 3], None))
+        await asyncio.sleep(0.01)
+        # A call is in flight: a new caller's first item goes at once, on the express
+        # sender; its other items wait for the slot, in turn with the others'.
+        assert await asyncio.wait_for(coalescer.call([7], None), 1.0) == [70]
+        two = asyncio.ensure_future(coalescer.call([8, 9], None))
+        await asyncio.sleep(0.01)
+        assert [items for items, _ in fast.calls] == [[7], [8]]
+        rec.release.set()
+        assert await busy == [10, 20, 30] and await two == [80, 90]
+        assert [items for items, _ in rec.calls] == [[1, 2, 3], [9]]
+
+    asyncio.run(run())
+
+
+def test_express_calls_are_bounded_and_carry_only_first_items() -> None:
+    async def run() -> None:
+        rec, fast = Recorder(), Recorder()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=Clock(), express=fast.send, max_express=1)
+        calls = [asyncio.ensure_future(coalescer.call([n, n + 1], None)) for n in (0, 10, 20, 30)]
+        await asyncio.sleep(0.01)
+        # Caller 0 takes the slot; caller 10's first item the express call; callers 20 and 30
+        # wait, and their first items go together in the next express call.
+        assert [items for items, _ in rec.calls] == [[0, 1]]
+        assert [items for items, _ in fast.calls] == [[10]]
+        fast.release.set()
+        await asyncio.sleep(0.01)
+        assert [items for items, _ in fast.calls] == [[10], [20, 30]]
+        rec.release.set()
+        assert [await c for c in calls] == [[n * 10, n * 10 + 10] for n in (0, 10, 20, 30)]
+        assert sorted(i for items, _ in rec.calls[1:] for i in items) == [11, 21, 31]
+
+    asyncio.run(run())
+
+
+def test_express_needs_callers_served_in_turn() -> None:
+    async def send(items: list[int], deadline: float | None) -> list[int]:
+        return items
+
+    with pytest.raises(ValueError, match="express needs in_turn"):
+        CallCoalescer(send, in_turn=False, express=send)
