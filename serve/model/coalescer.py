@@ -19,12 +19,14 @@ item is at the head of the next part even behind callers of hundreds (``in_turn`
 without it, a caller's items go together, callers in arrival order, so each finishes
 sooner).
 
-With ``express``, while merged calls are in flight, the first items of callers that had
-nothing waiting go in calls of their own (at most ``max_express`` in flight; while those
-are taken, first items lead the next merged part as before), which the model runs in a
-batch of their own ahead of its queue (:class:`~serve.model.batcher.BatchQueue`). A one-image caller behind a burst
-then waits for the batch the model is running, not for two merged calls of other
-callers' items and then a full batch of them.
+With ``express``, while merged calls carrying at least ``max_items`` items are in
+flight, the first items of callers that had nothing waiting go in calls of their own (at
+most ``max_express`` in flight; while those are taken, first items lead the next merged
+part as before), which the model runs in a batch of their own ahead of its queue
+(:class:`~serve.model.batcher.BatchQueue`). A one-image caller behind a burst then waits
+for the batch the model is running, not for two merged calls of other callers' items and
+then a full batch of them. Below that (a few one-item callers) parts stay merged: express
+calls would only mean more, smaller batches.
 
 Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
 that were not sent yet are dropped; a part carries the latest deadline of the callers
@@ -94,8 +96,8 @@ class CallCoalescer(Generic[T, R]):
             caller that has one), applied as the call joins the queue.
         in_turn: Whether waiting callers' items go into parts in turn (else each caller's
             items in arrival order, one caller after another).
-        express: Sends parts of callers' first items while calls are in flight, beside
-            the ``max_in_flight`` calls (needs ``in_turn``: only then is a caller's first
+        express: Sends parts of callers' first items while a part's worth of items is in
+            flight, beside the ``max_in_flight`` calls (needs ``in_turn``: only then is a caller's first
             item told apart).
         max_express: ``express`` calls allowed at once.
     """
@@ -125,6 +127,7 @@ class CallCoalescer(Generic[T, R]):
         self._express = express
         self._max_express = max_express
         self._express_in_flight = 0
+        self._in_flight_items = 0  # items in the merged calls in flight (express calls aside)
         self._max_in_flight = max_in_flight
         self.max_items = max_items
         self._max_bytes = max_bytes
@@ -187,10 +190,11 @@ class CallCoalescer(Generic[T, R]):
         return part
 
     def _pump(self) -> None:
-        # While calls are in flight, first items go express: in a merged part they would wait
-        # for a batch of others' items. An idle coalescer sends a lone call whole.
+        # While a batch of others' items is in flight, first items go express: in a merged part
+        # they would wait for it and then for a batch of others' items. Below that (an idle
+        # coalescer, a few one-item callers), parts stay merged: fewer calls and batches.
         while (
-            self._express is not None and self._in_flight and self._queue.has_new
+            self._express is not None and self._in_flight_items >= self.max_items and self._queue.has_new
             and self._express_in_flight < self._max_express
         ):  # fmt: skip
             part = self._next_part(first_items_only=True)
@@ -203,6 +207,7 @@ class CallCoalescer(Generic[T, R]):
             if not part:
                 return
             self._in_flight += 1
+            self._in_flight_items += len(part)
             asyncio.get_running_loop().create_task(self._flush(part))
 
     async def _flush(self, part: list[tuple[_Waiting[T, R], int]], express: bool = False) -> None:
@@ -233,6 +238,7 @@ class CallCoalescer(Generic[T, R]):
                 self._express_in_flight -= 1
             else:
                 self._in_flight -= 1
+                self._in_flight_items -= len(part)
             self._pump()
 
 

@@ -61,6 +61,20 @@ class _Handle:
         self.infer_many = _Method(infer_answer)
 
 
+class _Held(_Handle):
+    """A handle whose ``infer_many`` calls that ``held(items, express)`` picks wait for ``gate``."""
+
+    def __init__(self, gate: asyncio.Event, held: Callable[[list, bool], bool], describe: Any = None) -> None:
+        super().__init__(describe=describe)
+
+        async def infer_answer(items: list, deadline: float | None, express: bool = False) -> list:
+            if held(items, express):
+                await gate.wait()
+            return ["done"] * len(items)
+
+        self.infer_many = _Method(infer_answer)
+
+
 INFO = VersionInfo("mobilenet_v2", "3", InputSpec(height=32, width=32), PreprocessSpec())
 
 
@@ -196,18 +210,8 @@ def test_live_and_bulk_items_travel_in_calls_of_their_own_class() -> None:
 def test_a_live_call_does_not_wait_for_bulk_calls_holding_every_slot() -> None:
     gate = asyncio.Event()
 
-    class Handle(_Handle):
-        def __init__(self) -> None:
-            super().__init__()
-
-            async def infer_answer(items: list, deadline: float | None, express: bool = False) -> list:
-                if items[0].priority is BULK:
-                    await gate.wait()  # bulk calls stay in flight
-                return ["done"] * len(items)
-
-            self.infer_many = _Method(infer_answer)
-
-    client = HandleModelClient({"m": Handle()})  # type: ignore[dict-item]
+    # Bulk calls stay in flight.
+    client = HandleModelClient({"m": _Held(gate, lambda items, express: items[0].priority is BULK)})  # type: ignore[dict-item]
 
     async def run() -> list:
         bulk = [
@@ -242,25 +246,16 @@ def test_merged_live_calls_carry_at_most_one_batch_of_the_default_version(priori
     assert sum(sizes) == 15 and max(sizes) == most, sizes
 
 
-def test_a_live_callers_first_item_goes_express_while_calls_are_in_flight() -> None:
+def test_a_live_callers_first_item_goes_express_while_a_batch_is_in_flight() -> None:
     """A one-image caller behind two callers of many items is sent at once, marked for a batch of its own."""
     gate = asyncio.Event()
 
-    class Handle(_Handle):
-        def __init__(self) -> None:
-            super().__init__()
-
-            async def infer_answer(items: list, deadline: float | None, express: bool = False) -> list:
-                if not express:
-                    await gate.wait()  # the merged calls stay in flight
-                return ["done"] * len(items)
-
-            self.infer_many = _Method(infer_answer)
-
-    handle = Handle()
+    info = VersionInfo("m", "3", InputSpec(height=32, width=32), PreprocessSpec(), max_batch_size=16)
+    handle = _Held(gate, lambda items, express: not express, describe=info)  # the merged calls stay in flight
     client = HandleModelClient({"m": handle})  # type: ignore[dict-item]
 
     async def run() -> list:
+        await client.describe("m", None)  # a live part is one batch of 16: the busy callers fill one each
         busy = [asyncio.ensure_future(client.infer_many("m", _items(16, 8), time.time() + 30)) for _ in range(3)]
         await asyncio.sleep(0.01)
         lone = await asyncio.wait_for(client.infer_many("m", _items(1, 8), time.time() + 30), 1.0)

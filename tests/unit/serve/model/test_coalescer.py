@@ -291,10 +291,10 @@ def test_first_items_go_express_while_calls_are_in_flight() -> None:
     async def run() -> None:
         rec, fast = Recorder(), Recorder()
         fast.release.set()
-        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=Clock(), express=fast.send)
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=3, clock=Clock(), express=fast.send)
         busy = asyncio.ensure_future(coalescer.call([1, 2, 3], None))
         await asyncio.sleep(0.01)
-        # A call is in flight: a new caller's first item goes at once, on the express
+        # A full part is in flight: a new caller's first item goes at once, on the express
         # sender; its other items wait for the slot, in turn with the others'.
         assert await asyncio.wait_for(coalescer.call([7], None), 1.0) == [70]
         two = asyncio.ensure_future(coalescer.call([8, 9], None))
@@ -310,7 +310,9 @@ def test_first_items_go_express_while_calls_are_in_flight() -> None:
 def test_express_calls_are_bounded_and_carry_only_first_items() -> None:
     async def run() -> None:
         rec, fast = Recorder(), Recorder()
-        coalescer = CallCoalescer(rec.send, max_in_flight=1, clock=Clock(), express=fast.send, max_express=1)
+        coalescer = CallCoalescer(
+            rec.send, max_in_flight=1, max_items=2, clock=Clock(), express=fast.send, max_express=1
+        )
         calls = [asyncio.ensure_future(coalescer.call([n, n + 1], None)) for n in (0, 10, 20, 30)]
         await asyncio.sleep(0.01)
         # Caller 0 takes the slot; caller 10's first item the express call; callers 20 and 30
@@ -323,6 +325,22 @@ def test_express_calls_are_bounded_and_carry_only_first_items() -> None:
         rec.release.set()
         assert [await c for c in calls] == [[n * 10, n * 10 + 10] for n in (0, 10, 20, 30)]
         assert sorted(i for items, _ in rec.calls[1:] for i in items) == [11, 21, 31]
+
+    asyncio.run(run())
+
+
+def test_first_items_stay_in_merged_parts_while_less_than_a_part_is_in_flight() -> None:
+    """A few one-item callers: express calls would only mean more, smaller batches."""
+
+    async def run() -> None:
+        rec, fast = Recorder(), Recorder()
+        fast.release.set()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=4, clock=Clock(), express=fast.send)
+        calls = [asyncio.ensure_future(coalescer.call([n], None)) for n in range(4)]
+        await asyncio.sleep(0.01)
+        rec.release.set()
+        assert [await c for c in calls] == [[0], [10], [20], [30]]
+        assert fast.calls == [] and [items for items, _ in rec.calls] == [[0], [1, 2, 3]]
 
     asyncio.run(run())
 
