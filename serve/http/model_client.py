@@ -27,9 +27,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.http.deadline import HANDLE_GRACE_S
 from serve.http.pipeline import unwrap
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import AnyItem, EncodedItem, ItemOutcome
 from serve.model.coalescer import CallCoalescer
-from serve.model.model_server import Rejection, Retry, VersionInfo
 from shared.errors import TransientError
 from shared.messages import Priority
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from serve.http import oip
+from serve.model.answers import Rejection, Retry
 from serve.model.batch import ItemOutcome, model_input_shape
-from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature, TensorInfo
 from serve.model_config import Task
 from shared.errors import ErrorReason

@@ -55,8 +55,8 @@ from serve.http.oip_checks import outputs as output_tensors
 from serve.http.oip_stream import item_bytes, run_streamed, streamed_hold
 from serve.http.pipeline import unwrap
 from serve.imaging.cpu_decode import prepare_image
+from serve.model.answers import Rejection, Retry
 from serve.model.batch import BatchItem, ItemOutcome, model_input_shape
-from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature
 from serve.model_config import Task
 from serve.postprocess.base import ImageGeometry

@@ -24,8 +24,8 @@ import numpy as np
 from serve.http import oip
 from serve.http.body_stream import BodyStream
 from serve.http.oip_checks import check_outcomes
+from serve.model.answers import Rejection, Retry
 from serve.model.batch import BatchItem, ItemOutcome, model_input_shape
-from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature
 from shared.errors import ErrorReason
 

@@ -38,8 +38,8 @@ from serve.engines.errors import is_out_of_memory
 from serve.http.call_pool import run_in_turn
 from serve.http.fair_slots import FairSlots
 from serve.imaging.cpu_decode import PreparedImage, prepare_image
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import AnyItem, BatchItem, EncodedItem, ItemOutcome
-from serve.model.model_server import Rejection, Retry, VersionInfo
 from serve.model_config import preparation_key
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, SupersededError, TransientError

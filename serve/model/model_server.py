@@ -55,6 +55,7 @@ from serve.engines.base import engine_healthy
 from serve.engines.cache import EngineCache
 from serve.engines.errors import is_out_of_memory, load_error_is_permanent
 from serve.imaging.cpu_decode import prepare_image
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import (
     AnyItem,
     BatchItem,
@@ -71,7 +72,7 @@ from serve.model.encoded_batch import run_encoded_batch
 from serve.model.loader import load_version, warm_up
 from serve.model.repository import ModelRepository
 from serve.model.signature import ModelSignature, signature_of
-from serve.model_config import InputSpec, ModelConfig, PreprocessSpec, preparation_key
+from serve.model_config import ModelConfig, preparation_key
 from shared.config import load_settings
 from shared.errors import ConfigError, ErrorReason, PermanentError, TransientError
 from shared.logging import configure_json_logging
@@ -90,48 +91,6 @@ RUNTIME_FAULT_LIMIT = 3
 WAKE_CHECK_GAP_S = 0.5
 #: A background warm-up sleeps this many times each warm-up batch's duration after it.
 WARM_UP_PAUSE = 1.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class VersionInfo:
-    """What the ingress needs to preprocess for a version.
-
-    ``decode`` is not ``cpu`` (it is ``nvimgcodec:cuda:N``) when this version's replicas
-    decode on their GPU: the ingress then sends the fetched bytes (:class:`EncodedItem`).
-    ``max_batch_size`` is the version's largest batch (0: not told); the ingress sends
-    merged calls of at most that many items.
-    """
-
-    model: str
-    version: str
-    input: InputSpec
-    preprocess: PreprocessSpec
-    decode: str = "cpu"
-    max_batch_size: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Rejection:
-    """A permanent error crossing the deployment boundary as a value.
-
-    Ray wraps exceptions raised in a replica, and a wrapped exception cannot
-    always be matched by type in the caller; a value always can.
-    """
-
-    reason: ErrorReason
-    message: str
-
-    def to_error(self) -> PermanentError:
-        return PermanentError(self.reason, self.message)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Retry:
-    """A transient failure for one item, as a value; ``overloaded`` asks the caller to back off."""
-
-    message: str
-    overloaded: bool = False
-    retry_after_s: float = 1.0
 
 
 @dataclasses.dataclass(slots=True)

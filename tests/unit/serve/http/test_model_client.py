@@ -18,9 +18,9 @@ from serve.http.model_client import (
     ModelStarting,
     waiting_for_model,
 )
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import BatchItem
 from serve.model.coalescer import CallerDeadlinePassed
-from serve.model.model_server import Rejection, Retry, VersionInfo
 from serve.model_config import InputSpec, PreprocessSpec
 from serve.postprocess.base import ImageGeometry
 from shared.errors import ErrorReason, PermanentError, TransientError

@@ -29,8 +29,8 @@ from serve.http.model_client import ModelStarting
 from serve.http.oip_checks import MAX_IMAGES_PER_CALL
 from serve.http.oip_service import MAX_BODY_BYTES, InferCall, OipService
 from serve.http.oip_stream import PARTS_IN_FLIGHT, streamed_hold
+from serve.model.answers import Rejection, Retry
 from serve.model.batch import BatchItem, ItemOutcome, LoadedVersion, run_batch, validate_item
-from serve.model.model_server import Rejection, Retry
 from serve.model.signature import ModelSignature, signature_of
 from serve.model_config import parse_model_config
 from serve.postprocess.factory import make_postprocessor

@@ -15,8 +15,8 @@ import pytest
 
 import serve.http.pipeline as pipeline_module
 from serve.http.pipeline import InferencePipeline, Processed, ShedError, unwrap
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import BatchItem, EncodedItem, ItemOutcome
-from serve.model.model_server import Rejection, Retry, VersionInfo
 from serve.model_config import InputSpec, PreprocessSpec, preparation_key
 from shared.config import Settings
 from shared.errors import ErrorReason, PermanentError, TransientError

@@ -19,8 +19,9 @@ from PIL import Image
 
 from serve.http.pipeline import InferencePipeline, Processed
 from serve.model import device_decode
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import AnyItem, EncodedItem, ItemOutcome
-from serve.model.model_server import ModelServer, Rejection, Retry, VersionInfo, decode_on_cpu
+from serve.model.model_server import ModelServer, decode_on_cpu
 from serve.model_config import load_model_config
 from shared.config import Settings
 from shared.errors import ErrorReason

@@ -20,16 +20,10 @@ import yaml
 
 import serve.model.model_server as model_server
 from serve.engines.base import EngineFault
+from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import BatchItem, ItemOutcome, LoadedVersion
 from serve.model.chaos import CHAOS_DIR_ENV, FAIL_LOAD_ENV
-from serve.model.model_server import (
-    LOAD_BACKOFF_S,
-    RUNTIME_FAULT_LIMIT,
-    ModelServer,
-    Rejection,
-    Retry,
-    VersionInfo,
-)
+from serve.model.model_server import LOAD_BACKOFF_S, RUNTIME_FAULT_LIMIT, ModelServer
 from serve.model.repository import ModelVersion
 from serve.model_config import preparation_key
 from serve.postprocess.base import ImageGeometry
