@@ -17,9 +17,9 @@ class VersionInfo:
     """What the ingress needs to preprocess for a version.
 
     ``decode`` is not ``cpu`` (it is ``nvimgcodec:cuda:N``) when this version's replicas
-    decode on their GPU: the ingress then sends the fetched bytes (:class:`EncodedItem`).
-    ``max_batch_size`` is the version's largest batch (0: not told); the ingress sends
-    merged calls of at most that many items.
+    decode on their GPU: the ingress then sends the fetched bytes
+    (:class:`~serve.model.batch.EncodedItem`). ``max_batch_size`` is the version's
+    largest batch (0: not told); the ingress sends merged calls of at most that many items.
     """
 
     model: str

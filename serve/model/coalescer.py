@@ -96,9 +96,9 @@ class CallCoalescer(Generic[T, R]):
             caller that has one), applied as the call joins the queue.
         in_turn: Whether waiting callers' items go into parts in turn (else each caller's
             items in arrival order, one caller after another).
-        express: Sends parts of callers' first items while a part's worth of items is in
-            flight, beside the ``max_in_flight`` calls (needs ``in_turn``: only then is a caller's first
-            item told apart).
+        express: Sends parts of callers' first items while a part's worth of items is
+            in flight, beside the ``max_in_flight`` calls (needs ``in_turn``: only then
+            is a caller's first item told apart).
         max_express: ``express`` calls allowed at once.
     """
 
