@@ -60,6 +60,8 @@ class FairSlots:
         self.held -= 1
         while self.held < self.limit and self._waiting:
             _, granted = self._waiting.pop()
+            if granted.done():  # its caller was cancelled and has not yet taken it out of the line
+                continue
             granted.set_result(None)
             self.held += 1
 

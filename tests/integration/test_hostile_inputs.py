@@ -510,7 +510,11 @@ def test_hostile_and_short_deadlines_alongside_normal_traffic_fail_none_of_it(cl
         kinds = list(DEADLINE_HEADERS.values())
         # Valid but short deadlines too: they join the same merged calls as the normal ones.
         header = kinds[i % len(kinds)] if i % 3 else f"{time.time() + 2.05:.3f}"
-        return infer(client.state, json={"uris": [str(uri)] * 4}, headers={"x-triggerfish-deadline": header})
+        sent = time.time()
+        try:
+            return infer(client.state, json={"uris": [str(uri)] * 4}, headers={"x-triggerfish-deadline": header})
+        except httpx.TimeoutException as err:  # every such call is answered within seconds: say which hung
+            raise AssertionError(f"no answer for deadline header {header[:40]!r} sent at {sent:.3f}") from err
 
     from concurrent.futures import ThreadPoolExecutor
 

@@ -79,6 +79,30 @@ def test_a_slot_granted_to_a_caller_that_went_away_is_passed_on() -> None:
     asyncio.run(run())
 
 
+def test_a_slot_freed_between_a_waiters_cancellation_and_its_exit_goes_to_the_next_caller() -> None:
+    """Cancelling a waiting task cancels its grant at once; the task leaves the line only when it
+    next runs. A slot released in between skips that grant and goes to the caller behind it."""
+
+    async def run() -> None:
+        slots = FairSlots(1)
+        order: list[str] = []
+        release = asyncio.Event()
+        holder = asyncio.ensure_future(_hold(slots, "a", "a", order, release))
+        await asyncio.sleep(0)
+        gone = asyncio.ensure_future(_hold(slots, "b", "b", order, release))
+        behind = asyncio.ensure_future(_hold(slots, "c", "c", order, release))
+        await asyncio.sleep(0)
+        assert slots.waiting == 2
+        release.set()  # a runs first, then b: ...
+        gone.cancel()  # ... whose grant is cancelled now, while it is still in the line
+        await asyncio.gather(holder, behind)  # a's release passes over b's grant to c
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert order == ["a", "c"] and slots.held == 0 and slots.waiting == 0
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+
+
 def test_the_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
         FairSlots(0)
