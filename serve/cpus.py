@@ -34,16 +34,22 @@ def _cgroup_limit() -> float | None:
     return quota_us / period_us if quota_us > 0 else None
 
 
-def _ray_cpus() -> float | None:
+def ray_assigned(resource: str) -> float | None:
+    """How much of Ray resource ``resource`` (``CPU``, ``GPU``) this worker was given;
+    None outside a Ray worker or without an assignment."""
     try:
         import ray
 
         if not ray.is_initialized():
             return None
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        amount = ray.get_runtime_context().get_assigned_resources().get(resource)
     except Exception:  # noqa: BLE001 - outside a Ray worker there is no assignment
         return None
-    return cpus or None
+    return amount or None
+
+
+def _ray_cpus() -> float | None:
+    return ray_assigned("CPU")
 
 
 def replica_cpus(env: dict[str, str] | None = None) -> int:

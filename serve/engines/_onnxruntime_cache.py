@@ -11,10 +11,7 @@ for the CUDA execution provider the GPU, and the providers.
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +25,7 @@ from serve.engines.onnxruntime import (
     provider_list,
     session_options,
 )
+from serve.gpus import gpu_name_from_proc, query_gpu
 from shared.errors import ConfigError
 
 logger = logging.getLogger("serve.engines.onnxruntime")
@@ -53,28 +51,11 @@ def gpu_identity(device: int = 0) -> tuple[str, str]:
     """``(GPU name, "sm_XY")`` of CUDA device ``device``, without importing CUDA bindings
     (only the TensorRT backend does): from ``nvidia-smi``, else the driver's /proc files.
     Unknown parts read ``unknown``."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-    index = (
-        visible[device].strip()
-        if device < len(visible) and visible[device].strip().isdigit()
-        else str(device)
-    )
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run(
-                [smi, "-i", index, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=15, check=True,
-            ).stdout.strip()  # fmt: skip
-            name, cap = (part.strip() for part in out.splitlines()[0].split(",", 1))
-            return name, "sm_" + cap.replace(".", "")
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            pass  # older drivers lack compute_cap; fall through to /proc
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))[int(index) :][:1]:
-        for line in info.read_text(errors="replace").splitlines():
-            if line.startswith("Model:"):
-                return line.split(":", 1)[1].strip(), "unknown"
-    return "unknown GPU", "unknown"
+    answer = query_gpu(device, "name,compute_cap")  # older drivers lack compute_cap
+    if answer is not None:
+        name, cap = answer
+        return name, "sm_" + cap.replace(".", "")
+    return gpu_name_from_proc(device) or "unknown GPU", "unknown"
 
 
 def choose_providers(providers: Sequence[str] | None) -> list[str]:
@@ -129,6 +110,7 @@ def optimize_model(
     work_dir: Path | None,
     intra_op_threads: int | None = None,
     device: int = 0,
+    gpu_mem_limit: int | None = None,
 ) -> bytes:
     """Run ORT's level-ALL graph optimizations once and return the optimized model bytes.
 
@@ -147,7 +129,9 @@ def optimize_model(
         # cpu_identity() for exactly that reason, so the warning is noise here.
         options.log_severity_level = 3
         source = str(onnx) if isinstance(onnx, Path) else onnx
-        ort.InferenceSession(source, options, providers=provider_list(providers, device))
+        ort.InferenceSession(
+            source, options, providers=provider_list(providers, device, gpu_mem_limit)
+        )
         return target.read_bytes()
 
 
@@ -157,8 +141,10 @@ def session_engine(
     providers: Sequence[str],
     intra_op_threads: int | None = None,
     device: int = 0,
+    gpu_mem_limit: int | None = None,
 ) -> OnnxRuntimeEngine:
-    """An :class:`OnnxRuntimeEngine` over an already-optimized model.
+    """An :class:`OnnxRuntimeEngine` over an already-optimized model (on the CUDA provider,
+    an arena of at most ``gpu_mem_limit`` bytes).
 
     Raises:
         IncompatibleEngineError: ONNX Runtime cannot load the bytes (corrupt, or made by
@@ -173,7 +159,7 @@ def session_engine(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done offline
     try:
         session = ort.InferenceSession(
-            optimized, options, providers=provider_list(providers, device)
+            optimized, options, providers=provider_list(providers, device, gpu_mem_limit)
         )
     except (
         ort_errors.Fail,
@@ -186,21 +172,7 @@ def session_engine(
         raise IncompatibleEngineError(
             f"ONNX Runtime {ort.__version__} cannot load the optimized model: {err}"
         ) from err
-    inputs = {i.name for i in session.get_inputs()}
-    if spec.input_name not in inputs:
-        raise ConfigError(
-            f"model {spec.model}/{spec.version} has no input {spec.input_name!r} (has {sorted(inputs)})"
-        )
-    outputs = {o.name for o in session.get_outputs()}
-    unknown = [n for n in spec.output_names if n not in outputs]
-    if unknown:
-        raise ConfigError(
-            f"model {spec.model}/{spec.version} has no outputs {unknown} (has {sorted(outputs)})"
-        )
-    provider = session.get_providers()[0]
-    if provider != providers[0]:
-        logger.warning("ONNX Runtime fell back from %s to %s", providers[0], provider)
-    return OnnxRuntimeEngine(spec, session, provider, parallelism if provider == providers[0] else None)
+    return OnnxRuntimeEngine.over_session(spec, session, providers[0], parallelism, device)
 
 
 def load_onnxruntime_cached(
@@ -211,9 +183,11 @@ def load_onnxruntime_cached(
     intra_op_threads: int | None = None,
     validate=None,  # noqa: ANN001 - same callable as EngineCache.get_or_build's
     device: int = 0,
+    gpu_mem_limit: int | None = None,
 ):  # noqa: ANN201 - CacheResult[OnnxRuntimeEngine]
     """Load ``spec`` on ONNX Runtime through ``cache`` (optimizing the model on a miss),
-    on CUDA device ``device`` when the CUDA execution provider is available."""
+    on CUDA device ``device`` when the CUDA execution provider is available, its arena
+    capped at ``gpu_mem_limit`` bytes (a runtime setting: not part of the cache key)."""
     chosen = choose_providers(providers)
     path = Path(spec.onnx_path)
     model = inspect_model(path)
@@ -222,8 +196,12 @@ def load_onnxruntime_cached(
     work_dir = getattr(cache.disk, "root", None)
     return cache.get_or_build(
         key,
-        build=lambda: optimize_model(source, chosen, work_dir, intra_op_threads, device),
-        load=lambda data: session_engine(spec, data, chosen, intra_op_threads, device),
+        build=lambda: optimize_model(
+            source, chosen, work_dir, intra_op_threads, device, gpu_mem_limit
+        ),
+        load=lambda data: session_engine(
+            spec, data, chosen, intra_op_threads, device, gpu_mem_limit
+        ),
         validate=validate,
         info={"model": spec.model, "version": spec.version, "providers": chosen, "device": device},
     )

@@ -149,6 +149,7 @@ def load_cached_engine(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     device: int = 0,
+    gpu_mem_limit: int | None = None,
     timing_cache_dir: Path | None = None,
     timing_cache_path: Path | None = None,
 ) -> CacheResult[Engine]:
@@ -157,6 +158,9 @@ def load_cached_engine(
 
     A cache hit was guarded when it was built (its verdict is in ``report.info``); a hit
     recorded without a verdict is checked now.
+
+    ``gpu_mem_limit`` caps ONNX Runtime's CUDA arena (bytes); TensorRT's engines size their
+    device memory when they are built.
 
     TensorRT keeps one timing cache per (model, GPU, TensorRT build) in
     ``timing_cache_dir``; ``timing_cache_path`` names a file in that directory instead
@@ -203,6 +207,7 @@ def load_cached_engine(
             intra_op_threads=intra_op_threads,
             validate=validate,
             device=device,
+            gpu_mem_limit=gpu_mem_limit,
         )
     else:
         raise ValueError(f"unknown backend {backend!r}")

@@ -185,10 +185,29 @@ class OnnxRuntimeEngine:
             options,
             providers=provider_list(wanted, device, gpu_mem_limit),
         )
-        names = {i.name for i in session.get_inputs()}
-        if spec.input_name not in names:
+        return cls.over_session(spec, session, wanted[0] if wanted else None, parallelism, device)
+
+    @classmethod
+    def over_session(
+        cls,
+        spec: EngineSpec,
+        session: Any,
+        wanted: str | None,
+        parallelism: CpuParallelism,
+        device: int = 0,
+    ) -> OnnxRuntimeEngine:
+        """An engine over an open ``session``, once it has the configured input and outputs.
+
+        ``wanted`` is the provider asked for first; a session that fell back to another is
+        logged, and gets no CPU lanes planned for the provider it does not run on.
+
+        Raises:
+            ConfigError: the model lacks the configured input or outputs.
+        """
+        inputs = {i.name for i in session.get_inputs()}
+        if spec.input_name not in inputs:
             raise ConfigError(
-                f"model {spec.model}/{spec.version} has no input {spec.input_name!r} (has {sorted(names)})"
+                f"model {spec.model}/{spec.version} has no input {spec.input_name!r} (has {sorted(inputs)})"
             )
         outputs = {o.name for o in session.get_outputs()}
         unknown = [n for n in spec.output_names if n not in outputs]
@@ -197,11 +216,9 @@ class OnnxRuntimeEngine:
                 f"model {spec.model}/{spec.version} has no outputs {unknown} (has {sorted(outputs)})"
             )
         provider = session.get_providers()[0]
-        if wanted and provider != wanted[0]:
-            logger.warning("ONNX Runtime fell back from %s to %s", wanted[0], provider)
-        return cls(
-            spec, session, provider, parallelism if provider == wanted[0] else None, device=device
-        )
+        if wanted and provider != wanted:
+            logger.warning("ONNX Runtime fell back from %s to %s", wanted, provider)
+        return cls(spec, session, provider, parallelism if provider == wanted else None, device=device)
 
     @property
     def backend_name(self) -> str:

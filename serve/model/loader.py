@@ -97,9 +97,15 @@ def engine_spec(mv: ModelVersion, output_names: tuple[str, ...], workers: int = 
 
 
 def open_engine(
-    mv: ModelVersion, spec: EngineSpec, cache: EngineCache, backends: list[Backend], work_dir: Path
+    mv: ModelVersion,
+    spec: EngineSpec,
+    cache: EngineCache,
+    backends: list[Backend],
+    work_dir: Path,
+    gpu_mem_limit: int | None = None,
 ) -> OpenedEngine:
-    """Load through the engine cache on the first backend that works.
+    """Load through the engine cache on the first backend that works (ONNX Runtime's CUDA
+    arena capped at ``gpu_mem_limit`` bytes, :func:`serve.gpus.onnxruntime_arena_limit`).
 
     A fallback (TensorRT missing, or refused by the accuracy guard) is logged,
     visible in every result's ``backend``, and its cause kept in ``fallback_reason``. Only a permanent refusal falls back: a
@@ -122,6 +128,7 @@ def open_engine(
                 validation=validation_set(mv) if reduced else None,
                 # One file: the backend detects and replaces a cache from another GPU/TensorRT.
                 timing_cache_path=work_dir / "timing" / "tensorrt.timing-cache",
+                gpu_mem_limit=gpu_mem_limit,
             )
         except Exception as err:  # noqa: BLE001 - classified: permanent falls back, transient is raised
             if not load_error_is_permanent(err):
@@ -156,6 +163,7 @@ def load_version(
     warm: bool = True,
     decode: str = "cpu",
     max_pixels: int = 60_000_000,
+    gpu_mem_limit: int | None = None,
 ) -> LoadedVersion:
     """Load the engine for ``mv`` and run a warm-up batch at every built batch size.
 
@@ -167,7 +175,9 @@ def load_version(
     postprocess = make_postprocessor(mv.config.postprocess)
     spec = engine_spec(mv, postprocess.output_names, workers)
     started = time.monotonic()
-    opened = open_engine(mv, spec, cache, backend_preference(mv.config.backends), work_dir)
+    opened = open_engine(
+        mv, spec, cache, backend_preference(mv.config.backends), work_dir, gpu_mem_limit
+    )
     engine = opened.engine
     loaded = LoadedVersion(
         mv.name, mv.version, mv.config, engine, postprocess, mv.labels,

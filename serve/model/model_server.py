@@ -54,6 +54,7 @@ from serve import metrics
 from serve.engines.base import engine_healthy
 from serve.engines.cache import EngineCache
 from serve.engines.errors import is_out_of_memory, load_error_is_permanent
+from serve.gpus import onnxruntime_arena_limit
 from serve.imaging.cpu_decode import prepare_image
 from serve.model.answers import Rejection, Retry, VersionInfo
 from serve.model.batch import (
@@ -190,6 +191,8 @@ class ModelServer:
         self._work_dir = Path(settings.engine_cache_dir)
         self._decode_mode = settings.decode
         self._max_pixels = settings.max_image_pixels
+        # Read once: a bad TRIGGERFISH_GPU_MEM_LIMIT_MB stops the replica at start.
+        self._gpu_mem_limit = onnxruntime_arena_limit()
         self._repo = ModelRepository(settings.model_repository, self._work_dir)
         self._cache = EngineCache.from_settings(settings.engine_cache_dir, settings.engine_cache_uri)
         self._versions: OrderedDict[str, LoadedVersion] = OrderedDict()
@@ -247,8 +250,9 @@ class ModelServer:
         mv = self._repo.resolve(self._model, version)
         self._check_servable(version, mv.config)
         return load_version(
-            mv, self._cache, self._work_dir, warm=warm, decode=self._decode_mode, max_pixels=self._max_pixels
-        )
+            mv, self._cache, self._work_dir, warm=warm, decode=self._decode_mode,
+            max_pixels=self._max_pixels, gpu_mem_limit=self._gpu_mem_limit,
+        )  # fmt: skip
 
     def _check_servable(self, version: str, config: ModelConfig) -> None:
         """Refuse, before anything is built, a version this replica's queue cannot batch."""

@@ -53,4 +53,14 @@ def test_anything_else_is_transient(err: Exception) -> None:
 def test_out_of_memory_is_recognised_by_type_or_message() -> None:
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("std::bad_alloc"))
+    # ONNX Runtime's CUDA arena at its gpu_mem_limit (serve/gpus.py).
+    assert is_out_of_memory(
+        RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+            "running Conv node. Name:'conv1' Status Message: /onnxruntime_src/onnxruntime/core/"
+            "framework/bfc_arena.cc:376 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, "
+            "bool, onnxruntime::Stream*, bool, onnxruntime::WaitNotificationFn) Failed to "
+            "allocate memory for requested buffer of size 102760448"
+        )
+    )
     assert not is_out_of_memory(RuntimeError("illegal memory access"))

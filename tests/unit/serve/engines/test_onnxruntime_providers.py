@@ -9,13 +9,17 @@ import subprocess
 import onnxruntime as ort
 import pytest
 
+from serve import gpus
 from serve.engines import _onnxruntime_cache
 from serve.engines._onnxruntime_cache import (
     choose_providers,
     gpu_identity,
     onnxruntime_cache_key,
 )
+from serve.engines.build import load_cached_engine
+from serve.engines.cache import EngineCache
 from serve.engines.onnxruntime import OnnxRuntimeEngine, provider_list
+from serve.model_config import Backend
 from tests.unit.serve.engines.onnx_models import classifier_onnx, images
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -64,14 +68,14 @@ def test_gpu_identity_reads_nvidia_smi(monkeypatch) -> None:
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, stdout="NVIDIA H200, 9.0\n", stderr="")
 
-    monkeypatch.setattr(_onnxruntime_cache.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr(_onnxruntime_cache.subprocess, "run", run)
+    monkeypatch.setattr(gpus.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(gpus.subprocess, "run", run)
     assert gpu_identity(0) == ("NVIDIA H200", "sm_90")
     assert calls[0][1:3] == ["-i", "3"]  # device 0 of the process is the host's GPU 3
 
 
 def test_gpu_identity_without_a_driver_is_unknown(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(_onnxruntime_cache.shutil, "which", lambda name: None)
+    monkeypatch.setattr(gpus.shutil, "which", lambda name: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert gpu_identity(0)[1] == "unknown"
 
@@ -112,3 +116,36 @@ def test_other_errors_stay_ordinary_errors(spec) -> None:
     with pytest.raises(RuntimeError, match="invalid dimensions"):
         engine.infer(images(2))
     assert engine.healthy
+
+
+def test_every_session_of_a_cached_cuda_load_gets_the_arena_cap(
+    spec, gpu_build, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(_onnxruntime_cache, "gpu_identity", lambda device: ("NVIDIA L4", "sm_89"))
+    real = ort.InferenceSession
+    seen: list[object] = []
+
+    def session(source, options, providers):  # noqa: ANN001, ANN202
+        seen.append(providers)
+        return real(source, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    cache = EngineCache.from_settings(str(tmp_path / "engines"), "")
+    limit = 6 << 30
+    built = load_cached_engine(spec, Backend.ONNXRUNTIME, cache, gpu_mem_limit=limit)
+    built.value.close()
+    cached = load_cached_engine(spec, Backend.ONNXRUNTIME, cache, gpu_mem_limit=limit)
+    cached.value.close()
+
+    assert built.report.level == "built" and cached.report.level != "built"
+    assert len(seen) == 3  # the optimizing session, the built engine's and the cached engine's
+    for providers in seen:
+        assert providers[0] == (
+            "CUDAExecutionProvider",
+            {
+                "device_id": 0,
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "gpu_mem_limit": limit,
+                "arena_extend_strategy": "kSameAsRequested",
+            },
+        )

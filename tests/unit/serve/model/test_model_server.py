@@ -562,3 +562,44 @@ def test_items_that_wake_the_watcher_are_coalesced_into_few_repository_checks(
     assert all(isinstance(a, ItemOutcome) and a.version == "1" for a in answers)
     assert 1 <= len(listings) <= 4, listings  # 40 wakes in about half a second
     assert all(b - a >= model_server.WAKE_CHECK_GAP_S * 0.9 for a, b in itertools.pairwise(listings))
+
+
+# --- GPU memory ------------------------------------------------------------------------------
+
+
+def test_a_replica_with_half_a_gpu_loads_every_version_with_its_arena_capped(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serve.gpus as gpus
+
+    monkeypatch.setattr(gpus, "ray_assigned", lambda resource: {"GPU": 0.5}.get(resource))
+    monkeypatch.setattr(gpus, "gpu_memory_bytes", lambda device=0: 24 << 30)  # an L4
+    caps: list[int | None] = []
+
+    def load_version(mv: ModelVersion, *args: object, gpu_mem_limit: int | None = None, **_: object):
+        caps.append(gpu_mem_limit)
+        return LoadedVersion(
+            mv.name, mv.version, mv.config, FakeEngine(mv.version),
+            make_postprocessor(mv.config.postprocess), mv.labels,
+        )  # fmt: skip
+
+    monkeypatch.setattr(model_server, "load_version", load_version)
+    monkeypatch.setattr(model_server, "warm_up", lambda loaded, pause=0.0: None)
+    publish(repo, "1")
+    s = server()
+    publish(repo, "2")
+    run(s.check_versions())
+
+    assert caps == [int((24 << 30) * 0.5 * gpus.ARENA_PART_OF_SHARE)] * 2
+
+
+def test_a_bad_gpu_memory_setting_stops_the_replica_at_start(
+    repo: Path, loads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.errors import ConfigError
+
+    monkeypatch.setenv("TRIGGERFISH_GPU_MEM_LIMIT_MB", "half")
+    publish(repo, "1")
+    with pytest.raises(ConfigError, match="TRIGGERFISH_GPU_MEM_LIMIT_MB.*'half'"):
+        server()
+    assert loads == []
