@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,8 @@ from shared.messages import Priority
 from shared.results import Detection, Label
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,13 @@ class EngineFailure(TransientError):
         self.sticky = sticky
 
 
+def device_lost(loaded: LoadedVersion, err: EngineFault) -> EngineFailure:
+    """The engine says its device is gone (a sticky CUDA error): no input is to blame."""
+    return EngineFailure(
+        f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
+    )
+
+
 def run_batch(
     loaded: LoadedVersion, items: Sequence[BatchItem], clock: Callable[[], float] = time.monotonic
 ) -> list[ItemOutcome]:
@@ -231,13 +240,19 @@ def run_batch(
     try:
         outputs = _infer(loaded, items)
     except EngineFault as err:
-        # The engine says its device is gone (a sticky CUDA error): no input is to blame.
-        raise EngineFailure(
-            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
-        ) from err
+        raise device_lost(loaded, err) from err
     except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
         if len(items) == 1:
-            return [_isolate(loaded, items[0], err, started, clock)]
+            item = items[0]
+            return [
+                isolate(
+                    loaded, item, err, started, loaded.engine.backend_name,
+                    run_alone=lambda: _infer(loaded, [item]),
+                    outcome_of=lambda outputs: _outcomes(
+                        loaded, [item], outputs, started, (clock() - started) * 1000
+                    )[0],
+                )  # fmt: skip
+            ]
         logger.warning("batch of %d failed; retrying items one by one", len(items), exc_info=True)
         return [outcome for item in items for outcome in run_batch(loaded, [item], clock)]
     return _outcomes(loaded, items, outputs, started, (clock() - started) * 1000)
@@ -271,30 +286,36 @@ def _outcomes(
     return outcomes
 
 
-def _isolate(
-    loaded: LoadedVersion, item: BatchItem, cause: Exception, started: float, clock: Callable[[], float]
+def isolate(
+    loaded: LoadedVersion,
+    item: AnyItem,
+    cause: Exception,
+    started: float,
+    runs_on: str,
+    run_alone: Callable[[], R],
+    outcome_of: Callable[[R], ItemOutcome],
 ) -> ItemOutcome:
-    """Decide who is to blame for ``item`` failing alone (see the module docstring)."""
-    if is_out_of_memory(cause):
+    """Decide who is to blame for ``item`` failing alone with ``cause`` (see the module
+    docstring): ``run_alone()`` runs it once more after a passing probe, ``outcome_of``
+    turns what that returns into its outcome; ``runs_on`` names what ran out of memory."""
+    if isinstance(cause, TransientError) or is_out_of_memory(cause):
         logger.warning("out of memory running one item of %s/%s: %s", loaded.model, loaded.version, cause)
-        return retry_outcome(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {cause}")
+        return retry_outcome(loaded, item, started, f"out of memory on {runs_on}: {cause}")
     probe_engine(loaded, cause)
     try:
-        outputs = _infer(loaded, [item])
+        result = run_alone()
     except EngineFault as err:
-        raise EngineFailure(
-            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
-        ) from err
+        raise device_lost(loaded, err) from err
     except Exception as err:  # noqa: BLE001 - the second failure alone on a healthy engine
-        if is_out_of_memory(err):
-            return retry_outcome(loaded, item, started, f"out of memory on {loaded.engine.backend_name}: {err}")
+        if isinstance(err, TransientError) or is_out_of_memory(err):
+            return retry_outcome(loaded, item, started, f"out of memory on {runs_on}: {err}")
         logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
         return failed_outcome(loaded, item, started, f"inference failed for this image: {err}")
     logger.warning(
         "one item of %s/%s failed once and then passed (%r): an intermittent fault",
         loaded.model, loaded.version, cause,
     )  # fmt: skip
-    return _outcomes(loaded, [item], outputs, started, (clock() - started) * 1000)[0]
+    return outcome_of(result)
 
 
 def probe_engine(loaded: LoadedVersion, cause: BaseException) -> None:
@@ -311,9 +332,7 @@ def probe_engine(loaded: LoadedVersion, cause: BaseException) -> None:
         try:
             _infer(loaded, [BatchItem(blank, geometry, loaded.version)])
         except EngineFault as err:
-            raise EngineFailure(
-                f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
-            ) from err
+            raise device_lost(loaded, err) from err
         except Exception as err:  # noqa: BLE001 - counted; only repeated failures blame the engine
             failures.append(err)
             continue

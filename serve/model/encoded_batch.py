@@ -32,11 +32,10 @@ from serve.imaging.device_infer import EncodedResult, infer_prepared
 from serve.imaging.overlap import overlapped
 from serve.model.batch import (
     EncodedItem,
-    EngineFailure,
     ItemOutcome,
     LoadedVersion,
-    failed_outcome,
-    probe_engine,
+    device_lost,
+    isolate,
     retry_outcome,
 )
 from shared.errors import PermanentError, TransientError
@@ -78,16 +77,23 @@ def run_encoded_batch(
         # A batch prepared ahead of one that fails gives its buffer slot back.
         done = list(overlapped(chunks, prepare, consume, lambda prepared: prepared[0].release()))
     except EngineFault as err:
-        raise EngineFailure(
-            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
-        ) from err
+        raise device_lost(loaded, err) from err
     except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
         if isinstance(err, TransientError) or is_out_of_memory(err):
             # The batch buffer or the engine ran out of device memory: nobody's input is to blame.
             logger.warning("device out of memory for a batch of %d of %s/%s: %s", len(items), loaded.model, loaded.version, err)
             return [retry_outcome(loaded, item, started, f"out of memory on {preparer.name}: {err}") for item in items]
         if len(items) == 1:
-            return [_isolate(loaded, items[0], err, started, clock)]
+            item = items[0]
+            return [
+                isolate(
+                    loaded, item, err, started, preparer.name,
+                    run_alone=lambda: infer_prepared(loaded, preparer.prepare([item.data]), preparer.name),
+                    outcome_of=lambda results: _outcome(
+                        loaded, item, results[0], started, 1, 0.0, (clock() - started) * 1000
+                    ),
+                )  # fmt: skip
+            ]
         logger.warning("encoded batch of %d failed; retrying items one by one", len(items), exc_info=True)
         return [outcome for item in items for outcome in run_encoded_batch(loaded, [item], clock)]
     outcomes = []
@@ -122,27 +128,3 @@ def _outcome(
         decode=result.decode,
         decode_ms=round(decode_ms, 3),
     )
-
-
-def _isolate(
-    loaded: LoadedVersion, item: EncodedItem, cause: Exception, started: float, clock: Callable[[], float]
-) -> ItemOutcome:
-    """Decide who is to blame for ``item`` failing alone (as :func:`serve.model.batch.run_batch`)."""
-    probe_engine(loaded, cause)
-    try:
-        results = infer_prepared(loaded, loaded.preparer.prepare([item.data]), loaded.preparer.name)
-    except EngineFault as err:
-        raise EngineFailure(
-            f"engine {loaded.engine.backend_name} for {loaded.model}/{loaded.version}: {err}", sticky=True
-        ) from err
-    except Exception as err:  # noqa: BLE001 - the second failure alone on a healthy engine
-        if isinstance(err, TransientError) or is_out_of_memory(err):
-            return retry_outcome(loaded, item, started, f"out of memory on {loaded.preparer.name}: {err}")
-        logger.exception("inference failed for a single encoded item of %s/%s", loaded.model, loaded.version)
-        return failed_outcome(loaded, item, started, f"inference failed for this image: {err}")
-    logger.warning(
-        "one encoded item of %s/%s failed once and then passed (%r): an intermittent fault",
-        loaded.model, loaded.version, cause,
-    )  # fmt: skip
-    elapsed = (clock() - started) * 1000
-    return _outcome(loaded, item, results[0], started, 1, 0.0, elapsed)
