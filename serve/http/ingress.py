@@ -144,6 +144,14 @@ def _asks_to_wait(request: Request) -> bool:
     return flag.strip().lower() in ("1", "true", "yes")
 
 
+def with_server_timing(response: JSONResponse, **durations_ms: float) -> JSONResponse:
+    """``response`` with ``name;dur=ms`` metrics added to its ``Server-Timing`` header."""
+    timing = ", ".join(f"{name};dur={ms:.1f}" for name, ms in durations_ms.items())
+    earlier = response.headers.get("server-timing")
+    response.headers["server-timing"] = f"{earlier}, {timing}" if earlier else timing
+    return response
+
+
 def _error(code: str, message: str, status: int, retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
@@ -311,10 +319,9 @@ class Ingress:
         admitted = time.monotonic()
         async with ticket:
             response = await self._bounded(work(ticket), deadline)
-        timing = f"admission;dur={(admitted - arrived) * 1000:.1f}, work;dur={(time.monotonic() - admitted) * 1000:.1f}"
-        earlier = response.headers.get("server-timing")
-        response.headers["server-timing"] = f"{earlier}, {timing}" if earlier else timing
-        return response
+        return with_server_timing(
+            response, admission=(admitted - arrived) * 1000, work=(time.monotonic() - admitted) * 1000
+        )
 
     async def _bounded(self, work, deadline: CallDeadline) -> JSONResponse:  # noqa: ANN001 - a coroutine
         # The caller stops reading at its deadline: answer before, so it gets a retryable answer.
@@ -392,16 +399,17 @@ class Ingress:
                     logger.error("transient failure: %r", cause, exc_info=exc_info)
             transient.append(str(cause) or repr(cause))
             results.append({"status": "retry", "error": {"message": str(cause) or repr(cause)}})
-        # The longest result write of the call, its wait for a storage slot included.
-        stored = [o.store_ms for o in outcomes if isinstance(o, Processed) and o.store_ms is not None]
-        timing = f"store;dur={max(stored):.1f}" if stored else ""
         if transient:
-            return JSONResponse(
+            response = JSONResponse(
                 {"error": "overloaded" if shed else "transient", "message": transient[0], "results": results},
                 status_code=429 if shed else 503,
                 headers={"Retry-After": str(max(1, round(shed_after if shed else unavailable_after)))},
             )
-        return JSONResponse({"results": results}, headers={"server-timing": timing} if timing else None)
+        else:
+            response = JSONResponse({"results": results})
+        # The longest result write of the call, its wait for a storage slot included.
+        stored = [o.store_ms for o in outcomes if isinstance(o, Processed) and o.store_ms is not None]
+        return with_server_timing(response, store=max(stored)) if stored else response
 
     # -- health and introspection --------------------------------------------------------------
     @api.get("/healthz")

@@ -226,6 +226,27 @@ def test_any_other_transient_failure_is_a_503() -> None:
     assert body["error"] == "transient" and body["message"] == "queue full"
 
 
+def _timings(headers: Any) -> dict[str, float]:
+    """``Server-Timing: store;dur=1.0, admission;dur=0.1`` as milliseconds by name."""
+    parts = (entry.strip().split(";dur=") for entry in headers["server-timing"].split(","))
+    return {name: float(ms) for name, ms in parts}
+
+
+def test_every_answer_past_admission_says_where_its_time_went() -> None:
+    stored = Processed("a", None, "gs://r/a.json", superseded=True, store_ms=12.5)
+    slower = Processed("b", None, "gs://r/b.json", superseded=True, store_ms=40.4)
+
+    _, ok, _ = _post(_ingress(_Pipeline([stored, slower])), json.dumps({"uris": [CAT] * 2}).encode(), {})
+    status, shed, _ = _post(
+        _ingress(_Pipeline([stored, ShedError("queue full", 2.0)])), json.dumps({"uris": [CAT] * 2}).encode(), {}
+    )  # fmt: skip
+
+    assert set(_timings(ok)) == {"store", "admission", "work"}
+    assert _timings(ok)["store"] == 40.4  # the call's longest result write
+    # A 429 whose other inputs were stored still says how long storing them took.
+    assert status == 429 and _timings(shed)["store"] == 12.5 and "work" in _timings(shed)
+
+
 def test_an_unrecorded_permanent_error_is_reported_in_a_200() -> None:
     pipeline = _Pipeline([PermanentError(ErrorReason.NOT_AN_IMAGE, "no pixels")])
 
