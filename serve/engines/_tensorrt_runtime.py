@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -117,6 +118,15 @@ class ExecutionPool:
             return self._idle.pop()
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One host batch of a built batch size on a free slot."""
+        return self._on_slot(lambda slot: slot.run(batch))
+
+    def run_device(self, pointer: int, rows: int, size: int, row_bytes: int) -> dict[str, np.ndarray]:
+        """One device-resident batch on a free slot, padded to built size ``size``
+        (:meth:`Slot.run_device`)."""
+        return self._on_slot(lambda slot: slot.run_device(pointer, rows, size, row_bytes))
+
+    def _on_slot(self, call: Callable[[Slot], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         slot = self._borrow()
         faulted = False
         try:
@@ -126,7 +136,7 @@ class ExecutionPool:
                 self._cudart.cudaSetDevice(self._device),
                 f"cudaSetDevice({self._device})",
             )
-            return slot.run(batch)
+            return call(slot)
         except TensorRTDeviceFault as err:
             faulted = True
             logger.critical(

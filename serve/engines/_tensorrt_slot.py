@@ -124,33 +124,58 @@ class Slot:
         return self._shapes[n]
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one batch whose size is a built batch size; returns every output."""
-        cudart, spec = self._cudart, self._spec
-        n = len(batch)
-        out_shapes = self._set_batch(n)
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        buf = self._buffers[spec.input_name]
-        if batch.nbytes > buf.nbytes:
-            raise TensorRTError(
-                f"batch of {batch.nbytes} bytes exceeds the {buf.nbytes}-byte buffer"
-            )
+        """Run one host batch whose size is a built batch size; returns every output."""
+        cudart = self._cudart
+        out_shapes = self._set_batch(len(batch))
+        buf = self._input_buffer(batch.nbytes)
         # The one host-side copy: into page-locked memory, from where the DMA is async.
         np.copyto(buf.view[: batch.nbytes].view(batch.dtype).reshape(batch.shape), batch)
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         cuda_call(
             cudart,
             cudart.cudaMemcpyAsync(buf.device, buf.host, batch.nbytes, h2d, self.stream),
             "cudaMemcpyAsync(input)",
         )
+        return self._execute(len(batch), out_shapes)
+
+    def run_device(self, pointer: int, rows: int, size: int, row_bytes: int) -> dict[str, np.ndarray]:
+        """Run ``rows`` rows of ``row_bytes`` each at device address ``pointer`` (written by
+        work already finished) as a batch of built size ``size``: copied device to device
+        into the bound input, the last row repeated as padding; returns every output."""
+        cudart = self._cudart
+        out_shapes = self._set_batch(size)
+        buf = self._input_buffer(size * row_bytes)
+        d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        # Copied, not bound: a captured CUDA graph replays the input address it was captured with.
+        copies = [(buf.device, pointer, rows * row_bytes)]
+        last = pointer + (rows - 1) * row_bytes
+        copies += [(buf.device + i * row_bytes, last, row_bytes) for i in range(rows, size)]
+        for dst, src, nbytes in copies:
+            cuda_call(
+                cudart,
+                cudart.cudaMemcpyAsync(dst, src, nbytes, d2d, self.stream),
+                "cudaMemcpyAsync(input, device to device)",
+            )
+        return self._execute(size, out_shapes)
+
+    def _input_buffer(self, nbytes: int) -> _Buffer:
+        buf = self._buffers[self._spec.input_name]
+        if nbytes > buf.nbytes:
+            raise TensorRTError(f"batch of {nbytes} bytes exceeds the {buf.nbytes}-byte buffer")
+        return buf
+
+    def _execute(self, n: int, out_shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """Enqueue the engine at batch size ``n`` behind the input copy, copy the outputs
+        back, wait for the stream; capture a graph for ``n`` after its first plain run."""
+        cudart, spec = self._cudart, self._spec
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         graph = self._graphs.get(n)
         if graph is not None:
             cuda_call(cudart, cudart.cudaGraphLaunch(graph, self.stream), "cudaGraphLaunch")
             self.graph_runs += 1
         elif not self.context.execute_async_v3(int(self.stream)):
             self._drain()
-            raise TensorRTError(
-                f"execute_async_v3 failed for {spec.model}/{spec.version} batch {batch.shape}"
-            )
+            raise TensorRTError(f"execute_async_v3 failed for {spec.model}/{spec.version} batch of {n}")
         views: dict[str, np.ndarray] = {}
         for t in self._tensors:
             if t.is_input:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from serve.engines.base import EngineFault, EngineSpec
+from serve.engines.buffers import buffer_of
 from shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -299,17 +300,17 @@ class OnnxRuntimeEngine:
         """
         if self._fault is not None:
             raise EngineFault(f"{self.backend_name} engine is broken: {self._fault}")
-        device, pointer, shape, dtype = _buffer_of(batch)
-        if dtype != np.dtype(self._spec.input_dtype):
+        buffer = buffer_of(batch)
+        if buffer.dtype != np.dtype(self._spec.input_dtype):
             raise ValueError(
                 f"input {self._spec.input_name!r} of {self._spec.model} is "
-                f"{self._spec.input_dtype}, got a {dtype} batch"
+                f"{self._spec.input_dtype}, got a {buffer.dtype} batch"
             )
         session = self._session
         binding = session.io_binding()  # type: ignore[attr-defined]
         binding.bind_input(
-            self._spec.input_name, device, self._device if device == "cuda" else 0,
-            dtype.type, list(shape), pointer,
+            self._spec.input_name, buffer.device, self._device if buffer.device == "cuda" else 0,
+            buffer.dtype.type, list(buffer.shape), buffer.pointer,
         )  # fmt: skip
         names = list(self._spec.output_names) or [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
         for name in names:
@@ -325,30 +326,3 @@ class OnnxRuntimeEngine:
         if self._lanes is not None:
             self._lanes.shutdown(wait=True)
         self._session = None
-
-
-def _buffer_of(batch: Any) -> tuple[str, int, tuple[int, ...], np.dtype]:
-    """``(device type, pointer, shape, dtype)`` of a contiguous host or CUDA array."""
-    cai = getattr(batch, "__cuda_array_interface__", None)
-    if cai is not None and not isinstance(batch, np.ndarray):
-        shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
-        strides = cai.get("strides")
-        contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
-        device, pointer = "cuda", int(cai["data"][0])
-    elif isinstance(batch, np.ndarray):
-        shape, dtype = batch.shape, batch.dtype
-        contiguous = batch.flags.c_contiguous
-        device, pointer = "cpu", int(batch.ctypes.data)
-    else:
-        raise ValueError(f"cannot bind a {type(batch).__name__}: not a NumPy or CUDA array")
-    if not contiguous:
-        raise ValueError(f"cannot bind a non-contiguous batch of shape {shape}")
-    return device, pointer, shape, dtype
-
-
-def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    strides, step = [], itemsize
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= dim
-    return tuple(reversed(strides))

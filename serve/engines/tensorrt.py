@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from serve.engines._tensorrt_identity import (
 )
 from serve.engines._tensorrt_runtime import ExecutionPool
 from serve.engines.base import EngineSpec
+from serve.engines.buffers import buffer_of
 from serve.engines.cache import CacheReport, EngineCache, IncompatibleEngineError
 from serve.model_config import Precision
 
@@ -327,30 +329,71 @@ class TensorRTEngine:
             TensorRTDeviceFault: a sticky CUDA fault, now or earlier (the engine is broken).
             TensorRTError: the engine is closed, or a CUDA/TensorRT call failed.
         """
+        self._check_batch(batch.shape, batch.dtype)
+
+        def part(start: int, rows: int, size: int) -> dict[str, np.ndarray]:
+            chunk = batch[start : start + rows]
+            if size > rows:  # repeat the last row: stays in-distribution, unlike zeros
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - rows, axis=0)])
+            return self._running_pool().run(chunk)
+
+        return self._in_parts(len(batch), part)
+
+    def infer_bound(self, batch: Any) -> Mapping[str, np.ndarray]:
+        """Run one batch that may already be on the GPU.
+
+        A CUDA array (``__cuda_array_interface__``, C-contiguous, on this engine's GPU, its
+        producing stream synchronized, as a :class:`serve.imaging.device_batch.DeviceBatch`
+        tensor is) is copied device to device into the engine's bound input, padding
+        included: it never crosses to the host, and only the outputs are copied back, once.
+        A NumPy array runs as :meth:`infer`.
+
+        Raises:
+            ValueError: ``batch`` is not contiguous, or not of the engine's input shape or dtype.
+            TensorRTDeviceFault / TensorRTError: as :meth:`infer`.
+        """
+        buffer = buffer_of(batch)
+        if buffer.device == "cpu":
+            return self.infer(batch)
+        self._check_batch(buffer.shape, buffer.dtype)
+        row_bytes = buffer.row_bytes
+
+        def part(start: int, rows: int, size: int) -> dict[str, np.ndarray]:
+            pointer = buffer.pointer + start * row_bytes
+            return self._running_pool().run_device(pointer, rows, size, row_bytes)
+
+        return self._in_parts(buffer.shape[0], part)
+
+    def _check_batch(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         spec = self._spec
-        if batch.ndim != len(spec.input_shape) + 1 or tuple(batch.shape[1:]) != spec.input_shape:
-            raise ValueError(f"batch shape {batch.shape} does not match (N, *{spec.input_shape})")
-        if batch.dtype != self._input_dtype:
-            raise ValueError(
-                f"batch dtype {batch.dtype} does not match engine input {self._input_dtype}"
-            )
-        n = len(batch)
-        if n == 0:
+        if len(shape) != len(spec.input_shape) + 1 or tuple(shape[1:]) != spec.input_shape:
+            raise ValueError(f"batch shape {shape} does not match (N, *{spec.input_shape})")
+        if dtype != self._input_dtype:
+            raise ValueError(f"batch dtype {dtype} does not match engine input {self._input_dtype}")
+        if shape[0] == 0:
             raise ValueError("empty batch")
-        if n > spec.max_batch_size:
-            parts = [
-                self.infer(batch[i : i + spec.max_batch_size])
-                for i in range(0, n, spec.max_batch_size)
-            ]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        size = next(s for s in spec.batch_sizes if s >= n)
-        if size > n:  # repeat the last row: stays in-distribution, unlike zeros
-            batch = np.concatenate([batch, np.repeat(batch[-1:], size - n, axis=0)])
+
+    def _in_parts(
+        self, n: int, run: Callable[[int, int, int], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """``run(start, rows, size)`` over parts of at most the largest built batch size, each
+        run at the smallest built size that holds it; the outputs joined, padding cut off."""
+        spec = self._spec
+        parts = []
+        for start in range(0, n, spec.max_batch_size):
+            rows = min(spec.max_batch_size, n - start)
+            size = next(s for s in spec.batch_sizes if s >= rows)
+            outputs = run(start, rows, size)
+            names = spec.output_names or tuple(outputs)
+            parts.append({name: outputs[name][:rows] for name in names})
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _running_pool(self) -> ExecutionPool:
         if self._pool is None:
-            raise TensorRTError(f"engine for {spec.model}/{spec.version} is closed")
-        outputs = self._pool.run(batch)
-        names = spec.output_names or tuple(outputs)
-        return {name: outputs[name][:n] for name in names}
+            raise TensorRTError(f"engine for {self._spec.model}/{self._spec.version} is closed")
+        return self._pool
 
     def close(self) -> None:
         """Free contexts, streams and buffers, then the engine and runtime (in that order)."""

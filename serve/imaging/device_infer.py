@@ -3,9 +3,10 @@
 This is what a model replica with a GPU runs on each batch its queue forms, instead of
 stacking Ingress-decoded uint8 images: :class:`~serve.imaging.device_batch.DeviceBatchPreparer`
 builds the normalized batch on the GPU, the engine reads it where it is (ONNX Runtime through
-IOBinding, :meth:`serve.engines.onnxruntime.OnnxRuntimeEngine.infer_bound`; an engine without
-``infer_bound`` gets one device-to-host copy of the model-sized batch), and each row is
-postprocessed as :func:`serve.model.batch.run_batch` does.
+IOBinding, :meth:`serve.engines.onnxruntime.OnnxRuntimeEngine.infer_bound`; TensorRT by a
+device-to-device copy into its bound input, :meth:`serve.engines.tensorrt.TensorRTEngine.infer_bound`;
+an engine without ``infer_bound`` gets one device-to-host copy of the model-sized batch), and
+each row is postprocessed as :func:`serve.model.batch.run_batch` does.
 """
 
 from __future__ import annotations
