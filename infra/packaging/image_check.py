@@ -15,7 +15,10 @@ that could not serve fails its build instead of its first pod:
   with Lua, and accepts a configuration that loads a Lua action, as Serve's
   generated configuration does (``lua-load-per-thread``), and Serve's own Lua
   router template is installed;
-- the project's Serve application is installed.
+- the project's Serve application is installed;
+- with ``--device-decode``: nvImageCodec and CuPy import as the model replica imports
+  them (``serve.imaging.device_batch.load_device_modules``), and nvImageCodec finds its
+  nvJPEG library; without them a GPU replica would decode nothing on its GPU.
 
 The same checks, less TensorRT, run in the unit tests against the local
 virtual environment (``tests/unit/infra/packaging/test_image_check.py``).
@@ -125,8 +128,23 @@ def check_serve_app() -> str:
     return "serve.app"
 
 
-def run_checks(tensorrt: str | None) -> dict[str, str]:
-    """Every check; ``tensorrt=None`` leaves TensorRT out (a machine without it)."""
+def check_device_decode() -> str:
+    """The GPU decoder and array library a model replica looks for import (no GPU needed)."""
+    from serve.imaging.device_batch import load_device_modules
+    from shared.errors import ConfigError
+
+    try:
+        nvimgcodec, cupy = load_device_modules()
+    except ConfigError as err:
+        raise ImageCheckError(str(err)) from err
+    if importlib.util.find_spec("nvidia.nvjpeg") is None:
+        raise ImageCheckError("nvImageCodec's nvJPEG library (nvidia-nvjpeg-cu12) is not installed")
+    return f"nvimgcodec {getattr(nvimgcodec, '__version__', '?')}, cupy {cupy.__version__}"
+
+
+def run_checks(tensorrt: str | None, device_decode: bool = False) -> dict[str, str]:
+    """Every check; ``tensorrt=None`` leaves TensorRT out and ``device_decode=False`` the
+    GPU decoder (a machine without them)."""
     found = {
         "ray": check_ray(),
         "onnx": check_onnx(),
@@ -135,15 +153,20 @@ def run_checks(tensorrt: str | None) -> dict[str, str]:
     }
     if tensorrt is not None:
         found["tensorrt"] = check_tensorrt(tensorrt)
+    if device_decode:
+        found["device_decode"] = check_device_decode()
     return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensorrt", help="the TensorRT version the image must have")
+    parser.add_argument(
+        "--device-decode", action="store_true", help="nvImageCodec and CuPy must import"
+    )
     args = parser.parse_args(argv)
     try:
-        found = run_checks(args.tensorrt)
+        found = run_checks(args.tensorrt, args.device_decode)
     except ImageCheckError as err:
         sys.stderr.write(f"image check failed: {err}\n")
         return 1

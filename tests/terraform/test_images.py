@@ -22,6 +22,8 @@ RAY_VERSION = (REQUIREMENTS / "RAY_VERSION").read_text().strip()
 NGC_TENSORRT = {
     "24.12-py3": ("10.7", "12.6", "3.12"),
 }
+#: The nvJPEG release of each CUDA minor version.
+NVJPEG_OF_CUDA = {"12.6": "12.3.3"}
 
 
 def _text():
@@ -62,7 +64,7 @@ def test_base_image_is_an_nvidia_tensorrt_10_image_on_cuda_12():
     # The build fails unless the image's TensorRT is the one stated.
     assert (
         _image_check_line()
-        == 'python3 -m infra.packaging.image_check --tensorrt "${TENSORRT_VERSION}"'
+        == 'python3 -m infra.packaging.image_check --tensorrt "${TENSORRT_VERSION}" --device-decode'
     )
 
 
@@ -84,6 +86,17 @@ def test_locked_cuda_bindings_match_the_base_image_cuda_and_the_gpu_extra():
     cuda_python = locked["cuda-python"]
     assert f"{cuda_python.major}.{cuda_python.minor}" == cuda
     assert _gpu_extra()["cuda-python"].specifier.contains(cuda_python)
+
+
+def test_the_image_carries_the_gpu_decoder_model_replicas_look_for():
+    """nvImageCodec, its nvJPEG (of the base image's CUDA) and CuPy: without them a GPU
+    replica silently leaves decoding to the Ingress's CPUs; the build checks they import."""
+    _, cuda, _ = NGC_TENSORRT[_arg_default("TENSORRT_TAG")]
+    locked = _locked()
+    assert {"nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12", "cupy-cuda12x"} <= set(locked)
+    nvjpeg = locked["nvidia-nvjpeg-cu12"]
+    assert f"{nvjpeg.major}.{nvjpeg.minor}.{nvjpeg.micro}" == NVJPEG_OF_CUDA[cuda]
+    assert _image_check_line().endswith("--device-decode")
 
 
 def test_tensorrt_is_left_to_the_base_image():

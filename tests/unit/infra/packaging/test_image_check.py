@@ -86,3 +86,28 @@ def test_exit_status_and_message(monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     assert image_check.main(["--tensorrt", "10.7"]) == 1
     assert "TensorRT is not importable" in capsys.readouterr().err
+
+
+def test_the_gpu_decoder_is_checked_only_when_asked_and_names_what_is_missing():
+    # This environment has neither nvImageCodec nor CuPy: the GPU image must.
+    assert "device_decode" not in image_check.run_checks(tensorrt=None)
+    with pytest.raises(ImageCheckError, match="needs CuPy.*pip install nvidia-nvimgcodec-cu12"):
+        image_check.run_checks(tensorrt=None, device_decode=True)
+
+
+def test_the_gpu_decoder_needs_its_nvjpeg_library(monkeypatch):
+    from serve.imaging import device_batch
+
+    modules = (types.SimpleNamespace(__version__="0.9.0"), types.SimpleNamespace(__version__="14.2.0"))
+    monkeypatch.setattr(device_batch, "load_device_modules", lambda: modules)
+    real_find_spec = image_check.importlib.util.find_spec
+    installed = {"nvidia.nvjpeg": None}
+
+    def find_spec(name, *args):
+        return installed[name] if name in installed else real_find_spec(name, *args)
+
+    monkeypatch.setattr(image_check.importlib.util, "find_spec", find_spec)
+    with pytest.raises(ImageCheckError, match="nvidia-nvjpeg-cu12"):
+        image_check.check_device_decode()
+    installed["nvidia.nvjpeg"] = object()
+    assert image_check.check_device_decode() == "nvimgcodec 0.9.0, cupy 14.2.0"
