@@ -34,6 +34,13 @@ class Engine:
         self.gate.clear()
         self.started.clear()
 
+    async def occupy(self, queue: BatchQueue, item: int) -> asyncio.Future:
+        """Hold the engine and start a lone ``item`` on it: from here the engine is busy."""
+        self.hold()
+        running = asyncio.ensure_future(queue.submit(item))
+        await self.started.wait()
+        return running
+
 
 def _run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), timeout=10))
@@ -60,9 +67,7 @@ def test_batches_fill_while_the_engine_is_busy() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.05, capacity=32)
-        engine.hold()
-        first = asyncio.ensure_future(queue.submit(0))
-        await engine.started.wait()  # the lone first item runs at once, alone
+        first = await engine.occupy(queue, 0)  # the lone first item runs at once, alone
 
         rest = [asyncio.ensure_future(queue.submit(i)) for i in range(1, 11)]
         await asyncio.sleep(0.01)
@@ -99,9 +104,7 @@ def test_a_full_queue_refuses_with_overloaded_and_a_retry_after() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=1, max_wait_s=0.0, capacity=2)
-        engine.hold()
-        running = asyncio.ensure_future(queue.submit(1))
-        await engine.started.wait()
+        running = await engine.occupy(queue, 1)
         waiting = [asyncio.ensure_future(queue.submit(i)) for i in (2, 3)]
         await asyncio.sleep(0.01)
 
@@ -147,9 +150,7 @@ def test_an_item_whose_deadline_passed_while_queued_never_reaches_the_engine() -
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=8)
-        engine.hold()
-        running = asyncio.ensure_future(queue.submit(1))
-        await engine.started.wait()
+        running = await engine.occupy(queue, 1)
         late = asyncio.ensure_future(queue.submit(2, deadline=time.time() + 0.02))
         patient = asyncio.ensure_future(queue.submit(3, deadline=time.time() + 60))
         await asyncio.sleep(0.05)
@@ -182,9 +183,7 @@ def test_a_caller_that_went_away_is_not_run() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=8)
-        engine.hold()
-        running = asyncio.ensure_future(queue.submit(1))
-        await engine.started.wait()
+        running = await engine.occupy(queue, 1)
         abandoned = asyncio.ensure_future(queue.submit(2))
         kept = asyncio.ensure_future(queue.submit(3))
         await asyncio.sleep(0)
@@ -202,9 +201,7 @@ def test_a_failing_batch_fails_every_waiter_and_the_queue_keeps_serving() -> Non
     async def test() -> None:
         engine = Engine(fail=RuntimeError("engine exploded"))
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=8)
-        engine.hold()
-        first = asyncio.ensure_future(queue.submit(1))
-        await engine.started.wait()
+        first = await engine.occupy(queue, 1)
         others = [asyncio.ensure_future(queue.submit(i)) for i in (2, 3, 4)]
         await asyncio.sleep(0)
         engine.gate.set()
@@ -239,9 +236,7 @@ def test_close_fails_the_items_still_queued() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=1, max_wait_s=0.0, capacity=8)
-        engine.hold()
-        asyncio.ensure_future(queue.submit(1))
-        await engine.started.wait()
+        await engine.occupy(queue, 1)
         queued = asyncio.ensure_future(queue.submit(2))
         await asyncio.sleep(0)
 
@@ -278,9 +273,7 @@ def test_configure_changes_the_next_batch() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=16)
-        engine.hold()
-        first = asyncio.ensure_future(queue.submit(0))
-        await engine.started.wait()
+        first = await engine.occupy(queue, 0)
         rest = [asyncio.ensure_future(queue.submit(i)) for i in range(1, 7)]
         await asyncio.sleep(0)
 
@@ -298,9 +291,7 @@ def test_close_fails_the_items_of_the_batch_in_flight() -> None:
     async def test() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=1, max_wait_s=0.0, capacity=8)
-        engine.hold()
-        running = asyncio.ensure_future(queue.submit(1))
-        await engine.started.wait()
+        running = await engine.occupy(queue, 1)
 
         await queue.close()
 

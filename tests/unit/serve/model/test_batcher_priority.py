@@ -33,6 +33,16 @@ def _run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), timeout=10))
 
 
+def _submit(
+    queue: BatchQueue, name: str, count: int, priority: Priority, express: bool = False
+) -> list[asyncio.Future]:
+    """``count`` items named ``name0``, ``name1`` ... submitted at once in class ``priority``."""
+    return [
+        asyncio.ensure_future(queue.submit(f"{name}{i}", priority=priority, express=express))
+        for i in range(count)
+    ]
+
+
 async def _hold_first_batch(queue: BatchQueue, engine: Engine) -> asyncio.Future:
     first = asyncio.ensure_future(queue.submit("first", priority=BULK))
     await engine.started.wait()
@@ -46,8 +56,8 @@ def test_live_items_are_batched_before_bulk_items_that_came_first() -> None:
             engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0, bulk_batch_while_live=1.0
         )
         first = await _hold_first_batch(queue, engine)
-        calls = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(6)]
-        calls += [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(2)]
+        calls = _submit(queue, "b", 6, BULK)
+        calls += _submit(queue, "l", 2, LIVE)
         await asyncio.sleep(0)
         engine.gate.set()
         await asyncio.gather(first, *calls)
@@ -65,8 +75,8 @@ def test_bulk_keeps_its_minimum_share_under_a_flood_of_live_items() -> None:
             engine, max_batch_size=10, max_wait_s=0.0, capacity=400, bulk_min_share=0.2
         )
         first = await _hold_first_batch(queue, engine)
-        bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(150)]
-        live = [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(200)]
+        bulk = _submit(queue, "b", 150, BULK)
+        live = _submit(queue, "l", 200, LIVE)
         await asyncio.sleep(0)
         engine.gate.set()
         await asyncio.gather(first, *bulk, *live)
@@ -86,8 +96,8 @@ def test_without_a_share_bulk_waits_while_live_items_fill_the_batches() -> None:
             engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0, bulk_batch_while_live=1.0
         )
         first = await _hold_first_batch(queue, engine)
-        bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(2)]
-        live = [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(8)]
+        bulk = _submit(queue, "b", 2, BULK)
+        live = _submit(queue, "l", 8, LIVE)
         await asyncio.sleep(0)
         engine.gate.set()
         await asyncio.gather(first, *bulk, *live)
@@ -105,11 +115,11 @@ def test_bulk_may_not_fill_the_live_headroom() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=2, max_wait_s=0.0, capacity=8, live_headroom=0.25)
         first = await _hold_first_batch(queue, engine)
-        bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(6)]
+        bulk = _submit(queue, "b", 6, BULK)
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="bulk capacity 6 of 8"):
             await queue.submit("b6", priority=BULK)
-        live = [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(2)]
+        live = _submit(queue, "l", 2, LIVE)
         await asyncio.sleep(0)
         assert queue.depth_of(LIVE) == 2 and queue.depth_of(BULK) == 6
         engine.gate.set()
@@ -123,7 +133,7 @@ def test_a_live_item_on_a_full_queue_pushes_out_the_newest_bulk_item() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=2, max_wait_s=0.0, capacity=4, live_headroom=0.0)
         first = await _hold_first_batch(queue, engine)
-        bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(4)]
+        bulk = _submit(queue, "b", 4, BULK)
         await asyncio.sleep(0)
         live = asyncio.ensure_future(queue.submit("l0", priority=LIVE))
         await asyncio.sleep(0.01)
@@ -143,7 +153,7 @@ def test_a_live_item_is_refused_only_when_no_bulk_is_left_to_shed() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=2, max_wait_s=0.0, capacity=2)
         first = await _hold_first_batch(queue, engine)
-        live = [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(2)]
+        live = _submit(queue, "l", 2, LIVE)
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="batch queue full"):
             await queue.submit("l2", priority=LIVE)
@@ -160,7 +170,7 @@ def test_batches_stay_short_while_live_work_arrives_and_fill_again_without_it(
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=8, max_wait_s=0.0, capacity=64, bulk_batch_while_live=0.25)
         first = await _hold_first_batch(queue, engine)
-        bulk = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(12)]
+        bulk = _submit(queue, "b", 12, BULK)
         live = asyncio.ensure_future(queue.submit("l0", priority=LIVE))
         await asyncio.sleep(0)
         engine.gate.set()
@@ -173,7 +183,7 @@ def test_batches_stay_short_while_live_work_arrives_and_fill_again_without_it(
         engine.started.clear()
         held = asyncio.ensure_future(queue.submit("held", priority=BULK))
         await engine.started.wait()
-        more = [asyncio.ensure_future(queue.submit(f"c{i}", priority=BULK)) for i in range(8)]
+        more = _submit(queue, "c", 8, BULK)
         await asyncio.sleep(0)
         engine.gate.set()
         await asyncio.gather(held, *more)
@@ -193,8 +203,8 @@ def test_express_items_run_next_in_a_batch_of_their_own() -> None:
         engine = Engine()
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.0)
         first = await _hold_first_batch(queue, engine)
-        calls = [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(6)]
-        calls += [asyncio.ensure_future(queue.submit(f"x{i}", priority=LIVE, express=True)) for i in range(2)]
+        calls = _submit(queue, "l", 6, LIVE)
+        calls += _submit(queue, "x", 2, LIVE, express=True)
         await asyncio.sleep(0)
         assert queue.depth_of(LIVE) == 8 and queue.depth == 8
         engine.gate.set()
@@ -227,8 +237,8 @@ def test_an_express_batch_still_carries_the_bulk_items_owed() -> None:
         engine = Stepped()
         queue = BatchQueue(engine, max_batch_size=4, max_wait_s=0.0, capacity=64, bulk_min_share=0.5)
         first = await _hold_first_batch(queue, engine)
-        calls = [asyncio.ensure_future(queue.submit(f"b{i}", priority=BULK)) for i in range(4)]
-        calls += [asyncio.ensure_future(queue.submit(f"l{i}", priority=LIVE)) for i in range(8)]
+        calls = _submit(queue, "b", 4, BULK)
+        calls += _submit(queue, "l", 8, LIVE)
         await asyncio.sleep(0)
         engine.steps.release()
         await formed(engine, 2)  # l0..l3 run; bulk is owed two slots of the next batch
