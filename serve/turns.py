@@ -43,10 +43,14 @@ class Turns(Generic[K, V]):
         """Pieces queued, of every caller."""
         return self._count
 
-    @property
-    def has_new(self) -> bool:
-        """Whether a caller that had nothing queued is waiting for its first piece."""
-        return bool(self._new)
+    def first_sparse(self) -> tuple[K, V] | None:
+        """The first caller that had nothing queued and has one piece queued now (its
+        whole call, for a one-image call: a sparse flow, in FQ-CoDel's terms), and that
+        piece, left queued; None when there is no such caller."""
+        for key, queue in self._new.items():
+            if len(queue) == 1:
+                return key, queue[0]
+        return None
 
     def push(self, key: K, value: V) -> None:
         """Queue ``value`` after ``key``'s earlier pieces."""

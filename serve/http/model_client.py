@@ -221,8 +221,9 @@ class HandleModelClient:
                 # Live callers wait on their own answers: their items go in turn. A backfill's
                 # calls go whole, one after another, so each finishes (and frees its hold) sooner.
                 in_turn=priority is Priority.LIVE,
-                # While a batch of merged live items is in flight, a caller's first item goes at
-                # once in a call of its own, and the model runs it ahead of the merged items.
+                # While a batch's worth of merged live items is in flight or waiting, a
+                # one-image caller's item goes at once in a call of its own, and the model
+                # runs it ahead of the merged items.
                 express=(
                     (lambda merged, latest, model=model: self._send(model, merged, latest, express=True))
                     if priority is Priority.LIVE

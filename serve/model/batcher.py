@@ -28,7 +28,7 @@ batch sizes are its latency. While live work arrives (an item in the last
 past that either; an idle engine does not wait to fill a batch a live item is in.
 With no live work, bulk batches are full size: a backfill alone runs at full speed.
 
-*Express* live items (a caller's first item, sent ahead by the ingress's
+*Express* live items (a one-image caller's, sent ahead by the ingress's
 :class:`~serve.model.coalescer.CallCoalescer`) go ahead of the queued live items
 and run in a batch of their own, joined only by the bulk items owed their share:
 a one-image call behind a burst waits for the batch in flight, then runs in a

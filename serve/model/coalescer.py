@@ -19,14 +19,17 @@ item is at the head of the next part even behind callers of hundreds (``in_turn`
 without it, a caller's items go together, callers in arrival order, so each finishes
 sooner).
 
-With ``express``, while merged calls carrying at least ``max_items`` items are in
-flight, the first items of callers that had nothing waiting go in calls of their own (at
-most ``max_express`` in flight; while those are taken, first items lead the next merged
-part as before), which the model runs in a batch of their own ahead of its queue
-(:class:`~serve.model.batcher.BatchQueue`). A one-image caller behind a burst then waits
-for the batch the model is running, not for two merged calls of other callers' items and
-then a full batch of them. Below that (a few one-item callers) parts stay merged: express
-calls would only mean more, smaller batches.
+With ``express``, while other callers' items in flight or waiting to be sent make at least
+``max_items``, the items of one-item callers that had nothing waiting (sparse callers: the
+item is their whole call) go in calls of their own (at most ``max_express`` in flight; while
+those are taken, they lead the next merged part as before), which the model runs in a batch
+of their own ahead of its queue (:class:`~serve.model.batcher.BatchQueue`). A one-image
+caller behind a burst then waits for the batch the model is running, not for two merged
+calls of other callers' items and then a full batch of them, nor, when a call slot is free,
+in a full part of them. A caller of several items gets none of its items express: it waits
+for its last item anyway, and its first items would only crowd the express calls. Below that
+(a few one-item callers) parts stay merged: express calls would only mean more, smaller
+batches.
 
 Deadlines stay per caller. A caller stops waiting at its own deadline, and its items
 that were not sent yet are dropped; a part carries the latest deadline of the callers
@@ -96,9 +99,9 @@ class CallCoalescer(Generic[T, R]):
             caller that has one), applied as the call joins the queue.
         in_turn: Whether waiting callers' items go into parts in turn (else each caller's
             items in arrival order, one caller after another).
-        express: Sends parts of callers' first items while a part's worth of items is
-            in flight, beside the ``max_in_flight`` calls (needs ``in_turn``: only then
-            is a caller's first item told apart).
+        express: Sends parts of one-item callers' items while a part's worth of other
+            items is in flight or waiting, beside the ``max_in_flight`` calls (needs
+            ``in_turn``: only then is a caller that had nothing waiting told apart).
         max_express: ``express`` calls allowed at once.
     """
 
@@ -165,10 +168,29 @@ class CallCoalescer(Generic[T, R]):
         except TimeoutError as err:
             raise CallerDeadlinePassed(f"deadline passed with {waiting.left} of {len(items)} item(s) unanswered") from err
 
-    def _next_part(self, first_items_only: bool = False) -> list[tuple[_Waiting[T, R], int]]:
+    def _sparse_part(self) -> list[tuple[_Waiting[T, R], int]]:
+        """The items of sparse callers (:meth:`serve.turns.Turns.first_sparse`), up to a part."""
         part: list[tuple[_Waiting[T, R], int]] = []
         size, now = 0, self._clock()
-        while self._queue.has_new if first_items_only else self._queue:
+        while len(part) < self.max_items and (sparse := self._queue.first_sparse()) is not None:
+            key, index = sparse
+            waiting = self._callers[key]
+            item_size = self._size_of(waiting.items[index])
+            if part and self._max_bytes is not None and size + item_size > self._max_bytes:
+                break
+            self._queue.remove(key, index)
+            del self._callers[key]  # its only waiting item
+            if waiting.future.done() or (waiting.deadline is not None and waiting.deadline <= now):
+                waiting.fail(CallerDeadlinePassed("deadline passed before the items were sent"))
+                continue
+            part.append((waiting, index))
+            size += item_size
+        return part
+
+    def _next_part(self) -> list[tuple[_Waiting[T, R], int]]:
+        part: list[tuple[_Waiting[T, R], int]] = []
+        size, now = 0, self._clock()
+        while self._queue:
             key, index = self._queue.peek()
             waiting = self._callers[key]
             if waiting.future.done() or (waiting.deadline is not None and waiting.deadline <= now):
@@ -190,14 +212,15 @@ class CallCoalescer(Generic[T, R]):
         return part
 
     def _pump(self) -> None:
-        # While a batch of others' items is in flight, first items go express: in a merged part
-        # they would wait for it and then for a batch of others' items. Below that (an idle
-        # coalescer, a few one-item callers), parts stay merged: fewer calls and batches.
+        # While a batch's worth of others' items is in flight or waiting, one-item callers go
+        # express: in a merged part they would wait for those and then run in a batch of
+        # them. Below that (an idle coalescer, a few one-item callers), parts stay merged:
+        # fewer calls and batches.
         while (
-            self._express is not None and self._in_flight_items >= self.max_items and self._queue.has_new
-            and self._express_in_flight < self._max_express
+            self._express is not None and self._express_in_flight < self._max_express
+            and self._in_flight_items + len(self._queue) - 1 >= self.max_items
         ):  # fmt: skip
-            part = self._next_part(first_items_only=True)
+            part = self._sparse_part()
             if not part:
                 break
             self._express_in_flight += 1

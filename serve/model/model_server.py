@@ -562,7 +562,7 @@ class ModelServer:
 
         A bad item is rejected before it joins a batch, so it never fails its neighbours.
         An item's own ``deadline`` (its caller's, in a merged call) replaces the call's.
-        ``express`` live items (callers' first items) run ahead, in a batch of their own.
+        ``express`` live items (one-image callers') run ahead, in a batch of their own.
         """
         return list(
             await asyncio.gather(*(self._infer_one(item, item.deadline or deadline, express) for item in items))

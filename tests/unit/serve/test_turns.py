@@ -35,9 +35,21 @@ def test_a_caller_with_nothing_queued_goes_ahead_of_the_round_for_one_piece() ->
 
     assert served == ["a0", "b0", "c0", "a1"]
     # d's first piece next; its second waits its turn at the back of the round.
-    assert turns.has_new
-    assert turns.pop()[1] == "d0" and not turns.has_new
+    assert turns.pop()[1] == "d0"
     assert _drain(turns) == ["b1", "c1", "a2", "d1", "b2", "c2"]
+
+
+def test_a_new_caller_with_one_piece_queued_is_sparse() -> None:
+    turns: Turns[str, str] = Turns()
+    _busy(turns, "a", 3)  # new, but three pieces: not sparse
+    assert turns.first_sparse() is None
+    turns.push("b", "b0")
+    turns.push("c", "c0")
+
+    assert turns.first_sparse() == ("b", "b0")  # left queued
+    assert turns.remove("b", "b0") and turns.first_sparse() == ("c", "c0")
+    turns.pop()  # a0: a is in the round now, with two pieces
+    assert turns.pop()[1] == "c0" and turns.first_sparse() is None
 
 
 def test_a_busy_caller_cannot_stay_ahead_by_queueing_more() -> None:

@@ -287,44 +287,91 @@ def test_a_caller_that_arrives_while_others_take_turns_goes_ahead_of_the_round()
     asyncio.run(run())
 
 
-def test_first_items_go_express_while_calls_are_in_flight() -> None:
+def test_a_one_item_callers_item_goes_express_while_calls_are_in_flight() -> None:
     async def run() -> None:
         rec, fast = Recorder(), Recorder()
         fast.release.set()
         coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=3, clock=Clock(), express=fast.send)
         busy = asyncio.ensure_future(coalescer.call([1, 2, 3], None))
         await asyncio.sleep(0.01)
-        # A full part is in flight: a new caller's first item goes at once, on the express
-        # sender; its other items wait for the slot, in turn with the others'.
+        # A full part is in flight: a new one-item caller's item goes at once, on the express
+        # sender. A two-item caller waits for the slot: it would wait for its second item anyway.
         assert await asyncio.wait_for(coalescer.call([7], None), 1.0) == [70]
         two = asyncio.ensure_future(coalescer.call([8, 9], None))
         await asyncio.sleep(0.01)
-        assert [items for items, _ in fast.calls] == [[7], [8]]
+        assert [items for items, _ in fast.calls] == [[7]]
         rec.release.set()
         assert await busy == [10, 20, 30] and await two == [80, 90]
-        assert [items for items, _ in rec.calls] == [[1, 2, 3], [9]]
+        assert [items for items, _ in rec.calls] == [[1, 2, 3], [8, 9]]
 
     asyncio.run(run())
 
 
-def test_express_calls_are_bounded_and_carry_only_first_items() -> None:
+def test_express_calls_are_bounded_and_carry_only_one_item_callers() -> None:
     async def run() -> None:
         rec, fast = Recorder(), Recorder()
         coalescer = CallCoalescer(
             rec.send, max_in_flight=1, max_items=2, clock=Clock(), express=fast.send, max_express=1
         )
-        calls = [asyncio.ensure_future(coalescer.call([n, n + 1], None)) for n in (0, 10, 20, 30)]
+        calls = [asyncio.ensure_future(coalescer.call([0, 1], None))]
+        calls += [asyncio.ensure_future(coalescer.call([n], None)) for n in (10, 20, 30)]
+        calls += [asyncio.ensure_future(coalescer.call([40, 41], None))]
         await asyncio.sleep(0.01)
-        # Caller 0 takes the slot; caller 10's first item the express call; callers 20 and 30
-        # wait, and their first items go together in the next express call.
+        # Caller 0 takes the slot; caller 10 the express call; callers 20 and 30 wait, and go
+        # together in the next express call. Caller 40 (two items) waits for the slot.
         assert [items for items, _ in rec.calls] == [[0, 1]]
         assert [items for items, _ in fast.calls] == [[10]]
         fast.release.set()
         await asyncio.sleep(0.01)
         assert [items for items, _ in fast.calls] == [[10], [20, 30]]
         rec.release.set()
-        assert [await c for c in calls] == [[n * 10, n * 10 + 10] for n in (0, 10, 20, 30)]
-        assert sorted(i for items, _ in rec.calls[1:] for i in items) == [11, 21, 31]
+        assert [await c for c in calls] == [[0, 10], [100], [200], [300], [400, 410]]
+        assert [items for items, _ in rec.calls] == [[0, 1], [40, 41]]
+
+    asyncio.run(run())
+
+
+def test_a_one_item_callers_item_goes_express_while_a_parts_worth_of_others_items_waits() -> None:
+    """A call slot is free but a part of other callers' items waits for it: an item in that
+    part would run in a full batch of them."""
+
+    async def run() -> None:
+        rec, fast = Recorder(), Recorder()
+        fast.release.set()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=4, clock=Clock(), express=fast.send)
+        lone = asyncio.ensure_future(coalescer.call([1], None))  # one item in flight
+        await asyncio.sleep(0.01)
+        many = asyncio.ensure_future(coalescer.call(list(range(10, 16)), None))
+        await asyncio.sleep(0.01)
+
+        assert await asyncio.wait_for(coalescer.call([7], None), 1.0) == [70]
+        assert [items for items, _ in fast.calls] == [[7]]
+        rec.release.set()
+        assert await lone == [10] and await many == [i * 10 for i in range(10, 16)]
+        assert [items for items, _ in rec.calls] == [[1], [10, 11, 12, 13], [14, 15]]
+
+    asyncio.run(run())
+
+
+def test_an_express_callers_passed_deadline_drops_its_item_before_it_is_sent() -> None:
+    async def run() -> None:
+        rec, fast = Recorder(), Recorder()
+        clock = Clock()
+        coalescer = CallCoalescer(rec.send, max_in_flight=1, max_items=1, clock=clock, express=fast.send)
+        busy = asyncio.ensure_future(coalescer.call([1], None))
+        await asyncio.sleep(0.01)
+        first = asyncio.ensure_future(coalescer.call([5], None))  # takes the express call
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(coalescer.call([6], clock.now + 1))
+        await asyncio.sleep(0.01)
+        clock.now += 2
+        fast.release.set()
+        assert await first == [50]
+        with pytest.raises(CallerDeadlinePassed):
+            await late
+        assert [items for items, _ in fast.calls] == [[5]]
+        rec.release.set()
+        await busy
 
     asyncio.run(run())
 
