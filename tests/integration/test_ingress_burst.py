@@ -29,9 +29,8 @@ import httpx
 import pytest
 
 from infra.local.client import StackClient
-from infra.local.processes import pid_alive
-from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
-from tests.integration.conftest import SAMPLES
+from infra.local.stack import StackOptions, StackState
+from tests.integration.conftest import SAMPLES, running_stack
 from tests.integration.test_overload import ingress_pid, rss_mb
 
 pytestmark = [pytest.mark.integration, pytest.mark.load]
@@ -52,23 +51,16 @@ MAX_OIP_BURST_GROWTH_MB = 100
 
 @pytest.fixture(scope="module")
 def burst_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
-    if not (DEFAULT_MODEL_REPOSITORY / MODEL).is_dir():
-        pytest.fail(f"{DEFAULT_MODEL_REPOSITORY} is missing: run `make model` first")
-    local = LocalStack(
-        StackOptions(
-            state_dir=tmp_path_factory.mktemp("burst-stack"),
-            extra_env={
-                "TRIGGERFISH_MODELS": MODEL,
-                "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{BUCKET}",
-                "TRIGGERFISH_REQUEST_TIMEOUT_S": "120",
-            },
-        )
+    options = StackOptions(
+        state_dir=tmp_path_factory.mktemp("burst-stack"),
+        extra_env={
+            "TRIGGERFISH_MODELS": MODEL,
+            "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{BUCKET}",
+            "TRIGGERFISH_REQUEST_TIMEOUT_S": "120",
+        },
     )
-    state = local.start()
-    yield state
-    groups = dict(state.process_groups)
-    local.stop()
-    assert not [name for name, pgid in groups.items() if pid_alive(pgid)]
+    with running_stack(options, [MODEL]) as state:
+        yield state
 
 
 @pytest.fixture(scope="module")

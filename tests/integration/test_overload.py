@@ -30,9 +30,8 @@ import httpx
 import pytest
 
 from infra.local.client import StackClient
-from infra.local.processes import pid_alive
-from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
-from tests.integration.conftest import SAMPLES
+from infra.local.stack import StackOptions, StackState
+from tests.integration.conftest import SAMPLES, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -51,25 +50,18 @@ MAX_INGRESS_GROWTH_MB = 200
 
 @pytest.fixture(scope="module")
 def burst_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
-    if not (DEFAULT_MODEL_REPOSITORY / MODEL).is_dir():
-        pytest.fail(f"{DEFAULT_MODEL_REPOSITORY} is missing: run `make model` first")
-    local = LocalStack(
-        StackOptions(
-            state_dir=tmp_path_factory.mktemp("overload-stack"),
-            extra_env={
-                "TRIGGERFISH_MODELS": MODEL,
-                "TRIGGERFISH_MAX_INFLIGHT": str(MAX_INFLIGHT),
-                "TRIGGERFISH_ADMISSION_WAIT_S": "0",
-                "TRIGGERFISH_MAX_QUEUED": str(MAX_QUEUED),
-                "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{BURST_BUCKET}",
-            },
-        )
+    options = StackOptions(
+        state_dir=tmp_path_factory.mktemp("overload-stack"),
+        extra_env={
+            "TRIGGERFISH_MODELS": MODEL,
+            "TRIGGERFISH_MAX_INFLIGHT": str(MAX_INFLIGHT),
+            "TRIGGERFISH_ADMISSION_WAIT_S": "0",
+            "TRIGGERFISH_MAX_QUEUED": str(MAX_QUEUED),
+            "TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{BURST_BUCKET}",
+        },
     )
-    state = local.start()
-    yield state
-    groups = dict(state.process_groups)
-    local.stop()
-    assert not [name for name, pgid in groups.items() if pid_alive(pgid)]
+    with running_stack(options, [MODEL]) as state:
+        yield state
 
 
 def ingress_pid(state: StackState) -> int:

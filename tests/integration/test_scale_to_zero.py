@@ -22,8 +22,8 @@ from infra.cli.stack import replica_report
 from infra.local.client import StackClient
 from infra.local.processes import pid_alive
 from infra.local.ray_cluster import replica_processes
-from infra.local.stack import DEFAULT_MODEL_REPOSITORY, LocalStack, StackOptions, StackState
-from tests.integration.conftest import SAMPLES
+from infra.local.stack import StackOptions, StackState
+from tests.integration.conftest import SAMPLES, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -37,22 +37,14 @@ STAGING_BUCKET = "triggerfish-scale-to-zero"  # no notifications: objects for th
 
 @pytest.fixture(scope="module")
 def zero_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
-    if not (DEFAULT_MODEL_REPOSITORY / "text_detector").is_dir():
-        pytest.fail(f"{DEFAULT_MODEL_REPOSITORY} lacks text_detector: run `make model` first")
-    local = LocalStack(
-        StackOptions(
-            state_dir=tmp_path_factory.mktemp("zero-stack"),
-            scale_to_zero=True,
-            idle_delay_s=IDLE_DELAY_S,
-            extra_env={"TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{STAGING_BUCKET}"},
-        )
+    options = StackOptions(
+        state_dir=tmp_path_factory.mktemp("zero-stack"),
+        scale_to_zero=True,
+        idle_delay_s=IDLE_DELAY_S,
+        extra_env={"TRIGGERFISH_ALLOWED_BUCKETS": f"triggerfish-images,{STAGING_BUCKET}"},
     )
-    state = local.start()
-    yield state
-    groups = dict(state.process_groups)
-    local.stop()
-    left = [name for name, pgid in groups.items() if pid_alive(pgid)]
-    assert not left, f"processes still running after stop: {left}"
+    with running_stack(options, ["mobilenet_v2", "text_detector"]) as state:
+        yield state
 
 
 def model_processes(state: StackState, deployment: str) -> int:
