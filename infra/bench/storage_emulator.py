@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from infra.local.emulators import fake_gcs_binary
+from infra.local.processes import free_port
 from shared.gcs import GcsClient
 from shared.uris import GcsUri
 
@@ -50,14 +50,8 @@ class Step:
     reads_per_s: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(backend: str, root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [
         str(fake_gcs_binary()), "-backend", backend, "-scheme", "http", "-host", "127.0.0.1",
