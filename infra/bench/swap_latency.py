@@ -17,6 +17,12 @@ while the clients keep going. The report compares the latency of the requests th
 On several replicas the new version counts as promoted once every model replica has
 logged it as its default (``/v1/stats`` answers from one replica only).
 
+``--control`` runs the same schedule and publishes nothing: its ratios are what the
+window's latency does against the rest of the run on this machine with no swap at all,
+the spread any swap's ratios have to be read against.
+
+    .venv/bin/python -m infra.bench.swap_latency --replicas 2 --nodes 2 --control
+
 Bounded: it stops by itself after ``--duration-s`` plus the stack's start and stop.
 """
 
@@ -166,8 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(5):  # first calls pay connection set-up and lazy initialisation
             httpx.post(url, content=body, headers={"content-type": "image/jpeg"}, timeout=120)
         before = _default_version(state)
-        new_version = str(int(before or "1") + 1)
-        config = _stage_copy(state, new_version, work / "repository")
+        new_version = None if args.control else str(int(before or "1") + 1)
+        config = None if new_version is None else _stage_copy(state, new_version, work / "repository")
         samples: list[Sample] = []
         stop = threading.Event()
         started = time.monotonic()
@@ -177,13 +183,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         for t in threads:
             t.start()
-        progress(f"{args.clients} clients for {args.duration_s:.0f}s; version {new_version} at {args.publish_at_s:.0f}s")
+        what = "nothing (control)" if new_version is None else f"version {new_version}"
+        progress(f"{args.clients} clients for {args.duration_s:.0f}s; {what} published at {args.publish_at_s:.0f}s")
         time.sleep(args.publish_at_s)
         published_s = time.monotonic() - started
-        _publish(state, config)
+        if config is not None:
+            _publish(state, config)
         promoted_s = None
         while time.monotonic() - started < args.duration_s:
-            if promoted_s is None and _promoted_everywhere(state, new_version):
+            if new_version is not None and promoted_s is None and _promoted_everywhere(state, new_version):
                 promoted_s = time.monotonic() - started
             time.sleep(0.25)
         stop.set()
@@ -197,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report.update(
         clients=args.clients, duration_s=args.duration_s, published_at_s=round(published_s, 2),
         promoted_after_s=round(promoted_s - published_s, 2) if promoted_s is not None else None,
-        window_s=args.window_s, versions=[before, new_version],
+        window_s=args.window_s, versions=[before, new_version], control=args.control,
         shape={"replicas": args.replicas, "nodes": args.nodes, "data_plane": args.data_plane},
     )  # fmt: skip
     return report
@@ -209,10 +217,13 @@ def format_report(r: dict[str, Any]) -> str:
             return f"  {name:<12} no requests"
         return f"  {name:<12} n={p['count']:<6} p50 {p['p50_ms']:7.1f}  p99 {p['p99_ms']:7.1f}  p99.9 {p['p99_9_ms']:7.1f} ms"
 
-    promoted = "never" if r["promoted_after_s"] is None else f"{r['promoted_after_s']:.1f}s after publishing"
+    if r.get("control"):
+        head = f"no version published (control), the window from {r['published_at_s']:.1f}s"
+    else:
+        promoted = "never" if r["promoted_after_s"] is None else f"{r['promoted_after_s']:.1f}s after publishing"
+        head = f"version {r['versions'][1]} published at {r['published_at_s']:.1f}s, default {promoted}"
     lines = [
-        f"swap latency: {r['clients']} clients, {r['duration_s']:.0f}s, version {r['versions'][1]} published at "
-        f"{r['published_at_s']:.1f}s, default {promoted}",
+        f"swap latency: {r['clients']} clients, {r['duration_s']:.0f}s, {head}",
         row("steady", r["steady"]),
         row(f"swap {r['window_s']:.0f}s", r["swap_window"]),
     ]
@@ -236,6 +247,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (default 1)")
     parser.add_argument("--data-plane", choices=DATA_PLANES, default=None,
                         help="default: direct on one node, haproxy (the cloud's) on several")  # fmt: skip
+    parser.add_argument("--control", action="store_true",
+                        help="publish nothing: the same schedule's ratios with no swap")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
@@ -253,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     sys.stdout.write((json.dumps(report) if args.json else format_report(report)) + "\n")
-    return 0 if report["promoted_after_s"] is not None else 1
+    return 0 if report["control"] or report["promoted_after_s"] is not None else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -76,13 +77,49 @@ def uris(burst_stack: StackState) -> list[list[str]]:
     return [flat[i : i + URIS_PER_CALL] for i in range(0, len(flat), URIS_PER_CALL)]
 
 
+#: A result-sized object (a stored result is about 1.5 KB of JSON).
+FLOOR_WRITE = b"{}" + b" " * 1500
+
+
+def floor_trip(http: httpx.Client, state: StackState, source: str) -> dict[str, float]:
+    """One trip over the legs every one-URI call crosses, with no work between them (ms each).
+
+    ``serve``: the data plane to an Ingress replica's event loop and back (``/v2/health/live``,
+    which calls no model); ``read``: the source photo from the storage emulator; ``write``: a
+    result-sized object into the results bucket (always one name, so the bucket does not grow).
+    Their sum is the least a call can take on this machine at that moment, whatever the
+    Ingress and the model do.
+    """
+    bucket, name = source.removeprefix("gs://").split("/", 1)
+    legs = {}
+    started = time.monotonic()
+    assert http.get(f"{state.serve_url}/v2/health/live").status_code == 200
+    legs["serve"] = time.monotonic() - started
+    started = time.monotonic()
+    read = http.get(f"{state.storage_host}/storage/v1/b/{bucket}/o/{quote(name, safe='')}", params={"alt": "media"})
+    assert read.status_code == 200, read.text
+    legs["read"] = time.monotonic() - started
+    started = time.monotonic()
+    written = http.post(
+        f"{state.storage_host}/upload/storage/v1/b/{state.results_bucket}/o",
+        params={"uploadType": "media", "name": "floor-probe.json"},
+        content=FLOOR_WRITE, headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert written.status_code == 200, written.text
+    legs["write"] = time.monotonic() - started
+    legs["trip"] = sum(legs.values())
+    return {leg: seconds * 1000 for leg, seconds in legs.items()}
+
+
 class Watch:
-    """Samples the Ingress's resident memory, and times one other caller's one-URI calls."""
+    """Samples the Ingress's resident memory, times one other caller's one-URI calls and, beside
+    them, the machine's floor for such a call (:func:`floor_trip`)."""
 
     def __init__(self, state: StackState, pid: int, probe_uri: str) -> None:
         self.state, self.pid, self.probe_uri = state, pid, probe_uri
         self.rss: list[float] = []
         self.latencies: list[float] = []
+        self.floor: dict[str, list[float]] = {}
         # The answered calls' own timings (seconds): end to end after admission, and its parts.
         self.parts: dict[str, list[float]] = {}
         self.slowest: list[tuple[float, dict]] = []
@@ -117,8 +154,17 @@ class Watch:
                         self.parts.setdefault(part, []).append((timings.get(part) or 0) / 1000)
                 self._stop.wait(0.2)
 
+    def _floor(self) -> None:
+        with httpx.Client(timeout=180) as http:
+            while not self._stop.is_set():
+                for leg, ms in floor_trip(http, self.state, self.probe_uri).items():
+                    self.floor.setdefault(leg, []).append(ms / 1000)
+                self._stop.wait(0.2)
+
     def __enter__(self) -> Watch:
-        self._threads = [threading.Thread(target=t, daemon=True) for t in (self._memory, self._other_caller)]
+        self._threads = [
+            threading.Thread(target=t, daemon=True) for t in (self._memory, self._other_caller, self._floor)
+        ]
         for thread in self._threads:
             thread.start()
         return self
@@ -150,14 +196,17 @@ def _percentiles(values: list[float]) -> str:
     return f"p50 {statistics.median(values) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms ({len(values)} calls)"
 
 
-def idle_latency(state: StackState, uri: str) -> list[float]:
-    times = []
+def idle_latency(state: StackState, uri: str) -> tuple[list[float], dict[str, list[float]]]:
+    """20 one-URI calls on the idle stack, and 20 floor trips (:func:`floor_trip`) by leg."""
+    times, floor = [], {}
     with httpx.Client(timeout=60) as http:
         for _ in range(20):
             started = time.monotonic()
             assert http.post(f"{state.serve_url}/v1/infer", json={"uri": uri}).status_code == 200
             times.append(time.monotonic() - started)
-    return times
+            for leg, ms in floor_trip(http, state, uri).items():
+                floor.setdefault(leg, []).append(ms / 1000)
+    return times, floor
 
 
 def call_until_answered(http: httpx.Client, url: str, uris: list[str], give_up: float) -> list[int]:
@@ -174,7 +223,7 @@ def test_a_burst_of_256_calls_of_16_uris_is_answered_within_bounded_memory(
     burst_stack: StackState, uris: list[list[str]]
 ) -> None:
     url = f"{burst_stack.serve_url}/v1/infer"
-    idle = idle_latency(burst_stack, uris[0][0])
+    idle, idle_floor = idle_latency(burst_stack, uris[0][0])
     pid = ingress_pid(burst_stack)
     baseline = rss_mb(pid)
     gate = threading.Barrier(CALLS)
@@ -199,6 +248,12 @@ def test_a_burst_of_256_calls_of_16_uris_is_answered_within_bounded_memory(
         f"during {_percentiles(watch.latencies)}, its statuses {dict(watch.statuses)}; "
         "its timings after admission: "
         + "; ".join(f"{part} {_percentiles(values)}" for part, values in watch.parts.items())
+    )
+    print(
+        "  the floor (serve, read, write legs, no work): idle "
+        + "; ".join(f"{leg} {_percentiles(values)}" for leg, values in idle_floor.items())
+        + "; during "
+        + "; ".join(f"{leg} {_percentiles(values)}" for leg, values in watch.floor.items())
     )
     formed = batches.total()
     inputs = sum(size * count for size, count in batches.items())

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from infra.bench.swap_latency import Sample, parse_args, percentiles, split, summarize
+from infra.bench.swap_latency import (
+    Sample,
+    format_report,
+    parse_args,
+    percentiles,
+    split,
+    summarize,
+)
 
 
 def test_requests_are_split_by_start_time_and_failures_and_warmup_left_out() -> None:
@@ -60,3 +67,19 @@ def test_the_shape_defaults_to_one_node_direct_and_several_nodes_take_haproxy() 
     several = parse_args(["--replicas", "2", "--nodes", "2"])
     assert (several.replicas, several.nodes, several.data_plane) == (2, 2, "haproxy")
     assert parse_args(["--nodes", "2", "--data-plane", "proxy"]).data_plane == "proxy"
+
+
+def test_a_control_run_reports_its_window_without_a_version() -> None:
+    assert parse_args([]).control is False
+    args = parse_args(["--control"])
+    samples = [Sample(float(t), 10.0, 200) for t in range(5, 60)]
+    report = summarize(samples, 3.0, 30.0, 30.0)
+    report.update(
+        clients=4, duration_s=60.0, published_at_s=30.0, promoted_after_s=None, window_s=30.0,
+        versions=["1", None], control=args.control,
+    )  # fmt: skip
+
+    text = format_report(report)
+
+    assert "no version published (control), the window from 30.0s" in text
+    assert "swap/steady: p50 1.00x  p99 1.00x  p99.9 1.00x" in text
