@@ -9,8 +9,9 @@
 Every call is answered (no timeouts, no 5xx but a retryable 503), every input of the
 URI burst ends ``ok``, and the Ingress replica's resident memory stays bounded. The
 figures (resident memory before and at its peak, the other caller's p50/p95 and the parts
-of its time after admission, its slowest calls) are printed (``make test-load`` runs it with ``-s``). About four minutes on two cores, so it
-is marked ``load`` and left out of ``make test``.
+of its time after admission, its slowest calls, and the machine's floor for such a call,
+:func:`floor_trip`) are printed (``make test-load`` runs it with ``-s``). About four minutes
+on two cores, so it is marked ``load`` and left out of ``make test``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ FLOOR_WRITE = b"{}" + b" " * 1500
 
 
 def floor_trip(http: httpx.Client, state: StackState, source: str) -> dict[str, float]:
-    """One trip over the legs every one-URI call crosses, with no work between them (ms each).
+    """One trip over the legs every one-URI call crosses, with no work between them (seconds each).
 
     ``serve``: the data plane to an Ingress replica's event loop and back (``/v2/health/live``,
     which calls no model); ``read``: the source photo from the storage emulator; ``write``: a
@@ -108,7 +109,7 @@ def floor_trip(http: httpx.Client, state: StackState, source: str) -> dict[str, 
     assert written.status_code == 200, written.text
     legs["write"] = time.monotonic() - started
     legs["trip"] = sum(legs.values())
-    return {leg: seconds * 1000 for leg, seconds in legs.items()}
+    return legs
 
 
 class Watch:
@@ -157,8 +158,8 @@ class Watch:
     def _floor(self) -> None:
         with httpx.Client(timeout=180) as http:
             while not self._stop.is_set():
-                for leg, ms in floor_trip(http, self.state, self.probe_uri).items():
-                    self.floor.setdefault(leg, []).append(ms / 1000)
+                for leg, seconds in floor_trip(http, self.state, self.probe_uri).items():
+                    self.floor.setdefault(leg, []).append(seconds)
                 self._stop.wait(0.2)
 
     def __enter__(self) -> Watch:
@@ -204,8 +205,8 @@ def idle_latency(state: StackState, uri: str) -> tuple[list[float], dict[str, li
             started = time.monotonic()
             assert http.post(f"{state.serve_url}/v1/infer", json={"uri": uri}).status_code == 200
             times.append(time.monotonic() - started)
-            for leg, ms in floor_trip(http, state, uri).items():
-                floor.setdefault(leg, []).append(ms / 1000)
+            for leg, seconds in floor_trip(http, state, uri).items():
+                floor.setdefault(leg, []).append(seconds)
     return times, floor
 
 
@@ -332,7 +333,8 @@ def test_four_concurrent_100_mib_oip_bodies_are_answered_within_bounded_memory(b
         f"\nOIP burst {OIP_CALLS} x {OIP_BODY_BYTES >> 20} MiB: answers {answers} in "
         f"{time.monotonic() - started:.0f} s; ingress RSS {baseline:.0f} MB -> {max(watch.rss):.0f} MB peak "
         f"(+{max(watch.rss) - baseline:.0f} MB); other caller during {_percentiles(watch.latencies)}, "
-        f"its statuses {dict(watch.statuses)}"
+        f"its statuses {dict(watch.statuses)}; the floor during it: "
+        + "; ".join(f"{leg} {_percentiles(values)}" for leg, values in watch.floor.items())
     )
     assert all(a[-1] == 200 for a in answers), answers
     assert labels == [[expected[name] for name in names]] * OIP_CALLS
