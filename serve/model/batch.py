@@ -224,6 +224,16 @@ def device_lost(loaded: LoadedVersion, err: EngineFault) -> EngineFailure:
     )
 
 
+def retry_reason(err: BaseException, runs_on: str) -> str | None:
+    """Why a failure with ``err`` is no input's fault and worth retrying (memory ran out on
+    ``runs_on``, or the error is transient), or None when it may be the input's."""
+    if is_out_of_memory(err):
+        return f"out of memory on {runs_on}: {err}"
+    if isinstance(err, TransientError):
+        return f"transient failure on {runs_on}: {err}"
+    return None
+
+
 def run_batch(
     loaded: LoadedVersion, items: Sequence[BatchItem], clock: Callable[[], float] = time.monotonic
 ) -> list[ItemOutcome]:
@@ -297,18 +307,18 @@ def isolate(
 ) -> ItemOutcome:
     """Decide who is to blame for ``item`` failing alone with ``cause`` (see the module
     docstring): ``run_alone()`` runs it once more after a passing probe, ``outcome_of``
-    turns what that returns into its outcome; ``runs_on`` names what ran out of memory."""
-    if isinstance(cause, TransientError) or is_out_of_memory(cause):
-        logger.warning("out of memory running one item of %s/%s: %s", loaded.model, loaded.version, cause)
-        return retry_outcome(loaded, item, started, f"out of memory on {runs_on}: {cause}")
+    turns what that returns into its outcome; ``runs_on`` names what it ran on."""
+    if (reason := retry_reason(cause, runs_on)) is not None:
+        logger.warning("running one item of %s/%s: %s", loaded.model, loaded.version, reason)
+        return retry_outcome(loaded, item, started, reason)
     probe_engine(loaded, cause)
     try:
         result = run_alone()
     except EngineFault as err:
         raise device_lost(loaded, err) from err
     except Exception as err:  # noqa: BLE001 - the second failure alone on a healthy engine
-        if isinstance(err, TransientError) or is_out_of_memory(err):
-            return retry_outcome(loaded, item, started, f"out of memory on {runs_on}: {err}")
+        if (reason := retry_reason(err, runs_on)) is not None:
+            return retry_outcome(loaded, item, started, reason)
         logger.exception("inference failed for a single item of %s/%s", loaded.model, loaded.version)
         return failed_outcome(loaded, item, started, f"inference failed for this image: {err}")
     logger.warning(

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serve.engines.base import EngineFault
-from serve.engines.errors import is_out_of_memory
 from serve.imaging.device_infer import EncodedResult, infer_prepared
 from serve.imaging.overlap import overlapped
 from serve.model.batch import (
@@ -37,6 +36,7 @@ from serve.model.batch import (
     device_lost,
     isolate,
     retry_outcome,
+    retry_reason,
 )
 from shared.errors import PermanentError, TransientError
 
@@ -79,10 +79,11 @@ def run_encoded_batch(
     except EngineFault as err:
         raise device_lost(loaded, err) from err
     except Exception as err:  # noqa: BLE001 - isolate the failing item(s) below
-        if isinstance(err, TransientError) or is_out_of_memory(err):
-            # The batch buffer or the engine ran out of device memory: nobody's input is to blame.
-            logger.warning("device out of memory for a batch of %d of %s/%s: %s", len(items), loaded.model, loaded.version, err)
-            return [retry_outcome(loaded, item, started, f"out of memory on {preparer.name}: {err}") for item in items]
+        if (reason := retry_reason(err, preparer.name)) is not None:
+            # The batch buffer or the engine ran out of device memory (or failed transiently):
+            # nobody's input is to blame.
+            logger.warning("a batch of %d of %s/%s: %s", len(items), loaded.model, loaded.version, reason)
+            return [retry_outcome(loaded, item, started, reason) for item in items]
         if len(items) == 1:
             item = items[0]
             return [

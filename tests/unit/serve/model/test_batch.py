@@ -13,6 +13,7 @@ from serve.model.batch import (
     BatchItem,
     EngineFailure,
     LoadedVersion,
+    retry_reason,
     run_batch,
     validate_item,
 )
@@ -319,3 +320,12 @@ def test_a_sticky_device_fault_is_a_sticky_engine_failure() -> None:
         run_batch(_loaded(engine), [_item(10)])
 
     assert info.value.sticky
+
+
+def test_the_retry_reason_names_memory_or_a_transient_failure_and_nothing_else() -> None:
+    assert retry_reason(MemoryError("host"), "gpu0") == "out of memory on gpu0: host"
+    assert retry_reason(RuntimeError("CUDA error: out of memory"), "gpu0") == (
+        "out of memory on gpu0: CUDA error: out of memory"
+    )
+    assert retry_reason(TransientError("decoder busy"), "nvjpeg") == "transient failure on nvjpeg: decoder busy"
+    assert retry_reason(ValueError("bad pixels"), "gpu0") is None
